@@ -1,0 +1,102 @@
+"""`streamgen` command line: one subcommand per module.
+
+Each subcommand lives in the module named in ``COMMANDS``; the module defines
+``add_arguments(parser)`` and ``run(args) -> int`` and keeps heavy imports (torch, av)
+inside ``run`` so that ``streamgen --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "info": ("streamgen.cli", "version, torch, device and the detected attention backends / kernels"),
+    "generate": ("streamgen.sampling.generate", "generate a video chunk by chunk into an MP4 file"),
+    "interpolate": ("streamgen.media.interpolate", "RIFE frame interpolation of a video file"),
+    "serve": ("streamgen.server.app", "run the streaming server (WebSocket + browser player)"),
+    "watch": ("streamgen.client", "record a stream from a server to a file"),
+    "bench": ("streamgen.bench", "GPU benchmarks"),
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:  # `info` takes no arguments
+    pass
+
+
+def run(args: argparse.Namespace) -> int:
+    import platform
+
+    import torch
+
+    from streamgen import __version__
+    from streamgen.ops.attention import detect
+
+    d = detect()
+    rows = [
+        ("streamgen", __version__),
+        ("python", platform.python_version()),
+        ("torch", torch.__version__),
+        ("cuda", torch.version.cuda or "none"),
+    ]
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(i)
+            rows.append((f"device {i}", f"{props.name}, {props.total_memory / 2**30:.1f} GiB, sm_{props.major}{props.minor}"))
+    else:
+        rows.append(("device", "cpu (no CUDA device)"))
+    rows.append(("sdpa backends", ", ".join(d.sdpa_backends)))
+    rows.append(("flash-attn", f"{d.flash_attn} ({d.flash_attn_version})" if d.flash_attn else "not installed (SDPA used)"))
+    fp8 = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+    rows.append(("fp8 matmul", "available" if fp8 else "not available"))
+    rows.append(("torch.compile", "available" if hasattr(torch, "compile") else "not available"))
+    for mod in ("av", "aiohttp", "websockets", "msgpack", "safetensors"):
+        try:
+            m = importlib.import_module(mod)
+            rows.append((mod, getattr(m, "__version__", "installed")))
+        except ImportError:
+            rows.append((mod, "MISSING"))
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="streamgen", description="Streaming video generation engine")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:  # a real missing dependency inside the module: surface it
+                raise
+            continue  # subcommand not part of this build
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""Attention backends: detected, never assumed.
+
+All functions take and return ``(B, L, heads, head_dim)`` tensors (the layout Wan and
+flash-attn use). The default backend is PyTorch SDPA (which picks cuDNN / flash /
+efficient kernels itself on CUDA); flash-attn is used only when it is installed, the
+tensors are on a CUDA device in fp16/bf16, and the caller did not ask for ``"sdpa"``.
+Absence of an optional kernel is logged once and falls back to SDPA.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "sdpa", "flash")
+
+
+@dataclass(frozen=True)
+class Detected:
+    flash_attn: str | None  # import path of the flash-attn function found, or None
+    flash_attn_version: str | None
+    sdpa_backends: tuple[str, ...]  # SDPA kernels usable on this machine
+
+
+@functools.lru_cache(maxsize=1)
+def _flash_fn():
+    """Return (callable, module path, version) for the best flash-attn found, or (None, None, None)."""
+    # flash-attn 4 (CuTe DSL, Hopper/Blackwell), then flash-attn 3 (Hopper), then 2.
+    for mod_name, fn_name in (
+        ("flash_attn.cute", "flash_attn_func"),
+        ("flash_attn_interface", "flash_attn_func"),
+        ("flash_attn", "flash_attn_func"),
+    ):
+        try:
+            mod = importlib.import_module(mod_name)
+            fn = getattr(mod, fn_name)
+        except Exception:  # noqa: BLE001 - any import failure means "not available"
+            continue
+        version = None
+        try:
+            version = importlib.import_module(mod_name.split(".")[0]).__version__
+        except Exception:  # noqa: BLE001
+            pass
+        return fn, f"{mod_name}.{fn_name}", version
+    return None, None, None
+
+
+@functools.lru_cache(maxsize=1)
+def detect() -> Detected:
+    _, path, version = _flash_fn()
+    sdpa = ["math"]
+    if torch.cuda.is_available():
+        bk = torch.backends.cuda
+        for name, flag in (
+            ("cudnn", getattr(bk, "cudnn_sdp_enabled", lambda: False)),
+            ("flash", bk.flash_sdp_enabled),
+            ("efficient", bk.mem_efficient_sdp_enabled),
+        ):
+            if flag():
+                sdpa.append(name)
+    return Detected(flash_attn=path, flash_attn_version=version, sdpa_backends=tuple(sdpa))
+
+
+@functools.lru_cache(maxsize=None)
+def _log_once(msg: str) -> None:
+    log.info(msg)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    attn_mask: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Scaled dot-product attention on ``(B, L, H, D)`` tensors; returns ``(B, Lq, H, D)``.
+
+    ``attn_mask`` (bool, True = attend, broadcastable to ``(B, H, Lq, Lk)``) forces SDPA.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
+    if backend != "sdpa" and attn_mask is None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        fn, path, _ = _flash_fn()
+        if fn is not None:
+            out = fn(q, k, v)
+            return out[0] if isinstance(out, tuple) else out
+        if backend == "flash":
+            _log_once("flash-attn requested but not installed; using SDPA")
+    # (B, H, L, D) for SDPA
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask
+    )
+    return out.transpose(1, 2)
