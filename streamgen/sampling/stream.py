@@ -1,0 +1,352 @@
+"""The streaming chunk loop (Self-Forcing / CausVid / LongLive inference) as a session object.
+
+One ``StreamSession`` is one video stream: its own self-attention/cross-attention cache
+(``model.new_cache``), decoder state, noise generator and latent history. The model,
+text encoder and decoder are shared and stateless across sessions, so an engine can
+interleave many sessions on one model.
+
+Per chunk of ``frames_per_chunk`` latent frames starting at absolute frame ``start``:
+
+1. ``sampler == "self-forcing"`` (distilled few-step models): x = noise; for each
+   timestep t_i of the warped list: ``flow = model.forward_chunk(x, t_i, cache,
+   start_frame=start, update_cache=False)``; ``x0 = x - sigma_i * flow``; unless last,
+   ``x = (1 - sigma_{i+1}) * x0 + sigma_{i+1} * fresh_noise``.
+   ``sampler == "euler" | "unipc"`` (non-distilled block-causal diffusion, CausVid's
+   ``CausalDiffusionInferencePipeline``): the chunk is integrated with the multistep sampler,
+   with CFG through a second cache holding the negative prompt when ``guidance_scale > 1``.
+2. Cache pass: one forward at ``t = context_t`` (0) on the clean x0 with ``update_cache=True``
+   (both caches under CFG), so later chunks attend to clean K/V.
+3. The clean latents go to the decoder (``decoder.decode_chunk(latents, state)``), whose
+   causal cache is carried across chunks.
+
+Randomness comes only from the session's ``torch.Generator`` (seeded; on the model's device),
+drawn in a fixed order: per chunk, the initial noise, then one fresh noise per re-noise step.
+So a session is deterministic for a seed, and the draws can be replayed (see tests).
+
+Prompt switch (LongLive KV re-cache): ``set_prompt(p)`` is queued and applied before the next
+chunk: the cross-attention K/V are recomputed for ``p``, the self-attention cache is reset and
+rebuilt by running the clean latents still in the attention window (the sink frames and the last
+``local_frames`` frames, or all frames without a window) through the model at t = 0 with
+``update_cache=True``, chunk by chunk at their original positions and chunk boundaries, under
+the new prompt. Generation then continues smoothly under ``p`` without a cut.
+
+Image start: ``StreamSession(..., image=latent)`` or ``set_image(latent)`` before the first chunk
+puts one clean latent frame (e.g. ``WanVAE.encode`` of an image, (B,16,1,h,w)) at frame 0, writes
+it to the cache as context, and the first ``next_chunk()`` returns it prepended (1 + f latent
+frames, decoded to 1 + 4f video frames).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from streamgen.sampling.samplers import SAMPLERS, make_sampler
+from streamgen.sampling.schedules import NUM_TRAIN_TIMESTEPS, FlowSchedule, self_forcing_timesteps
+
+log = logging.getLogger(__name__)
+
+STREAM_SAMPLERS = ("self-forcing",) + SAMPLERS
+LATENT_CHANNELS = 16
+
+
+class Decoder(Protocol):
+    def new_state(self) -> Any: ...
+
+    def decode_chunk(self, latents: torch.Tensor, state: Any) -> torch.Tensor: ...
+
+
+@dataclass
+class StreamConfig:
+    """How a session samples. Defaults are Self-Forcing's (4 warped steps, shift 5, 3 frames/chunk).
+
+    frames_per_chunk: latent frames per chunk (None: the model config's ``frames_per_chunk``).
+    num_steps / shift / denoising_steps / warp: the timestep list (see schedules.py);
+        for "euler"/"unipc" num_steps and shift give the many-step grid.
+    sampler: "self-forcing" (distilled, re-noising), "euler" or "unipc" (multistep, with CFG).
+    guidance_scale: CFG scale for "euler"/"unipc"; > 1 needs a negative prompt.
+    context_t: timestep of the cache pass on clean latents (Self-Forcing ``context_noise``, 0).
+    max_frames: cache capacity in latent frames (None: the window, or ``total_frames``).
+    local_frames / sink_frames: attention window (None: the model config's; see WanModel).
+    seed: seed of the session's noise generator.
+    """
+
+    frames_per_chunk: int | None = None
+    num_steps: int = 4
+    shift: float = 5.0
+    denoising_steps: list[int] | None = None
+    warp: bool = True
+    sampler: str = "self-forcing"
+    guidance_scale: float = 1.0
+    context_t: float = 0.0
+    max_frames: int | None = None
+    local_frames: int | None = None
+    sink_frames: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.sampler not in STREAM_SAMPLERS:
+            raise ValueError(f"sampler={self.sampler!r} not allowed; allowed: {', '.join(STREAM_SAMPLERS)}")
+        if self.num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
+        if self.frames_per_chunk is not None and self.frames_per_chunk < 1:
+            raise ValueError(f"frames_per_chunk must be >= 1, got {self.frames_per_chunk}")
+        if self.guidance_scale != 1.0 and self.sampler == "self-forcing":
+            raise ValueError("guidance_scale applies to sampler 'euler'/'unipc'; distilled 'self-forcing' runs without CFG")
+
+
+@dataclass
+class Chunk:
+    """One generated chunk. latents (B,16,f,h,w) clean; frames (B,3,T,H,W) in [-1,1] or None
+    (no decoder); start_frame: absolute latent index of latents[:, :, 0]."""
+
+    index: int
+    start_frame: int
+    latents: torch.Tensor
+    frames: torch.Tensor | None
+    prompt: Any = None
+    switched: bool = False  # a prompt switch took effect at this chunk
+
+
+@dataclass
+class _Prompt:
+    value: Any  # what the user gave (str or tensor)
+    context: torch.Tensor  # (B, L, text_dim)
+
+
+class StreamSession:
+    """A chunk-by-chunk video stream over a shared block-causal ``WanModel``.
+
+    model: a WanModel (``new_cache``, ``set_prompt``, ``forward_chunk``).
+    prompt: str (needs ``text_encoder``) or a context tensor (B, L, text_dim) / (L, text_dim).
+    text_encoder: anything with ``encode(list[str]) -> (B, L, text_dim)`` (e.g. ``PromptCache``).
+    decoder: optional, ``new_state()`` / ``decode_chunk(latents, state)``.
+    height, width: video size in pixels (latent = /8; multiples of 16).
+    total_frames: latent frames the stream will produce at most (sizes the cache when there is
+        no attention window); None needs ``max_frames`` or a window.
+    """
+
+    def __init__(self, model, prompt, *, height: int, width: int, config: StreamConfig | None = None,
+                 text_encoder=None, decoder: Decoder | None = None, negative_prompt=None, image: torch.Tensor | None = None,
+                 batch: int = 1, total_frames: int | None = None, device=None, dtype: torch.dtype | None = None,
+                 latent_dtype: torch.dtype = torch.float32):
+        self.model = model
+        self.config = cfg = config or StreamConfig()
+        self.text_encoder = text_encoder
+        self.decoder = decoder
+        self.batch = batch
+        mcfg = getattr(model, "config", None) or getattr(model, "cfg", None)
+        param = next(model.parameters())
+        self.device = torch.device(device) if device is not None else param.device
+        self.dtype = dtype or param.dtype
+        self.latent_dtype = latent_dtype
+        for name, v in (("height", height), ("width", width)):
+            if v <= 0 or v % 16:
+                raise ValueError(f"{name}={v} must be a positive multiple of 16 (latent = {name}/8, patch 2)")
+        self.height, self.width = height, width
+        self.latent_hw = (height // 8, width // 8)
+        self.frames_per_chunk = cfg.frames_per_chunk or getattr(mcfg, "frames_per_chunk", 3)
+        self.local_frames = cfg.local_frames if cfg.local_frames is not None else getattr(mcfg, "local_frames", None)
+        self.sink_frames = cfg.sink_frames if cfg.sink_frames is not None else getattr(mcfg, "sink_frames", 0)
+        if cfg.max_frames is not None:
+            max_frames = cfg.max_frames
+        elif self.local_frames is not None:
+            max_frames = self.local_frames + self.frames_per_chunk
+        elif total_frames is not None:
+            max_frames = total_frames
+        else:
+            raise ValueError("StreamSession needs total_frames, config.max_frames or an attention window (local_frames)")
+        self.max_frames = max_frames
+        self.total_frames = total_frames
+
+        # 1. timesteps, per step, as preallocated (B,) device tensors
+        if cfg.sampler == "self-forcing":
+            ts = self_forcing_timesteps(cfg.num_steps, cfg.shift, steps=cfg.denoising_steps, warp=cfg.warp)
+            self.schedule = None
+            self._sigmas = [float(t) / NUM_TRAIN_TIMESTEPS for t in ts] + [0.0]
+        else:
+            sched = FlowSchedule.unipc(cfg.num_steps, cfg.shift) if cfg.sampler == "unipc" else FlowSchedule.euler(cfg.num_steps, cfg.shift)
+            self.schedule = sched
+            ts = sched.timesteps
+            self._sigmas = [float(s) for s in sched.sigmas]
+            self._stepper = make_sampler(cfg.sampler, sched)
+        self.timesteps = ts.to(torch.float32)
+        self._t = self.timesteps.to(self.device)[:, None].expand(-1, batch).contiguous()  # (steps, B)
+        self._t_ctx = torch.full((batch,), float(cfg.context_t), device=self.device, dtype=torch.float32)
+
+        # 2. caches (one per prompt branch) and the noise generator
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(cfg.seed)
+        self.cache = self._new_cache()
+        self.cache_uncond = None
+        self._prompt = self._encode(prompt)
+        model.set_prompt(self.cache, self._prompt.context)
+        if cfg.guidance_scale != 1.0:
+            if negative_prompt is None:
+                raise ValueError("guidance_scale != 1 needs negative_prompt (use '' for the empty prompt)")
+            self.cache_uncond = self._new_cache()
+            self._negative = self._encode(negative_prompt)
+            model.set_prompt(self.cache_uncond, self._negative.context)
+        self._pending_prompt: _Prompt | None = None
+
+        shape = (batch, LATENT_CHANNELS, self.frames_per_chunk, *self.latent_hw)
+        self._noise = torch.empty(shape, device=self.device, dtype=latent_dtype)
+
+        # 3. stream position, latent history for re-cache, decoder state
+        self.next_frame = 0
+        self.chunk_index = 0
+        self._history: deque[tuple[int, torch.Tensor]] = deque()  # (start_frame, clean latents), in order
+        self._sink: list[tuple[int, torch.Tensor]] = []
+        self._image: torch.Tensor | None = None
+        self.decoder_state = decoder.new_state() if decoder is not None else None
+        if image is not None:
+            self.set_image(image)
+
+    # -- setup -------------------------------------------------------------------------
+    def _new_cache(self):
+        return self.model.new_cache(self.batch, latent_hw=self.latent_hw, max_frames=self.max_frames,
+                                    local_frames=self.local_frames, sink_frames=self.sink_frames,
+                                    dtype=self.dtype, device=self.device)
+
+    def _encode(self, prompt) -> _Prompt:
+        if isinstance(prompt, torch.Tensor):
+            ctx = prompt if prompt.dim() == 3 else prompt[None]
+        else:
+            if self.text_encoder is None:
+                raise ValueError("a text prompt needs a text_encoder (or pass a context tensor)")
+            if not isinstance(prompt, str):
+                raise TypeError(f"prompt must be str or tensor, got {type(prompt).__name__}")
+            ctx = self.text_encoder.encode([prompt])
+        if ctx.shape[0] == 1 and self.batch > 1:
+            ctx = ctx.expand(self.batch, -1, -1)
+        if ctx.shape[0] != self.batch:
+            raise ValueError(f"prompt context batch {ctx.shape[0]} != session batch {self.batch}")
+        return _Prompt(prompt, ctx.to(device=self.device, dtype=self.dtype))
+
+    @property
+    def prompt(self):
+        return self._prompt.value
+
+    def set_prompt(self, prompt) -> None:
+        """Switch the prompt; takes effect from the next chunk (with KV re-cache of the window)."""
+        self._pending_prompt = self._encode(prompt)
+
+    @torch.no_grad()
+    def set_image(self, latent: torch.Tensor) -> None:
+        """Start the stream from one clean latent frame (B or 1, 16, 1, h, w) at frame 0."""
+        if self.next_frame != 0:
+            raise RuntimeError("set_image must come before the first chunk")
+        if latent.dim() != 5 or latent.shape[1] != LATENT_CHANNELS or latent.shape[2] != 1 or tuple(latent.shape[3:]) != self.latent_hw:
+            raise ValueError(f"image latent must be (B, {LATENT_CHANNELS}, 1, {self.latent_hw[0]}, {self.latent_hw[1]}), got {tuple(latent.shape)}")
+        latent = latent.to(device=self.device, dtype=self.latent_dtype).expand(self.batch, -1, -1, -1, -1)
+        self._cache_pass(latent, 0)
+        self._remember(0, latent)
+        self._image = latent
+        self.next_frame = 1
+
+    # -- model calls ----------------------------------------------------------------------
+    def _flow(self, x: torch.Tensor, t: torch.Tensor, cache, start: int) -> torch.Tensor:
+        return self.model.forward_chunk(x.to(self.dtype), t, cache, start_frame=start, update_cache=False).to(self.latent_dtype)
+
+    def _cache_pass(self, x0: torch.Tensor, start: int) -> None:
+        x = x0.to(self.dtype)
+        self.model.forward_chunk(x, self._t_ctx, self.cache, start_frame=start, update_cache=True)
+        if self.cache_uncond is not None:
+            self.model.forward_chunk(x, self._t_ctx, self.cache_uncond, start_frame=start, update_cache=True)
+
+    def _remember(self, start: int, x0: torch.Tensor) -> None:
+        if start < self.sink_frames:
+            self._sink.append((start, x0))
+            return
+        self._history.append((start, x0))
+        if self.local_frames is not None:
+            # keep the chunks that intersect the last local_frames frames
+            end = start + x0.shape[2]
+            while self._history and self._history[0][0] + self._history[0][1].shape[2] <= end - self.local_frames:
+                self._history.popleft()
+
+    def recache_chunks(self) -> list[tuple[int, torch.Tensor]]:
+        """(start_frame, latents) of the chunks a prompt switch re-caches, in order."""
+        return list(self._sink) + list(self._history)
+
+    def _apply_prompt_switch(self) -> None:
+        p, self._pending_prompt = self._pending_prompt, None
+        self._prompt = p
+        self.model.set_prompt(self.cache, p.context)
+        if self.next_frame == 0:
+            return
+        self.cache.reset_self_attn()
+        with torch.no_grad():
+            for start, x0 in self.recache_chunks():
+                self.model.forward_chunk(x0.to(self.dtype), self._t_ctx, self.cache, start_frame=start, update_cache=True)
+
+    # -- the loop -------------------------------------------------------------------------------
+    def _randn(self, out: torch.Tensor) -> torch.Tensor:
+        return torch.randn(out.shape, generator=self.generator, device=self.device, dtype=out.dtype, out=out)
+
+    def _denoise_self_forcing(self, start: int) -> torch.Tensor:
+        sig = self._sigmas
+        x = self._randn(self._noise)  # the buffer is overwritten only after x is consumed
+        x0 = x
+        for i in range(len(self.timesteps)):
+            flow = self._flow(x, self._t[i], self.cache, start)
+            x0 = x - sig[i] * flow
+            if i + 1 < len(self.timesteps):
+                noise = self._randn(self._noise)
+                x = (1.0 - sig[i + 1]) * x0 + sig[i + 1] * noise
+        return x0
+
+    def _denoise_multistep(self, start: int) -> torch.Tensor:
+        stepper = self._stepper
+        stepper.reset()
+        x = self._randn(self._noise).clone()
+        scale = self.config.guidance_scale
+        for i in range(len(self.timesteps)):
+            flow = self._flow(x, self._t[i], self.cache, start)
+            if self.cache_uncond is not None:
+                unc = self._flow(x, self._t[i], self.cache_uncond, start)
+                flow = unc + scale * (flow - unc)
+            x = stepper.step(i, x, flow)
+        return x
+
+    @torch.no_grad()
+    def next_chunk(self) -> Chunk:
+        """Generate, cache and decode the next chunk."""
+        f = self.frames_per_chunk
+        start = self.next_frame
+        if self.local_frames is None and start + f > self.max_frames:
+            raise RuntimeError(f"stream full: the cache holds {self.max_frames} latent frames and there is no attention "
+                               "window (set local_frames, or a larger total_frames/max_frames)")
+        switched = self._pending_prompt is not None
+        if switched:
+            self._apply_prompt_switch()
+        if self.config.sampler == "self-forcing":
+            x0 = self._denoise_self_forcing(start)
+        else:
+            x0 = self._denoise_multistep(start)
+        self._cache_pass(x0, start)
+        self._remember(start, x0)
+        latents, first = x0, start
+        if self._image is not None:
+            latents, first = torch.cat([self._image, x0], dim=2), 0  # (B,16,1+f,h,w)
+            self._image = None
+        frames = self.decoder.decode_chunk(latents, self.decoder_state) if self.decoder is not None else None
+        chunk = Chunk(index=self.chunk_index, start_frame=first, latents=latents, frames=frames,
+                      prompt=self._prompt.value, switched=switched)
+        self.next_frame = start + f
+        self.chunk_index += 1
+        return chunk
+
+    def __iter__(self):
+        while True:
+            yield self.next_chunk()
+
+
+def frames_for_chunks(num_chunks: int, frames_per_chunk: int, *, image: bool = False) -> int:
+    """Video frames the Wan VAE decodes for ``num_chunks`` chunks (first latent -> 1 frame, then 4 each)."""
+    latents = num_chunks * frames_per_chunk + (1 if image else 0)
+    return 1 + 4 * (latents - 1) if latents > 0 else 0
