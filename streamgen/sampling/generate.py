@@ -1,0 +1,432 @@
+"""`streamgen generate`: generate a video chunk by chunk into an MP4 file.
+
+    streamgen generate --model tiny --prompt "a red fox" --chunks 4 --out out.mp4
+    streamgen generate --model self-forcing-1.3b --checkpoint self_forcing_dmd.pt \\
+        --vae Wan2.1_VAE.pth --text-encoder umt5-xxl/ --prompt "..." --chunks 20 \\
+        --prompt-at 10:"the fox jumps into a river" --out fox.mp4
+
+Models (``MODELS``): ``tiny`` is built in (random-initialised tiny Wan DiT with a fixed seed, the
+deterministic built-in text encoder and a random-initialised tiny decoder); it makes noise-like
+video and exists to exercise the whole path on a CPU in seconds. The others need weights:
+``--checkpoint`` (DiT), ``--vae`` (Wan2.1_VAE.pth or taew2_1.pth for ``--decoder taehv``) and
+``--text-encoder`` (umT5-XXL folder). Streaming presets (``self-forcing-*``) run the block-causal
+chunk loop of ``stream.py``; bidirectional presets (``wan2.1-*``) sample the whole clip with
+UniPC + CFG and decode it chunk by chunk.
+
+The output is H.264 (libx264, yuv420p) in MP4 via PyAV, playable anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+
+DEFAULT_NEGATIVE_PROMPT = (  # Wan2.1's default negative prompt
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋，"
+    "残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，"
+    "三条腿，背景人很多，倒着走"
+)
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    """What `--model NAME` means. wan: WanConfig preset; mode: "stream" (block-causal chunk loop)
+    or "full" (bidirectional whole clip); builtin: runs without any weight files."""
+
+    wan: str
+    mode: str
+    sampler: str
+    steps: int
+    shift: float
+    guidance: float
+    width: int
+    height: int
+    builtin: bool = False
+
+
+MODELS: dict[str, ModelPreset] = {
+    "tiny": ModelPreset("tiny", "stream", "self-forcing", 4, 5.0, 1.0, 256, 256, builtin=True),
+    "self-forcing-1.3b": ModelPreset("wan2.1-t2v-1.3b", "stream", "self-forcing", 4, 5.0, 1.0, 832, 480),
+    "wan2.1-t2v-1.3b": ModelPreset("wan2.1-t2v-1.3b", "full", "unipc", 50, 5.0, 5.0, 832, 480),
+    "wan2.1-t2v-14b": ModelPreset("wan2.1-t2v-14b", "full", "unipc", 50, 5.0, 5.0, 832, 480),
+}
+SAMPLER_CHOICES = ("self-forcing", "euler", "unipc")
+
+
+class UsageError(Exception):
+    """A bad argument combination; reported as `streamgen generate: error: ...`, exit status 2."""
+
+
+def _size16(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; use a positive multiple of 16 (e.g. 256, 480, 832)")
+    if v <= 0 or v % 16:
+        raise argparse.ArgumentTypeError(
+            f"{v} is not a positive multiple of 16 (the latent is size/8 and the DiT patch is 2); "
+            f"allowed: 16, 32, ..., e.g. {max(16, v // 16 * 16)} or {max(16, v // 16 * 16 + 16)}")
+    return v
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 1")
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{v} must be >= 1")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number > 0")
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"{v} must be > 0")
+    return v
+
+
+def _prompt_at(text: str) -> tuple[int, str]:
+    chunk, sep, prompt = text.partition(":")
+    if not sep or not chunk.strip().isdigit() or not prompt.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not CHUNK:TEXT (CHUNK a chunk index >= 0, TEXT non-empty), e.g. 4:a cat")
+    return int(chunk), prompt
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="tiny", choices=list(MODELS), help="model preset (default: tiny, built in)")
+    p.add_argument("--checkpoint", help="DiT weights: a file or a checkpoint folder (required except for tiny)")
+    p.add_argument("--vae", help="decoder weights: Wan2.1_VAE.pth / diffusers AutoencoderKLWan folder, or taew2_1.pth")
+    p.add_argument("--text-encoder", help="umT5-XXL: HF folder or models_t5_umt5-xxl-enc-bf16.pth")
+    p.add_argument("--decoder", choices=("wan", "taehv"), default="wan", help="video decoder (default: wan)")
+    p.add_argument("--prompt", required=True, help="text prompt")
+    p.add_argument("--negative-prompt", default=None, help="negative prompt for CFG (default: Wan's)")
+    p.add_argument("--prompt-at", type=_prompt_at, action="append", default=[], metavar="CHUNK:TEXT",
+                   help="switch to TEXT from chunk CHUNK on (repeatable)")
+    p.add_argument("--image", help="start from this image (first frame; needs --decoder wan)")
+    p.add_argument("--chunks", type=_positive, default=4, help="number of chunks (default: 4)")
+    p.add_argument("--frames-per-chunk", type=_positive, default=None, help="latent frames per chunk (default: model's)")
+    p.add_argument("--width", type=_size16, default=None, help="pixels, multiple of 16 (default: per model)")
+    p.add_argument("--height", type=_size16, default=None, help="pixels, multiple of 16 (default: per model)")
+    p.add_argument("--fps", type=_positive_float, default=16.0, help="frames per second of the file (default: 16)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
+    p.add_argument("--steps", type=_positive, default=None, help="denoising steps (default: per model)")
+    p.add_argument("--shift", type=_positive_float, default=None, help="sigma shift (default: per model)")
+    p.add_argument("--sampler", choices=SAMPLER_CHOICES, default=None, help="default: per model")
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale for euler/unipc (default: per model)")
+    p.add_argument("--local-frames", type=_positive, default=None, help="attention window in latent frames (default: model's)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="model dtype (default: bfloat16 on cuda, float32 on cpu)")
+    p.add_argument("--crf", type=int, default=18, help="x264 quality, 0-51, lower is better (default: 18)")
+    p.add_argument("--out", required=True, help="output .mp4 path")
+
+
+# -- video file ---------------------------------------------------------------------------------
+
+
+class Mp4Writer:
+    """H.264 (libx264, yuv420p) MP4 file writer; frames are uint8 (T, H, W, 3) RGB numpy arrays."""
+
+    def __init__(self, path: str, width: int, height: int, fps: float, crf: int = 18):
+        import av
+        from fractions import Fraction
+
+        self._av = av
+        self.container = av.open(path, mode="w")
+        self.stream = self.container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+        self.stream.width, self.stream.height = width, height
+        self.stream.pix_fmt = "yuv420p"
+        self.stream.options = {"crf": str(crf), "preset": "medium"}
+        self.frames = 0
+
+    def write(self, frames) -> None:
+        for rgb in frames:
+            frame = self._av.VideoFrame.from_ndarray(rgb, format="rgb24")
+            for packet in self.stream.encode(frame):
+                self.container.mux(packet)
+            self.frames += 1
+
+    def close(self) -> None:
+        for packet in self.stream.encode():
+            self.container.mux(packet)
+        self.container.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def to_uint8(frames):
+    """(B,3,T,H,W) float in [-1,1] (batch item 0) -> (T,H,W,3) uint8 numpy."""
+    x = frames[0].float().add(1.0).mul(127.5).round().clamp(0, 255).to("cpu", dtype=__import__("torch").uint8)
+    return x.permute(1, 2, 3, 0).contiguous().numpy()  # (T, H, W, 3)
+
+
+def read_image(path: str, width: int, height: int):
+    """An image file -> (1, 3, 1, H, W) float in [-1, 1], resized to width x height (PyAV decodes it)."""
+    import av
+    import torch
+
+    with av.open(path) as c:
+        frame = next(c.decode(video=0))
+    rgb = frame.reformat(width=width, height=height, format="rgb24").to_ndarray()  # (H, W, 3)
+    x = torch.from_numpy(rgb).permute(2, 0, 1).float().div(127.5).sub(1.0)
+    return x[None, :, None]
+
+
+# -- model assembly ----------------------------------------------------------------------------------
+
+
+def _pick_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available; allowed here: auto, cpu")
+    return torch.device(name)
+
+
+def _pick_dtype(name: str, device):
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def _require_file(flag: str, path: str | None, what: str) -> str:
+    import os
+
+    if path is None:
+        raise UsageError(f"{flag} is required for this model ({what})")
+    if not os.path.exists(path):
+        raise UsageError(f"{flag} {path}: no such file or directory ({what})")
+    return path
+
+
+def build_components(args, preset: ModelPreset, device, dtype):
+    """(model, text_encoder, decoder, vae_for_encode) for the preset and args."""
+    import torch
+
+    from streamgen.models import wan
+
+    if preset.builtin:
+        from streamgen.models import text as text_mod
+
+        cfg = wan.WanConfig.preset(preset.wan)
+        torch.manual_seed(0)  # the built-in tiny model: fixed random weights
+        model = wan.WanModel(cfg)
+        text_encoder = text_mod.builtin_text_encoder(cfg.text_dim, text_len=cfg.text_len)
+        decoder, vae = _tiny_decoder(args.decoder)
+    else:
+        from streamgen.models.checkpoints import load_wan_checkpoint
+
+        ckpt = args.checkpoint
+        cfg = wan.WanConfig.preset(preset.wan)
+        model = wan.WanModel(cfg)
+        state = load_wan_checkpoint(ckpt, cfg, device="cpu", dtype=dtype)
+        if isinstance(state, dict):
+            model.load_state_dict(state, strict=True)
+        else:
+            model = state
+        text_encoder = _load_text_encoder(args.text_encoder, device, dtype)
+        decoder, vae = _load_decoder(args.decoder, args.vae, device, dtype)
+    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    decoder = decoder.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    if vae is not None and vae is not decoder:
+        vae = vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return model, text_encoder, decoder, vae
+
+
+def _tiny_decoder(kind: str):
+    import torch
+
+    torch.manual_seed(1)  # fixed random decoder weights
+    if kind == "taehv":
+        from streamgen.models.taehv import TAEHV, TAEHVConfig
+
+        return TAEHV(TAEHVConfig.preset("tiny")), None
+    from streamgen.models.wan_vae import WanVAE, WanVAEConfig
+
+    vae = WanVAE(WanVAEConfig.preset("tiny"))
+    return vae, vae
+
+
+def _load_decoder(kind: str, path: str, device, dtype):
+    if kind == "taehv":
+        from streamgen.models.taehv import load_taehv
+
+        return load_taehv(path, device=device, dtype=dtype), None
+    from streamgen.models.wan_vae import WanVAEConfig, load_wan_vae
+
+    vae = load_wan_vae(path, WanVAEConfig.preset("wan2.1"), device=device, dtype=dtype)
+    return vae, vae
+
+
+def _load_text_encoder(path: str, device, dtype):
+    from streamgen.models.text import PromptCache, TextEncoder
+
+    return PromptCache(TextEncoder.from_pretrained(path, device=device))
+
+
+# -- run -----------------------------------------------------------------------------------------
+
+
+def _error(msg: str) -> int:
+    print(f"streamgen generate: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except UsageError as e:
+        return _error(str(e))
+
+
+def _plan(args, preset: ModelPreset):
+    """Validate argument combinations; returns the resolved settings."""
+    import os
+
+    width = args.width or preset.width
+    height = args.height or preset.height
+    sampler = args.sampler or preset.sampler
+    if preset.mode == "full" and sampler == "self-forcing":
+        raise UsageError(f"--sampler self-forcing needs a distilled block-causal model; {args.model} is bidirectional "
+                         f"(allowed: euler, unipc; streaming models: "
+                         f"{', '.join(n for n, p in MODELS.items() if p.mode == 'stream')})")
+    guidance = args.guidance if args.guidance is not None else (preset.guidance if sampler != "self-forcing" else 1.0)
+    if sampler == "self-forcing" and guidance != 1.0:
+        raise UsageError("--guidance applies to --sampler euler/unipc; the distilled self-forcing sampler runs without CFG")
+    steps = args.steps or (preset.steps if sampler == preset.sampler else (4 if sampler == "self-forcing" else 30))
+    shift = args.shift or preset.shift
+    switches = {}
+    for chunk, text in args.prompt_at:
+        if chunk >= args.chunks:
+            raise UsageError(f"--prompt-at {chunk}:...: chunk {chunk} is beyond the last chunk "
+                             f"(allowed: 0..{args.chunks - 1} for --chunks {args.chunks})")
+        if chunk in switches:
+            raise UsageError(f"--prompt-at: chunk {chunk} given twice")
+        switches[chunk] = text
+    if switches and preset.mode == "full":
+        raise UsageError(f"--prompt-at needs a streaming model; {args.model} samples the whole clip at once")
+    if args.image is not None:
+        if args.decoder != "wan":
+            raise UsageError("--image needs --decoder wan (the image is encoded by the Wan VAE)")
+        if not os.path.exists(args.image):
+            raise UsageError(f"--image {args.image}: no such file")
+        if preset.mode == "full":
+            raise UsageError(f"--image needs a streaming model; {args.model} is text-to-video only")
+    if not preset.builtin:
+        _require_file("--checkpoint", args.checkpoint, f"DiT weights for {args.model}; only 'tiny' is built in")
+        _require_file("--vae", args.vae, f"{args.decoder} decoder weights")
+        _require_file("--text-encoder", args.text_encoder, "umT5-XXL encoder")
+    if not 0 <= args.crf <= 51:
+        raise UsageError(f"--crf {args.crf}: allowed 0..51")
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(out_dir):
+        raise UsageError(f"--out {args.out}: folder {out_dir} does not exist")
+    return width, height, sampler, guidance, steps, shift, switches
+
+
+def _run(args: argparse.Namespace) -> int:
+    preset = MODELS[args.model]
+    width, height, sampler, guidance, steps, shift, switches = _plan(args, preset)
+
+    import torch
+
+    from streamgen.sampling.stream import StreamConfig, StreamSession
+
+    device = _pick_device(args.device)
+    dtype = _pick_dtype(args.dtype, device)
+    model, text_encoder, decoder, vae = build_components(args, preset, device, dtype)
+    negative = args.negative_prompt if args.negative_prompt is not None else (DEFAULT_NEGATIVE_PROMPT if not preset.builtin else "")
+
+    print(f"streamgen generate: {args.model} {width}x{height} {args.chunks} chunks, sampler {sampler} "
+          f"{steps} steps shift {shift}" + (f" cfg {guidance}" if guidance != 1.0 else "") + f", {device} {str(dtype).replace('torch.', '')}",
+          file=sys.stderr)
+    t_start = time.perf_counter()
+    total = 0
+    with Mp4Writer(args.out, width, height, args.fps, crf=args.crf) as writer:
+        if preset.mode == "full":
+            total = _run_full(args, model, text_encoder, decoder, writer, width, height, sampler, steps, shift, guidance,
+                              negative, device, dtype)
+        else:
+            cfg = StreamConfig(frames_per_chunk=args.frames_per_chunk, num_steps=steps, shift=shift, sampler=sampler,
+                               guidance_scale=guidance, local_frames=args.local_frames, seed=args.seed)
+            fpc = args.frames_per_chunk or model.config.frames_per_chunk
+            image_latent = None
+            if args.image is not None:
+                with torch.no_grad():
+                    img = read_image(args.image, width, height).to(device=device, dtype=next(vae.parameters()).dtype)
+                    image_latent = vae.encode(img)
+            session = StreamSession(model, switches.pop(0, args.prompt), height=height, width=width, config=cfg,
+                                    text_encoder=text_encoder, decoder=decoder,
+                                    negative_prompt=negative if guidance != 1.0 else None, image=image_latent,
+                                    total_frames=args.chunks * fpc + (1 if image_latent is not None else 0),
+                                    device=device, dtype=dtype)
+            for i in range(args.chunks):
+                if i in switches:
+                    session.set_prompt(switches[i])
+                t0 = time.perf_counter()
+                chunk = session.next_chunk()
+                frames = to_uint8(chunk.frames)  # includes the device sync
+                dt = time.perf_counter() - t0
+                writer.write(frames)
+                total += len(frames)
+                note = f"  [prompt: {switches[i][:40]!r}]" if chunk.switched else ""
+                print(f"chunk {i + 1}/{args.chunks}: {len(frames)} frames in {dt:.2f} s ({len(frames) / dt:.1f} frames/s)"
+                      f", {total} total{note}", file=sys.stderr)
+    elapsed = time.perf_counter() - t_start
+    print(f"wrote {args.out}: {total} frames {width}x{height} at {args.fps:g} fps "
+          f"({total / args.fps:.2f} s of video) in {elapsed:.1f} s ({total / elapsed:.1f} frames/s)", file=sys.stderr)
+    return 0
+
+
+def _run_full(args, model, text_encoder, decoder, writer, width, height, sampler, steps, shift, guidance, negative,
+              device, dtype) -> int:
+    """Bidirectional checkpoints: sample all latent frames at once (CFG), decode chunk by chunk."""
+    import torch
+
+    from streamgen.sampling.samplers import guided, sample
+    from streamgen.sampling.schedules import FlowSchedule
+
+    fpc = args.frames_per_chunk or model.config.frames_per_chunk
+    n_lat = args.chunks * fpc
+    ctx = text_encoder.encode([args.prompt]).to(device=device, dtype=dtype)
+    neg = text_encoder.encode([negative]).to(device=device, dtype=dtype) if guidance != 1.0 else None
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    noise = torch.randn((1, 16, n_lat, height // 8, width // 8), generator=gen, device=device, dtype=torch.float32)
+
+    def cond(x, t):
+        return model(x.to(dtype), t, ctx).float()
+
+    def uncond(x, t):
+        return model(x.to(dtype), t, neg).float()
+
+    schedule = FlowSchedule.unipc(steps, shift) if sampler == "unipc" else FlowSchedule.euler(steps, shift)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        x0 = sample(guided(cond, uncond if neg is not None else None, guidance), noise, schedule, sampler)
+    print(f"sampled {n_lat} latent frames in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    state = decoder.new_state()
+    total = 0
+    for i in range(args.chunks):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            frames = to_uint8(decoder.decode_chunk(x0[:, :, i * fpc:(i + 1) * fpc], state))
+        dt = time.perf_counter() - t0
+        writer.write(frames)
+        total += len(frames)
+        print(f"chunk {i + 1}/{args.chunks}: {len(frames)} frames decoded in {dt:.2f} s ({len(frames) / dt:.1f} frames/s)",
+              file=sys.stderr)
+    return total
