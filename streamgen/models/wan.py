@@ -1,0 +1,709 @@
+"""Wan2.1 text-to-video diffusion transformer: full-sequence and block-causal streaming forward.
+
+API summary
+-----------
+``cfg = WanConfig.preset("wan2.1-t2v-1.3b" | "wan2.1-t2v-14b" | "tiny", **overrides)``
+
+``model = WanModel(cfg)``; ``model.state_dict()`` keys are the original Wan2.1 names
+(``patch_embedding.weight``, ``text_embedding.0.weight``, ``time_projection.1.weight``,
+``blocks.N.self_attn.q.weight``, ``blocks.N.norm3.weight`` (the cross-attention norm),
+``blocks.N.modulation``, ``head.head.weight``, ``head.modulation``, ...). No buffers.
+
+``model(x, t, context, *, frames_per_block=None, local_frames=None, sink_frames=0) -> flow``
+    x ``(B, 16, F, H, W)`` latents, t ``(B,)`` or per-frame ``(B, F)`` on 0..1000, context
+    ``(B, L, text_dim)`` with ``L <= text_len`` (zero-padded to ``text_len`` *before* the text
+    MLP, as original Wan does). Returns the flow prediction, same shape as x, in float32.
+    ``frames_per_block=None``: full bidirectional attention (== original Wan / diffusers).
+    ``frames_per_block=k``: block-causal reference (bidirectional inside each block of k latent
+    frames, causal across blocks), optionally with the rolling window below.
+
+Streaming (one cache per session; one model serves many caches):
+
+``cache = model.new_cache(batch, (h, w), max_frames=21, local_frames=None, sink_frames=0,
+dtype=None, device=None)``
+    Preallocated, fixed shape: per layer self-attention K (after RoPE, at absolute frame
+    positions) and V for ``capacity`` latent frames, and cross-attention K/V of ``text_len``
+    tokens. ``(h, w)`` is the latent size (must be divisible by the patch).
+    Window semantics (LongLive / Self-Forcing ``local_attn_size``): with ``local_frames=L``
+    a chunk ending (exclusive) at frame ``e`` attends to the first ``sink_frames`` frames and to
+    the frames ``[e - (L - sink_frames), e)``, so at most ``L`` frames in total including the
+    chunk itself; the cache holds exactly ``L`` frames (sink slots + a ring buffer) and streams
+    can run forever. Without ``local_frames`` every chunk attends to all earlier frames and the
+    cache holds ``max_frames``.
+
+``model.set_prompt(cache, context)``
+    Cross-attention K/V of all layers computed once and stored in the cache; reused by every step
+    and chunk until called again.
+
+``model.forward_chunk(x, t, cache, *, start_frame=None, update_cache=False) -> flow``
+    x ``(B, 16, f, h, w)``: latent frames ``start_frame .. start_frame+f`` (absolute; default
+    ``cache.frames_written``). Attends to the cached frames before ``start_frame`` (window
+    limited) and, bidirectionally, to itself. The chunk's K/V are written into their slots
+    (a tentative write, replaced by the next call at the same position); ``update_cache=True``
+    also commits them: ``cache.frames_written`` advances to ``start_frame + f``. The usual loop
+    is: N denoising calls with ``update_cache=False`` then one pass on the clean latents
+    (t=0) with ``update_cache=True``. ``start_frame`` may not exceed ``frames_written``; a call
+    that needs frames the window already evicted raises ``ValueError``. No host syncs.
+
+``cache.reset_self_attn(start_frame=0)``
+    Forget all self-attention K/V; the next committed frames start at ``start_frame`` and the
+    sink becomes the first ``sink_frames`` frames from there (prompt-switch re-cache: reset, then
+    re-run the last window of clean frames with ``update_cache=True`` under the new prompt).
+``cache.frames_written`` (python int), ``cache.prompt_set`` (python bool).
+
+Numerics: the residual stream, LayerNorms, modulation and time embedding run in float32 (as
+original Wan); linear layers, attention and the caches run in the weights' dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields, replace
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from streamgen.ops.attention import attention
+
+__all__ = ["WanConfig", "WanModel", "WanCache", "PRESETS", "rope_split"]
+
+
+@dataclass(frozen=True)
+class WanConfig:
+    """Wan2.1 DiT hyper-parameters (field names as in Wan2.1's own config) + streaming defaults."""
+
+    dim: int = 1536
+    ffn_dim: int = 8960
+    freq_dim: int = 256
+    num_heads: int = 12
+    num_layers: int = 30
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    in_dim: int = 16
+    out_dim: int = 16
+    text_dim: int = 4096
+    text_len: int = 512
+    eps: float = 1e-6
+    qk_norm: bool = True
+    cross_attn_norm: bool = True
+    # streaming defaults (used by the sampling loop, not by the weights)
+    frames_per_chunk: int = 3
+    local_frames: int | None = None
+    sink_frames: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
+        if self.dim % self.num_heads:
+            raise ValueError(f"dim={self.dim} must be divisible by num_heads={self.num_heads}")
+        d = self.head_dim
+        if d % 2 or d < 6:
+            raise ValueError(f"head_dim={d} must be even and >= 6 for Wan's 3D RoPE split")
+        if self.freq_dim % 2:
+            raise ValueError(f"freq_dim={self.freq_dim} must be even")
+        if len(self.patch_size) != 3:
+            raise ValueError(f"patch_size must have 3 entries, got {self.patch_size}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "WanConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown Wan preset {name!r}; choose one of {sorted(PRESETS)}")
+        return replace(PRESETS[name], **overrides)
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+
+PRESETS: dict[str, WanConfig] = {
+    "wan2.1-t2v-1.3b": WanConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
+    "wan2.1-t2v-14b": WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
+    "tiny": WanConfig(dim=128, ffn_dim=384, num_heads=2, num_layers=3, text_dim=32),
+}
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def rope_split(head_dim: int) -> tuple[int, int, int]:
+    """Real channels of each head given to the (frame, height, width) rotary axes, as in Wan."""
+    hw = 2 * (head_dim // 6)
+    return head_dim - 2 * hw, hw, hw
+
+
+def _float_dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def rope_cos_sin(
+    head_dim: int, grid: tuple[int, int, int], start_frame: int, device: torch.device, theta: float = 10000.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin ``(f*h*w, 1, head_dim/2)`` float32 for tokens of a (f, h, w) grid whose first frame
+    sits at absolute position ``start_frame``. Angles are computed in float64 (Wan does the same)."""
+    f, h, w = grid
+    fd = _float_dtype(device)
+    angles = []
+    for n, (lo, count) in zip(rope_split(head_dim), ((start_frame, f), (0, h), (0, w))):
+        inv_freq = 1.0 / theta ** (torch.arange(0, n, 2, device=device, dtype=fd) / n)
+        pos = torch.arange(lo, lo + count, device=device, dtype=fd)
+        angles.append(torch.outer(pos, inv_freq))  # (count, n/2)
+    af, ah, aw = angles
+    ang = torch.cat(
+        [
+            af.view(f, 1, 1, -1).expand(f, h, w, -1),
+            ah.view(1, h, 1, -1).expand(f, h, w, -1),
+            aw.view(1, 1, w, -1).expand(f, h, w, -1),
+        ],
+        dim=-1,
+    ).reshape(f * h * w, 1, head_dim // 2)
+    return ang.cos().float(), ang.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (2i, 2i+1) of ``x`` (B, L, H, D) as complex numbers; computed in float32."""
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, L, H, D/2) each
+    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return out.flatten(-2).to(x.dtype)
+
+
+def sinusoidal_embedding(dim: int, t: torch.Tensor) -> torch.Tensor:
+    """Wan's timestep embedding: [cos, sin] of t * 10000^(-i/half), computed in float64 -> float32."""
+    half = dim // 2
+    fd = _float_dtype(t.device)
+    pos = t.to(fd)
+    freqs = torch.pow(10000.0, -torch.arange(half, device=t.device, dtype=fd) / half)
+    arg = torch.outer(pos, freqs)
+    return torch.cat([arg.cos(), arg.sin()], dim=1).float()
+
+
+def _layer_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.layer_norm(x.float(), (x.shape[-1],), eps=eps)
+
+
+def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (B, L, C) float32; shift/scale (B, Fe, C) with L = Fe * tokens_per_frame."""
+    b, n, c = x.shape
+    fe = shift.shape[1]
+    xv = x.view(b, fe, n // fe, c)  # (B, Fe, T, C)
+    return (xv * (1 + scale.unsqueeze(2)) + shift.unsqueeze(2)).view(b, n, c)
+
+
+def _gated_add(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    b, n, c = x.shape
+    fe = gate.shape[1]
+    return x + (y.float().view(b, fe, n // fe, c) * gate.unsqueeze(2)).view(b, n, c)
+
+
+def _linear_f32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    bias = None if layer.bias is None else layer.bias.float()
+    return F.linear(x.float(), layer.weight.float(), bias)
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+class WanRMSNorm(nn.Module):
+    """RMSNorm over the full projection width (all heads together), affine weight."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return y.to(x.dtype) * self.weight.to(x.dtype)
+
+
+class WanLayerNorm(nn.Module):
+    """LayerNorm computed in float32, optional affine (Wan's ``norm3`` when ``cross_attn_norm``)."""
+
+    def __init__(self, dim: int, eps: float, affine: bool):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
+        self.bias = nn.Parameter(torch.zeros(dim)) if affine else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = None if self.weight is None else self.weight.float()
+        b = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), (x.shape[-1],), w, b, self.eps)
+
+
+class WanAttention(nn.Module):
+    """Projections of one attention layer (q, k, v, o + q/k RMSNorm); attention itself is done by
+    the caller so that self-attention can be full, block-causal or cached."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = WanRMSNorm(dim, eps) if qk_norm else nn.Identity()
+        self.norm_k = WanRMSNorm(dim, eps) if qk_norm else nn.Identity()
+
+    def query(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))  # (B, L, H, D)
+
+    def key_value(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k = self.norm_k(self.k(x)).unflatten(-1, (self.num_heads, -1))  # (B, L, H, D)
+        v = self.v(x).unflatten(-1, (self.num_heads, -1))
+        return k, v
+
+    def out(self, a: torch.Tensor) -> torch.Tensor:
+        return self.o(a.flatten(2))
+
+
+SelfAttnFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class WanBlock(nn.Module):
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        dim = cfg.dim
+        self.eps = cfg.eps
+        self.self_attn = WanAttention(dim, cfg.num_heads, cfg.qk_norm, cfg.eps)
+        self.norm3 = WanLayerNorm(dim, cfg.eps, affine=True) if cfg.cross_attn_norm else nn.Identity()
+        self.cross_attn = WanAttention(dim, cfg.num_heads, cfg.qk_norm, cfg.eps)
+        self.ffn = nn.Sequential(nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, dim))
+        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        e0: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        self_attn_fn: SelfAttnFn,
+        ctx_kv: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        """x (B, L, dim) float32 residual; e0 (B, Fe, 6, dim) float32; returns the new residual."""
+        dt = self.ffn[0].weight.dtype
+        mod = self.modulation.float().unsqueeze(0) + e0  # (B, Fe, 6, dim)
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod.unbind(2)  # (B, Fe, dim) each
+
+        # 1. self-attention
+        y = _modulate(_layer_norm(x, self.eps), shift1, scale1).to(dt)
+        q = apply_rope(self.self_attn.query(y), *rope)
+        k, v = self.self_attn.key_value(y)
+        k = apply_rope(k, *rope)
+        x = _gated_add(x, self.self_attn.out(self_attn_fn(q, k, v)), gate1)
+
+        # 2. cross-attention (text K/V given)
+        q = self.cross_attn.query(self.norm3(x).to(dt))
+        x = x + self.cross_attn.out(attention(q, *ctx_kv)).float()
+
+        # 3. feed-forward
+        y = _modulate(_layer_norm(x, self.eps), shift2, scale2).to(dt)
+        return _gated_add(x, self.ffn(y), gate2)
+
+
+class WanHead(nn.Module):
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        self.eps = cfg.eps
+        self.head = nn.Linear(cfg.dim, math.prod(cfg.patch_size) * cfg.out_dim)
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """x (B, L, dim) float32, e (B, Fe, dim) float32 -> (B, L, prod(patch) * out_dim)."""
+        mod = self.modulation.float().unsqueeze(0) + e.unsqueeze(2)  # (B, Fe, 2, dim)
+        shift, scale = mod.unbind(2)
+        y = _modulate(_layer_norm(x, self.eps), shift, scale)
+        return self.head(y.to(self.head.weight.dtype))
+
+
+# ----------------------------------------------------------------------------- cache
+
+
+@dataclass
+class _ChunkPlan:
+    """Python-int bookkeeping for one forward_chunk call (computed before any kernel runs)."""
+
+    rel_start: int
+    rel_end: int
+    write: list[tuple[int, int, int]]  # (slot token start, chunk token start, n tokens)
+    n_prefix_keys: int | None  # attend to buffer[:, :n] (the fast path), or None
+    key_slots: list[tuple[int, int]] = field(default_factory=list)  # valid slot ranges (masked path)
+    concat_chunk: bool = False  # masked path: chunk K/V not written, appended to the buffer
+    commit: bool = False
+
+
+class WanCache:
+    """Per-session streaming state of a WanModel: self-attention K/V ring + cross-attention K/V.
+
+    Buffers: ``k``/``v`` ``(num_layers, B, capacity * T, H, D)`` with ``T`` tokens per latent
+    frame, ``cross_k``/``cross_v`` ``(num_layers, B, text_len, H, D)``. Slot of frame ``j``
+    (relative to ``origin``): ``j`` for the sink frames, else ``sink + (j - sink) % ring``.
+    Create with :meth:`WanModel.new_cache`.
+    """
+
+    def __init__(
+        self,
+        cfg: WanConfig,
+        batch: int,
+        latent_hw: tuple[int, int],
+        *,
+        max_frames: int,
+        local_frames: int | None,
+        sink_frames: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ):
+        pt, ph, pw = cfg.patch_size
+        h, w = latent_hw
+        if pt != 1:
+            raise ValueError(f"streaming needs a temporal patch of 1, got patch_size={cfg.patch_size}")
+        if h % ph or w % pw:
+            raise ValueError(f"latent size {h}x{w} is not divisible by the patch {ph}x{pw}")
+        if local_frames is None:
+            if max_frames < 1:
+                raise ValueError(f"max_frames must be >= 1, got {max_frames}")
+            if sink_frames:
+                raise ValueError("sink_frames only makes sense with a rolling window (local_frames)")
+            capacity, sink = max_frames, 0
+        else:
+            if not 0 <= sink_frames < local_frames:
+                raise ValueError(
+                    f"need 0 <= sink_frames < local_frames, got sink_frames={sink_frames}, local_frames={local_frames}"
+                )
+            capacity, sink = local_frames, sink_frames
+        self.cfg = cfg
+        self.batch = batch
+        self.latent_hw = (h, w)
+        self.grid_hw = (h // ph, w // pw)
+        self.tokens_per_frame = (h // ph) * (w // pw)
+        self.local_frames = local_frames
+        self.sink_frames = sink
+        self.capacity = capacity
+        self.ring = capacity - sink
+        self.dtype = dtype
+        self.device = torch.device(device)
+        shape = (cfg.num_layers, batch, capacity * self.tokens_per_frame, cfg.num_heads, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=self.device)
+        self.v = torch.zeros(shape, dtype=dtype, device=self.device)
+        cshape = (cfg.num_layers, batch, cfg.text_len, cfg.num_heads, cfg.head_dim)
+        self.cross_k = torch.zeros(cshape, dtype=dtype, device=self.device)
+        self.cross_v = torch.zeros(cshape, dtype=dtype, device=self.device)
+        self.prompt_set = False
+        self.origin = 0
+        self.frames_written = 0
+        self._ring_end = 0  # relative end of the newest frame ever written since the last reset
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.cross_k, self.cross_v))
+
+    def reset_self_attn(self, start_frame: int = 0) -> None:
+        """Drop all self-attention K/V; the next frame committed is ``start_frame`` (absolute)."""
+        self.origin = int(start_frame)
+        self.frames_written = int(start_frame)
+        self._ring_end = 0
+
+    def _slot(self, j: int) -> int:
+        s = self.sink_frames
+        return j if j < s else s + (j - s) % self.ring
+
+    def _slot_runs(self, lo: int, hi: int) -> list[tuple[int, int, int]]:
+        """Relative frames [lo, hi) -> contiguous runs (slot start, frame start, n frames)."""
+        runs: list[tuple[int, int, int]] = []
+        j = lo
+        while j < hi:
+            slot = self._slot(j)
+            end_slot = self.sink_frames if j < self.sink_frames else self.capacity
+            n = min(hi - j, end_slot - slot)
+            runs.append((slot, j, n))
+            j += n
+        return runs
+
+    def _plan(self, start_frame: int, f: int, update_cache: bool) -> _ChunkPlan:
+        T, S, R = self.tokens_per_frame, self.sink_frames, self.ring
+        rs = start_frame - self.origin
+        re = rs + f
+        fw = self.frames_written - self.origin
+        if rs < 0:
+            raise ValueError(f"start_frame={start_frame} is before the cache origin {self.origin}")
+        if rs > fw:
+            raise ValueError(
+                f"start_frame={start_frame} is past cache.frames_written={self.frames_written}: "
+                "commit the frames before it first (update_cache=True)"
+            )
+        if self.local_frames is None and re > self.capacity:
+            raise ValueError(
+                f"chunk ends at frame {start_frame + f} but the cache holds max_frames={self.capacity}; "
+                "create the cache with a larger max_frames or a rolling window (local_frames)"
+            )
+        if f > R:
+            raise ValueError(f"a chunk of {f} frames does not fit the window of {R} non-sink frames")
+        # past frames this chunk needs: sink [0, min(S, rs)) and recent [lo, rs)
+        lo = max(S, re - R)
+        if lo < rs and lo < self._ring_end - R:
+            raise ValueError(
+                f"chunk at frames {start_frame}..{start_frame + f} needs frame {lo + self.origin}, "
+                "which the rolling window already evicted"
+            )
+        plan = _ChunkPlan(rel_start=rs, rel_end=re, write=[], n_prefix_keys=None, commit=update_cache)
+        sink_hi = min(S, re)
+        if update_cache or rs >= fw:
+            plan.write = [(slot * T, (j - rs) * T, n * T) for slot, j, n in self._slot_runs(rs, re)]
+            if re >= self._ring_end:
+                # the buffer then holds exactly the key set, as its first min(re, capacity) slots
+                plan.n_prefix_keys = min(re, self.capacity) * T
+            else:
+                plan.key_slots = self._frame_ranges_to_slots([(0, sink_hi), (max(lo, sink_hi), re)])
+                if len(plan.key_slots) == 1 and plan.key_slots[0][0] == 0:
+                    plan.n_prefix_keys = plan.key_slots[0][1]
+        else:
+            plan.concat_chunk = True
+            plan.key_slots = self._frame_ranges_to_slots([(0, min(S, rs)), (max(lo, min(S, rs)), rs)])
+        return plan
+
+    def _frame_ranges_to_slots(self, ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        T = self.tokens_per_frame
+        runs = sorted((slot, slot + n) for a, b in ranges for slot, _, n in self._slot_runs(a, b))
+        merged: list[list[int]] = []
+        for a, b in runs:
+            if merged and merged[-1][1] == a:
+                merged[-1][1] = b
+            else:
+                merged.append([a, b])
+        return [(a * T, b * T) for a, b in merged]
+
+    def _key_mask(self, plan: _ChunkPlan, n_chunk: int) -> torch.Tensor:
+        """Bool key-validity mask (1, 1, 1, Lk) for the (rare) masked path, built on device."""
+        n_buf = self.capacity * self.tokens_per_frame
+        idx = torch.arange(n_buf, device=self.device)
+        mask = torch.zeros(n_buf, dtype=torch.bool, device=self.device)
+        for a, b in plan.key_slots:
+            mask |= (idx >= a) & (idx < b)
+        if plan.concat_chunk:
+            mask = torch.cat([mask, torch.ones(n_chunk, dtype=torch.bool, device=self.device)])
+        return mask.view(1, 1, 1, -1)
+
+    def _attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _ChunkPlan, mask):
+        kb, vb = self.k[layer], self.v[layer]  # (B, capacity*T, H, D)
+        for dst, src, n in plan.write:
+            kb[:, dst : dst + n] = k[:, src : src + n]
+            vb[:, dst : dst + n] = v[:, src : src + n]
+        if plan.n_prefix_keys is not None:
+            n = plan.n_prefix_keys
+            return attention(q, kb[:, :n], vb[:, :n])
+        if plan.concat_chunk:
+            kb, vb = torch.cat([kb, k.to(kb.dtype)], dim=1), torch.cat([vb, v.to(vb.dtype)], dim=1)
+        return attention(q, kb, vb, attn_mask=mask)
+
+    def _commit(self, plan: _ChunkPlan) -> None:
+        if plan.write:
+            self._ring_end = max(self._ring_end, plan.rel_end)
+        if plan.commit:
+            self.frames_written = max(self.frames_written, plan.rel_end + self.origin)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class WanModel(nn.Module):
+    """Wan2.1 T2V DiT (same function as Wan2.1 ``WanModel`` and diffusers ``WanTransformer3DModel``)."""
+
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        self.cfg = cfg
+        dim = cfg.dim
+        self.patch_embedding = nn.Conv3d(cfg.in_dim, dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, dim * 6))
+        self.blocks = nn.ModuleList(WanBlock(cfg) for _ in range(cfg.num_layers))
+        self.head = WanHead(cfg)
+
+    # -- pieces shared by the full and the chunk forward
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.patch_embedding.weight.dtype
+
+    def _patchify(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        pt, ph, pw = self.cfg.patch_size
+        b, c, f, h, w = x.shape
+        if c != self.cfg.in_dim:
+            raise ValueError(f"latents have {c} channels, the model expects in_dim={self.cfg.in_dim}")
+        if f % pt or h % ph or w % pw:
+            raise ValueError(f"latent shape (F, H, W)=({f}, {h}, {w}) is not divisible by patch {self.cfg.patch_size}")
+        y = self.patch_embedding(x.to(self.dtype))  # (B, dim, f, h, w)
+        grid = tuple(y.shape[2:])
+        return y.flatten(2).transpose(1, 2).float(), grid  # (B, f*h*w, dim)
+
+    def _unpatchify(self, y: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        pt, ph, pw = self.cfg.patch_size
+        f, h, w = grid
+        b = y.shape[0]
+        y = y.float().view(b, f, h, w, pt, ph, pw, self.cfg.out_dim)
+        y = y.permute(0, 7, 1, 4, 2, 5, 3, 6)  # (B, C, f, pt, h, ph, w, pw)
+        return y.reshape(b, self.cfg.out_dim, f * pt, h * ph, w * pw)
+
+    def _time(self, t: torch.Tensor, batch: int, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """t (B,) / scalar / (B, frames) -> e (B, Fe, dim), e0 (B, Fe, 6, dim), float32; Fe in {1, frames}."""
+        if t.ndim == 0:
+            t = t.expand(batch)
+        if t.ndim == 1:
+            if t.shape[0] != batch:
+                raise ValueError(f"t has shape {tuple(t.shape)}, expected ({batch},) or ({batch}, {frames})")
+            t = t[:, None]
+        elif t.shape != (batch, frames):
+            raise ValueError(f"t has shape {tuple(t.shape)}, expected ({batch},) or ({batch}, {frames})")
+        fe = t.shape[1]
+        s = sinusoidal_embedding(self.cfg.freq_dim, t.reshape(-1))  # (B*Fe, freq_dim)
+        e = _linear_f32(self.time_embedding[2], F.silu(_linear_f32(self.time_embedding[0], s)))
+        e0 = _linear_f32(self.time_projection[1], F.silu(e))  # (B*Fe, 6*dim)
+        return e.view(batch, fe, -1), e0.view(batch, fe, 6, -1)
+
+    def embed_text(self, context: torch.Tensor) -> torch.Tensor:
+        """(B, L<=text_len, text_dim) -> (B, text_len, dim); zero-padded to text_len before the MLP."""
+        b, n, c = context.shape
+        if c != self.cfg.text_dim:
+            raise ValueError(f"context has width {c}, the model expects text_dim={self.cfg.text_dim}")
+        if n > self.cfg.text_len:
+            raise ValueError(f"context has {n} tokens, more than text_len={self.cfg.text_len}")
+        context = context.to(self.dtype)
+        if n < self.cfg.text_len:
+            context = F.pad(context, (0, 0, 0, self.cfg.text_len - n))
+        return self.text_embedding(context)
+
+    def _rope(self, grid: tuple[int, int, int], start_frame: int, device: torch.device):
+        return rope_cos_sin(self.cfg.head_dim, grid, start_frame, device)
+
+    # -- full-sequence forward
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor,
+        *,
+        frames_per_block: int | None = None,
+        local_frames: int | None = None,
+        sink_frames: int = 0,
+    ) -> torch.Tensor:
+        b = x.shape[0]
+        tokens, grid = self._patchify(x)
+        e, e0 = self._time(t, b, grid[0])
+        ctx = self.embed_text(context)
+        rope = self._rope(grid, 0, x.device)
+        if frames_per_block is None:
+            if local_frames is not None:
+                raise ValueError("local_frames needs frames_per_block (the window is block-causal)")
+            self_attn: SelfAttnFn = lambda q, k, v: attention(q, k, v)  # noqa: E731
+        else:
+            tpf = grid[1] * grid[2]
+            self_attn = lambda q, k, v: _block_causal_attention(  # noqa: E731
+                q, k, v, tpf, grid[0], frames_per_block, local_frames, sink_frames
+            )
+        for block in self.blocks:
+            ctx_kv = block.cross_attn.key_value(ctx)
+            tokens = block(tokens, e0, rope, self_attn, ctx_kv)
+        return self._unpatchify(self.head(tokens, e), grid)
+
+    # -- streaming
+
+    def new_cache(
+        self,
+        batch: int,
+        latent_hw: tuple[int, int],
+        *,
+        max_frames: int = 21,
+        local_frames: int | None = None,
+        sink_frames: int = 0,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> WanCache:
+        return WanCache(
+            self.cfg,
+            batch,
+            latent_hw,
+            max_frames=max_frames,
+            local_frames=local_frames,
+            sink_frames=sink_frames,
+            dtype=dtype or self.dtype,
+            device=device if device is not None else self.patch_embedding.weight.device,
+        )
+
+    @torch.no_grad()
+    def set_prompt(self, cache: WanCache, context: torch.Tensor) -> None:
+        """Compute every layer's cross-attention K/V for ``context`` (B, L, text_dim) into the cache."""
+        if context.shape[0] != cache.batch:
+            raise ValueError(f"context batch {context.shape[0]} != cache batch {cache.batch}")
+        ctx = self.embed_text(context.to(cache.device))
+        for i, block in enumerate(self.blocks):
+            k, v = block.cross_attn.key_value(ctx)
+            cache.cross_k[i].copy_(k)
+            cache.cross_v[i].copy_(v)
+        cache.prompt_set = True
+
+    def forward_chunk(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        cache: WanCache,
+        *,
+        start_frame: int | None = None,
+        update_cache: bool = False,
+    ) -> torch.Tensor:
+        b, _, f, h, w = x.shape
+        if (h, w) != cache.latent_hw or b != cache.batch:
+            raise ValueError(
+                f"chunk (B={b}, h={h}, w={w}) does not match the cache (B={cache.batch}, hw={cache.latent_hw})"
+            )
+        if not cache.prompt_set:
+            raise ValueError("no prompt in this cache: call model.set_prompt(cache, context) first")
+        if start_frame is None:
+            start_frame = cache.frames_written
+        plan = cache._plan(int(start_frame), f, update_cache)
+        tokens, grid = self._patchify(x)
+        e, e0 = self._time(t, b, f)
+        rope = self._rope(grid, int(start_frame), x.device)
+        mask = None if plan.n_prefix_keys is not None else cache._key_mask(plan, tokens.shape[1])
+        for i, block in enumerate(self.blocks):
+            self_attn = lambda q, k, v, i=i: cache._attend(i, q, k, v, plan, mask)  # noqa: E731
+            tokens = block(tokens, e0, rope, self_attn, (cache.cross_k[i], cache.cross_v[i]))
+        cache._commit(plan)
+        return self._unpatchify(self.head(tokens, e), grid)
+
+
+def _block_causal_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    tokens_per_frame: int,
+    frames: int,
+    frames_per_block: int,
+    local_frames: int | None,
+    sink_frames: int,
+) -> torch.Tensor:
+    """Reference block-causal attention, one SDPA call per block (no dense mask).
+
+    Block [s, e) attends to frames [0, e), or with a window to [0, sink) + [e - (local - sink), e)."""
+    if frames_per_block < 1:
+        raise ValueError(f"frames_per_block must be >= 1, got {frames_per_block}")
+    if local_frames is not None and not 0 <= sink_frames < local_frames:
+        raise ValueError(f"need 0 <= sink_frames < local_frames, got {sink_frames}, {local_frames}")
+    T = tokens_per_frame
+    outs = []
+    for s in range(0, frames, frames_per_block):
+        e = min(frames, s + frames_per_block)
+        lo = 0 if local_frames is None else max(sink_frames, e - (local_frames - sink_frames))
+        sink_hi = min(sink_frames, e) if local_frames is not None else 0
+        if local_frames is not None and e - s > local_frames - sink_frames:
+            raise ValueError(f"a block of {e - s} frames does not fit the window of {local_frames - sink_frames} frames")
+        if lo <= sink_hi:
+            kk, vv = k[:, : e * T], v[:, : e * T]
+        else:
+            kk = torch.cat([k[:, : sink_hi * T], k[:, lo * T : e * T]], dim=1)
+            vv = torch.cat([v[:, : sink_hi * T], v[:, lo * T : e * T]], dim=1)
+        outs.append(attention(q[:, s * T : e * T], kk, vv))
+    return torch.cat(outs, dim=1)
