@@ -1,0 +1,202 @@
+"""One WebSocket connection of the v1 stream endpoint: protocol state machine + session control.
+
+Every frame goes through :class:`streamgen.protocol.ServerConnection`, which validates it and
+its order; a rejected frame is answered with an ``error`` naming the field (the connection
+stays open unless the error is fatal). Application errors use these codes, all with
+``ref`` = the message type they answer:
+
+- ``server_busy`` (server session limit), ``too_many_sessions`` (per-client limit),
+- ``bad_field`` with ``field`` from the frame source (e.g. a model that is not served),
+- ``unknown_session`` (``attach`` to a session that does not exist or was already closed),
+- ``internal`` (a bug or an unexpected failure while starting; the server keeps running).
+
+All writes to the socket go through :meth:`Connection.send` (one lock per connection), so the
+session's sender task and replies to client messages never interleave frames.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from typing import TYPE_CHECKING
+
+from aiohttp import WSMsgType, web
+
+from streamgen import protocol as P
+from streamgen.engine.source import SourceError, StreamRequest
+from streamgen.server.sessions import Session, SessionLimits, Subscriber
+
+if TYPE_CHECKING:
+    from streamgen.server.app import ServerState
+
+log = logging.getLogger(__name__)
+_ids = itertools.count(1)
+
+
+class Connection:
+    def __init__(self, state: "ServerState", request: web.Request):
+        self.state = state
+        self.request = request
+        self.id = f"c{next(_ids)}"
+        self.client = request.remote or "unknown"
+        self.limits = P.DEFAULT_LIMITS
+        self.proto = P.ServerConnection(self.limits)
+        # frames a bit over the protocol limit still reach the validator (-> too_large error);
+        # far larger ones are cut off by aiohttp (close 1009) before they use memory
+        self.ws = web.WebSocketResponse(max_msg_size=self.limits.max_message_bytes + (1 << 20),
+                                        heartbeat=30.0, compress=False)
+        self._lock = asyncio.Lock()
+        self.session: Session | None = None
+        self.sub: Subscriber | None = None
+
+    # -- writing -----------------------------------------------------------------------------------
+
+    async def send(self, msg: P.ServerMessage) -> int:
+        """Serialise ``msg`` through the protocol state machine and write it; returns bytes written."""
+        async with self._lock:
+            data = self.proto.send(msg)
+            if isinstance(msg, P.Error):
+                self.state.metrics.inc("errors_total", code=msg.code)
+            await self.ws.send_bytes(data)
+            return len(data)
+
+    async def _error(self, code: str, message: str, *, ref: str | None, field: str | None = None,
+                     fatal: bool = False) -> None:
+        try:
+            await self.send(P.Error(code=code, message=message[:1000], fatal=fatal, field=field, ref=ref))
+        except (ConnectionError, RuntimeError, P.ProtocolError) as e:
+            log.debug("%s: could not send error %s: %r", self.id, code, e)
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    async def serve(self) -> web.WebSocketResponse:
+        await self.ws.prepare(self.request)
+        self.state.sockets.add(self.ws)
+        try:
+            async for m in self.ws:
+                if m.type in (WSMsgType.BINARY, WSMsgType.TEXT):
+                    await self._on_frame(m.data)
+                    if self.proto.phase is P.Phase.CLOSED:
+                        break
+                elif m.type == WSMsgType.ERROR:
+                    log.debug("%s: websocket error %r", self.id, self.ws.exception())
+                    break
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            self.state.sockets.discard(self.ws)
+            await self._detach()
+            if not self.ws.closed:
+                await self.ws.close()
+        return self.ws
+
+    async def _detach(self) -> None:
+        sub, session = self.sub, self.session
+        self.sub = self.session = None
+        if sub is not None and session is not None:
+            session.unsubscribe(sub)
+            await sub.aclose()
+
+    def _subscribe(self, session: Session, from_seq: int) -> None:
+        self.session = session
+        self.sub = sub = session.subscribe(self.send, from_seq=from_seq, conn_id=self.id)
+
+        def done(_task: asyncio.Task) -> None:  # `end` sent (or the socket broke): leave the session
+            if self.sub is sub:
+                self.sub = self.session = None
+                session.unsubscribe(sub)
+
+        sub.task.add_done_callback(done)
+
+    # -- reading -----------------------------------------------------------------------------------
+
+    async def _on_frame(self, data: bytes | str) -> None:
+        try:
+            msg = self.proto.receive(data)
+        except P.ProtocolError as e:
+            self.state.metrics.inc("bad_messages_total")
+            await self._error(e.code, e.message, ref=e.ref, field=e.field, fatal=e.fatal)
+            if e.fatal:
+                await self.ws.close(code=1008, message=e.code.encode())
+            return
+        if msg is None:
+            return
+        try:
+            await self._dispatch(msg)
+        except Exception as e:  # never let one client's message take anything else down
+            log.exception("%s: failed handling %s", self.id, msg.TYPE)
+            await self._error("internal", f"{msg.TYPE} failed: {type(e).__name__}: {e}", ref=msg.TYPE)
+
+    async def _dispatch(self, msg: P.ClientMessage) -> None:
+        s = self.session
+        if isinstance(msg, P.Start):
+            await self._start(msg)
+        elif isinstance(msg, P.Attach):
+            await self._attach(msg)
+        elif s is None:  # the session ended between the client's send and our receive
+            return
+        elif isinstance(msg, P.Prompt):
+            s.set_prompt(msg.prompt)
+        elif isinstance(msg, P.Pause):
+            s.pause()
+        elif isinstance(msg, P.Resume):
+            s.resume()
+        elif isinstance(msg, P.Stop):
+            s.stop("stopped")
+        elif isinstance(msg, P.Ack):
+            if self.sub is not None:
+                s.ack(self.sub, msg.seq, msg.playhead)
+
+    async def _start(self, msg: P.Start) -> None:
+        st = self.state
+        reg = st.registry
+        refusal = reg.check_capacity(self.client)
+        if refusal is not None:
+            await self._error(refusal[0], refusal[1], ref="start")
+            return
+        reg.reserve(self.client)
+        session = None
+        try:
+            req = StreamRequest(prompt=msg.prompt, model=msg.model, width=msg.width, height=msg.height,
+                                fps=msg.fps, seed=msg.seed, interpolate=msg.interpolate or 1, image=msg.image)
+            try:
+                source = await st.factory.create(req)
+            except SourceError as e:
+                await self._error("bad_field", f"start.{e.field}: {e}", ref="start", field=e.field)
+                return
+            try:
+                from streamgen.media.encode import FMP4Encoder
+
+                loop = asyncio.get_running_loop()
+                encoder = await loop.run_in_executor(
+                    st.executor, lambda: FMP4Encoder(source.width, source.height, source.fps, preset=st.cfg.preset))
+            except BaseException:
+                await source.aclose()
+                raise
+            cfg = st.cfg
+            limits = SessionLimits(queue_fragments=cfg.queue_fragments, log_fragments=cfg.log_fragments,
+                                   max_lead_s=cfg.max_lead_s, grace_s=cfg.grace_s)
+            session = Session(source=source, encoder=encoder, metrics=st.metrics, executor=st.executor,
+                              client=self.client, limits=limits, chunks=msg.chunks, on_closed=reg.remove)
+            reg.add(session)
+        finally:
+            reg.release(self.client)
+        st.metrics.inc("sessions_started_total")
+        log.info("%s: session %s started (%dx%d @ %s fps, prompt %r)", self.id, session.id, session.encoder.width,
+                 session.encoder.height, session.encoder.fps, msg.prompt[:80])
+        if self.ws.closed:
+            await session.aclose()
+            return
+        session.start()
+        self._subscribe(session, 0)
+
+    async def _attach(self, msg: P.Attach) -> None:
+        session = self.state.registry.get(msg.session)
+        if session is None:
+            await self._error(
+                "unknown_session", f"attach.session: no live session {msg.session!r} (a session is kept "
+                f"{self.state.cfg.grace_s:g} s after its last client disconnects)", ref="attach", field="session")
+            return
+        log.info("%s: attached to session %s from seq %d", self.id, session.id, msg.from_seq)
+        self._subscribe(session, msg.from_seq)

@@ -1,0 +1,70 @@
+"""Tiny Prometheus text-format registry (counters and gauges, optional labels). No I/O."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+__all__ = ["Metrics"]
+
+
+def _fmt_labels(labels: tuple[tuple[str, str], ...]) -> str:
+    if not labels:
+        return ""
+    esc = lambda v: v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')  # noqa: E731
+    return "{" + ",".join(f'{k}="{esc(v)}"' for k, v in labels) + "}"
+
+
+class Metrics:
+    """Counters/gauges keyed by (name, labels); gauges may be callables sampled at render time."""
+
+    def __init__(self, prefix: str = "streamgen"):
+        self.prefix = prefix
+        self._lock = threading.Lock()
+        self._help: dict[str, tuple[str, str]] = {}  # name -> (type, help)
+        self._values: dict[str, dict[tuple, float]] = {}
+        self._callbacks: dict[str, Callable[[], float | dict[tuple, float]]] = {}
+
+    def describe(self, name: str, kind: str, help_text: str) -> None:
+        self._help[name] = (kind, help_text)
+        self._values.setdefault(name, {})
+
+    def inc(self, name: str, value: float = 1.0, **labels: str) -> None:
+        key = tuple(sorted(labels.items()))
+        with self._lock:
+            d = self._values.setdefault(name, {})
+            d[key] = d.get(key, 0.0) + value
+
+    def set(self, name: str, value: float, **labels: str) -> None:
+        with self._lock:
+            self._values.setdefault(name, {})[tuple(sorted(labels.items()))] = float(value)
+
+    def gauge_fn(self, name: str, fn: Callable[[], float | dict[tuple, float]]) -> None:
+        """Gauge computed when rendered; fn returns a value or {labels tuple: value}."""
+        self._callbacks[name] = fn
+
+    def get(self, name: str, **labels: str) -> float:
+        if name in self._callbacks:
+            v = self._callbacks[name]()
+            return v if not isinstance(v, dict) else v.get(tuple(sorted(labels.items())), 0.0)
+        return self._values.get(name, {}).get(tuple(sorted(labels.items())), 0.0)
+
+    def render(self) -> str:
+        lines = []
+        names = sorted(set(self._help) | set(self._values) | set(self._callbacks))
+        for name in names:
+            full = f"{self.prefix}_{name}"
+            kind, help_text = self._help.get(name, ("gauge", ""))
+            lines.append(f"# HELP {full} {help_text}")
+            lines.append(f"# TYPE {full} {kind}")
+            if name in self._callbacks:
+                v = self._callbacks[name]()
+                series = v if isinstance(v, dict) else {(): v}
+            else:
+                with self._lock:
+                    series = dict(self._values.get(name, {}))
+            if not series and kind == "gauge":
+                series = {(): 0.0}
+            for labels, value in sorted(series.items()):
+                lines.append(f"{full}{_fmt_labels(labels)} {float(value):g}")
+        return "\n".join(lines) + "\n"

@@ -1,0 +1,495 @@
+"""Streaming sessions: producer task, seq-numbered fragment log, per-subscriber senders, pacing.
+
+Contract
+--------
+A :class:`Session` owns one :class:`~streamgen.engine.source.FrameSource` and one
+:class:`~streamgen.media.encode.FMP4Encoder`. Its producer task pulls chunks from the source,
+encodes them in the shared encoder pool (never on the event loop) and appends each fragment
+(as a protocol ``Fragment`` message) to the session's :class:`FragmentLog`: a ring bounded
+by fragment count and bytes, indexed by seq, so a reconnecting client can ``attach`` and be
+replayed everything still held from ``from_seq`` on.
+
+Every subscriber (a WebSocket) has its own sender task and a cursor into the log. Its send
+queue is the window between its cursor and the log head, bounded by ``queue_fragments``: when
+a subscriber falls further behind (it stops reading, its socket backs up), whole fragments are
+skipped, the subscriber is told how many, and nothing else slows down or grows. Control
+messages (ready/init/status/error/end) go through a small per-subscriber deque; status
+messages are coalesced.
+
+Pacing: the producer generates ahead of the viewer by at most ``max_lead_s`` seconds of video.
+The viewer position is the largest ``playhead`` acked (seconds of media time); before any ack
+with a playhead, the end of the latest acked fragment; before any ack at all, wall-clock time
+since the first fragment was produced (real-time playback). ``max_lead_s=None`` disables pacing.
+
+When the last subscriber leaves, the session waits ``grace_s`` for an ``attach`` and is then
+closed (its source freed). A session that ends (stop, chunk limit, source error) keeps its log
+until its subscribers have drained it, then closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any
+
+from streamgen import protocol as P
+from streamgen.engine.source import FrameSource
+from streamgen.media.encode import FMP4Encoder, Fragment
+from streamgen.server.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+__all__ = ["LogEntry", "FragmentLog", "Subscriber", "Session", "SessionLimits", "SessionRegistry"]
+
+
+@dataclass(frozen=True)
+class LogEntry:
+    seq: int
+    fragment: Fragment
+    message: P.Fragment  # the wire message (serialised per subscriber by its connection)
+
+    @property
+    def end_s(self) -> float:
+        return self.fragment.pts + self.fragment.duration
+
+
+class _Notifier:
+    """Wake every waiter (level-triggered by the caller re-checking its condition)."""
+
+    def __init__(self):
+        self._fut: asyncio.Future | None = None
+
+    def notify(self) -> None:
+        if self._fut is not None and not self._fut.done():
+            self._fut.set_result(None)
+        self._fut = None
+
+    async def wait(self, timeout: float | None = None) -> None:
+        if self._fut is None:
+            self._fut = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._fut), timeout)
+        except asyncio.TimeoutError:
+            pass
+
+
+class FragmentLog:
+    """Ring of the latest fragments, bounded by ``max_fragments`` and ``max_bytes`` (the newest is always kept)."""
+
+    def __init__(self, max_fragments: int = 64, max_bytes: int = 64 << 20):
+        if max_fragments < 1:
+            raise ValueError("max_fragments must be >= 1")
+        self.max_fragments, self.max_bytes = max_fragments, max_bytes
+        self._ring: deque[LogEntry] = deque()
+        self.bytes = 0
+        self.next_seq = 0  # seq the next appended fragment gets
+
+    @property
+    def first_seq(self) -> int:
+        return self._ring[0].seq if self._ring else self.next_seq
+
+    def __len__(self) -> int:
+        return len(self._ring)
+
+    def append(self, entry: LogEntry) -> None:
+        if entry.seq != self.next_seq:
+            raise ValueError(f"fragment seq {entry.seq} appended, expected {self.next_seq}")
+        self._ring.append(entry)
+        self.bytes += len(entry.fragment.data)
+        self.next_seq += 1
+        while len(self._ring) > self.max_fragments or (self.bytes > self.max_bytes and len(self._ring) > 1):
+            self.bytes -= len(self._ring.popleft().fragment.data)
+
+    def get(self, seq: int) -> LogEntry | None:
+        i = seq - self.first_seq
+        return self._ring[i] if 0 <= i < len(self._ring) else None
+
+
+class Subscriber:
+    """One connection's view of a session: cursor into the log, control deque, sender task.
+
+    ``send(msg)`` serialises one server message on the subscriber's connection and writes it
+    (awaiting the socket's flow control); it returns the number of bytes written.
+    """
+
+    def __init__(self, session: "Session", send: Callable[[P.ServerMessage], Awaitable[int]], *,
+                 from_seq: int = 0, queue_fragments: int = 8, conn_id: str = ""):
+        self.session = session
+        self._send = send
+        self.cursor = from_seq
+        self.queue_fragments = max(1, queue_fragments)
+        self.conn_id = conn_id
+        self._control: deque[P.ServerMessage] = deque()
+        self._wake = _Notifier()
+        self.dropped = 0
+        self.sent_fragments = 0
+        self.sent_bytes = 0
+        self.acked_seq = -1
+        self.playhead: float | None = None
+        self.finished = False  # `end` was sent
+        self.task: asyncio.Task | None = None
+
+    @property
+    def depth(self) -> int:
+        """Fragments waiting to be sent to this subscriber (bounded by queue_fragments)."""
+        return max(0, min(self.session.log.next_seq - self.cursor, self.queue_fragments))
+
+    def push_control(self, msg: P.ServerMessage) -> None:
+        if isinstance(msg, P.Status):  # coalesce: only the latest status matters
+            self._control = deque(m for m in self._control if not isinstance(m, P.Status))
+        if len(self._control) >= 64:  # a client that never reads cannot grow this
+            self._control.popleft()
+        self._control.append(msg)
+        self._wake.notify()
+
+    def wake(self) -> None:
+        self._wake.notify()
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self._run(), name=f"sender-{self.session.id}-{self.conn_id}")
+
+    async def _run(self) -> None:
+        s, lg, m = self.session, self.session.log, self.session.metrics
+        try:
+            while True:
+                # 1. control messages first (ready, init, status, errors)
+                if self._control:
+                    await self._send(self._control.popleft())
+                    continue
+                # 2. fragments in seq order; skip whole fragments beyond the send window
+                head = lg.next_seq
+                if self.cursor < head:
+                    oldest_allowed = max(lg.first_seq, head - self.queue_fragments)
+                    if self.cursor < oldest_allowed:
+                        n = oldest_allowed - self.cursor
+                        self.cursor = oldest_allowed
+                        self.dropped += n
+                        m.inc("fragments_dropped_total", n)
+                        await self._send(s.status_message(dropped=self.dropped, queue=self.depth))
+                        continue
+                    entry = lg.get(self.cursor)
+                    assert entry is not None
+                    self.sent_bytes += await self._send(entry.message)
+                    self.cursor += 1
+                    self.sent_fragments += 1
+                    m.inc("fragments_sent_total")
+                    m.inc("bytes_sent_total", len(entry.fragment.data))
+                    continue
+                # 3. after the last fragment of an ended session: `end`
+                if s.ended is not None:
+                    await self._send(P.End(reason=s.ended))
+                    self.finished = True
+                    return
+                await self._wake.wait(timeout=1.0)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # a broken socket must not take the session down
+            log.debug("sender %s/%s stopped: %r", s.id, self.conn_id, e)
+
+    async def aclose(self) -> None:
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+            try:
+                await self.task
+            except (asyncio.CancelledError, Exception):
+                pass
+
+
+@dataclass
+class SessionLimits:
+    queue_fragments: int = 8  # per-subscriber send window
+    log_fragments: int = 64  # replay ring
+    log_bytes: int = 64 << 20
+    max_lead_s: float | None = 3.0  # None = generate as fast as possible
+    grace_s: float = 10.0  # how long a session waits for `attach` after its last subscriber left
+    status_interval_s: float = 1.0
+
+
+class Session:
+    """One stream: source -> encoder (thread pool) -> log -> subscribers."""
+
+    def __init__(self, *, source: FrameSource, encoder: FMP4Encoder, metrics: Metrics,
+                 executor: Executor | None, client: str, limits: SessionLimits, chunks: int | None = None,
+                 on_closed: Callable[["Session"], None] | None = None):
+        self.id = secrets.token_urlsafe(12)
+        self.source, self.encoder, self.metrics = source, encoder, metrics
+        self.executor = executor
+        self.client = client
+        self.limits = limits
+        self.chunks = chunks
+        self.log = FragmentLog(limits.log_fragments, limits.log_bytes)
+        self.subscribers: list[Subscriber] = []
+        self.state = "streaming"  # streaming | paused | ended
+        self.ended: str | None = None  # end reason once the producer is done
+        self.generated_frames = 0
+        self.generated_s = 0.0  # media seconds produced
+        self.gen_time = 0.0  # wall seconds spent in source + encoder
+        self.gen_fps = 0.0  # recent generation speed (frames per wall second, EMA)
+        self.errors = 0
+        self._resume = asyncio.Event()
+        self._resume.set()
+        self._pace = _Notifier()
+        self._t_first: float | None = None
+        self._acked_end_s: float | None = None
+        self._playhead: float | None = None
+        self._grace: asyncio.TimerHandle | None = None
+        self._on_closed = on_closed
+        self._closed = False
+        self._last_status = 0.0
+        self._paused_at: float | None = None
+        self.producer: asyncio.Task | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.producer = asyncio.create_task(self._produce(), name=f"producer-{self.id}")
+
+    def set_prompt(self, prompt: str) -> None:
+        self.source.set_prompt(prompt)
+
+    def pause(self) -> None:
+        if self.ended is None:
+            self.state = "paused"
+            self._resume.clear()
+            if self._paused_at is None:
+                self._paused_at = time.monotonic()
+            self._broadcast_status()
+
+    def resume(self) -> None:
+        if self.ended is None:
+            self.state = "streaming"
+            self._resume.set()
+            if self._paused_at is not None:  # the wall-clock viewer did not move while paused
+                if self._t_first is not None:
+                    self._t_first += time.monotonic() - self._paused_at
+                self._paused_at = None
+            self._broadcast_status()
+
+    def stop(self, reason: str = "stopped") -> None:
+        """End the stream: no new chunks; subscribers get what is logged, then `end`."""
+        if self.producer is not None and not self.producer.done():
+            self.producer.cancel()
+        self._finish(reason)
+
+    def _finish(self, reason: str) -> None:
+        if self.ended is None:
+            self.ended = reason
+            self.state = "ended"
+            for sub in self.subscribers:
+                sub.wake()
+            if not self.subscribers:
+                self._arm_grace()
+
+    async def aclose(self) -> None:
+        """Cancel everything and free the source. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._grace is not None:
+            self._grace.cancel()
+        if self.ended is None:
+            self.ended = "closed"
+            self.state = "ended"
+        if self.producer is not None and not self.producer.done():
+            self.producer.cancel()
+            try:
+                await self.producer
+            except (asyncio.CancelledError, Exception):
+                pass
+        for sub in list(self.subscribers):
+            await sub.aclose()
+        self.subscribers.clear()
+        try:
+            await self.source.aclose()
+        finally:
+            if self.executor is not None:
+                asyncio.get_running_loop().run_in_executor(self.executor, self.encoder.close)
+            else:
+                self.encoder.close()
+            if self._on_closed is not None:
+                self._on_closed(self)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # -- subscribers -----------------------------------------------------------------------------
+
+    def ready_message(self) -> P.Ready:
+        return P.Ready(session=self.id, mime=self.encoder.mime, width=self.encoder.width,
+                       height=self.encoder.height, fps=max(1, round(float(self.encoder.fps))))
+
+    def subscribe(self, send: Callable[[P.ServerMessage], Awaitable[int]], *, from_seq: int = 0,
+                  conn_id: str = "") -> Subscriber:
+        """Add a subscriber: it is sent ready, init, then fragments from ``from_seq`` on. Fragments
+        no longer held are skipped and counted in a status ``dropped`` field."""
+        if self._grace is not None:
+            self._grace.cancel()
+            self._grace = None
+        sub = Subscriber(self, send, from_seq=from_seq, queue_fragments=self.limits.queue_fragments, conn_id=conn_id)
+        sub.push_control(self.ready_message())
+        sub.push_control(P.Init(data=self.encoder.init_segment))
+        if from_seq < self.log.first_seq:
+            sub.dropped = self.log.first_seq - from_seq
+            sub.cursor = self.log.first_seq
+            self.metrics.inc("fragments_dropped_total", sub.dropped)
+            sub.push_control(self.status_message(dropped=sub.dropped, queue=sub.depth))
+        self.subscribers.append(sub)
+        sub.start()
+        return sub
+
+    def unsubscribe(self, sub: Subscriber) -> None:
+        """Remove a subscriber (its connection closed or its session ended for it). The last one
+        leaving starts the grace period (none if it received `end`)."""
+        if sub in self.subscribers:
+            self.subscribers.remove(sub)
+        if not self.subscribers and not self._closed:
+            self._arm_grace(0.0 if sub.finished else self.limits.grace_s)
+
+    def _arm_grace(self, delay: float | None = None) -> None:
+        if self._grace is None and not self._closed:
+            delay = self.limits.grace_s if delay is None else delay
+            self._grace = asyncio.get_running_loop().call_later(
+                delay, lambda: asyncio.ensure_future(self.aclose()))
+
+    def ack(self, sub: Subscriber, seq: int, playhead: float | None) -> None:
+        sub.acked_seq = max(sub.acked_seq, seq)
+        entry = self.log.get(seq)
+        if entry is not None:
+            self._acked_end_s = max(self._acked_end_s or 0.0, entry.end_s)
+        if playhead is not None:
+            sub.playhead = playhead
+            self._playhead = max(self._playhead or 0.0, playhead)
+        self._pace.notify()
+
+    # -- pacing and status -----------------------------------------------------------------------
+
+    def viewer_position(self) -> float:
+        if self._playhead is not None:
+            return self._playhead
+        if self._acked_end_s is not None:
+            return self._acked_end_s
+        if self._t_first is None:
+            return 0.0
+        return time.monotonic() - self._t_first
+
+    def lead_s(self) -> float:
+        return self.generated_s - self.viewer_position()
+
+    def status_message(self, **fields: Any) -> P.Status:
+        """Status now; ``fields`` adds the per-subscriber ``queue`` / ``dropped`` counts."""
+        return P.Status(state=self.state, gen_fps=round(self.gen_fps, 2), lead_s=round(self.lead_s(), 3),
+                        chunk=max(0, self.log.next_seq - 1), extra={"frames": self.generated_frames}, **fields)
+
+    def _broadcast_status(self) -> None:
+        for sub in self.subscribers:
+            sub.push_control(self.status_message(queue=sub.depth, dropped=sub.dropped))
+        self._last_status = time.monotonic()
+
+    async def _wait_for_pace(self) -> None:
+        lead = self.limits.max_lead_s
+        while True:
+            await self._resume.wait()
+            if lead is None or self.lead_s() < lead:
+                return
+            # wake on ack, or when wall clock would move the viewer enough
+            await self._pace.wait(timeout=max(0.01, min(0.25, self.lead_s() - lead)))
+
+    # -- producer ----------------------------------------------------------------------------------
+
+    async def _produce(self) -> None:
+        loop = asyncio.get_running_loop()
+        m = self.metrics
+        try:
+            seq = 0
+            while self.chunks is None or seq < self.chunks:
+                await self._wait_for_pace()
+                t0 = time.perf_counter()
+                frames = await self.source.next_chunk()
+                t1 = time.perf_counter()
+                frag = await loop.run_in_executor(self.executor, self.encoder.encode_chunk, frames)
+                t2 = time.perf_counter()
+                del frames
+                self.log.append(LogEntry(frag.seq, frag, P.Fragment(
+                    seq=frag.seq, data=frag.data, pts=frag.pts, duration=frag.duration, frames=frag.frames,
+                    keyframe=frag.keyframe)))
+                for sub in self.subscribers:
+                    sub.wake()
+                if self._t_first is None:
+                    self._t_first = time.monotonic()
+                seq += 1
+                self.generated_frames += frag.frames
+                self.generated_s = frag.pts + frag.duration
+                self.gen_time += t2 - t0
+                inst = frag.frames / max(t2 - t0, 1e-6)
+                self.gen_fps = inst if self.gen_fps == 0 else 0.7 * self.gen_fps + 0.3 * inst
+                m.inc("fragments_generated_total")
+                m.inc("frames_generated_total", frag.frames)
+                m.inc("generate_seconds_total", t1 - t0)
+                m.inc("encode_seconds_total", t2 - t1)
+                m.inc("fragment_bytes_total", len(frag.data))
+                if time.monotonic() - self._last_status >= self.limits.status_interval_s or seq == 1:
+                    self._broadcast_status()
+            self._finish("completed")
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            log.exception("session %s: generation failed", self.id)
+            self.errors += 1
+            m.inc("errors_total", code="generation_failed")
+            msg = P.Error(code="generation_failed", message=f"generation failed: {type(e).__name__}: {e}"[:1000],
+                          fatal=False)
+            for sub in self.subscribers:
+                sub.push_control(msg)
+            self._finish("error")
+
+
+class SessionRegistry:
+    """All live sessions, with the per-server and per-client limits."""
+
+    def __init__(self, max_sessions: int = 8, max_sessions_per_client: int = 2):
+        self.max_sessions = max_sessions
+        self.max_sessions_per_client = max_sessions_per_client
+        self.sessions: dict[str, Session] = {}
+        self._reserved: dict[str, int] = {}  # client -> sessions being created
+
+    def check_capacity(self, client: str) -> tuple[str, str] | None:
+        """None if a new session is allowed, else (code, message)."""
+        total = len(self.sessions) + sum(self._reserved.values())
+        if total >= self.max_sessions:
+            return "server_busy", f"server is at its limit of {self.max_sessions} sessions; try again later"
+        mine = sum(1 for s in self.sessions.values() if s.client == client) + self._reserved.get(client, 0)
+        if mine >= self.max_sessions_per_client:
+            return "too_many_sessions", (
+                f"this client already has {mine} session(s); the limit per client is {self.max_sessions_per_client}")
+        return None
+
+    def reserve(self, client: str) -> None:
+        self._reserved[client] = self._reserved.get(client, 0) + 1
+
+    def release(self, client: str) -> None:
+        n = self._reserved.get(client, 0) - 1
+        if n > 0:
+            self._reserved[client] = n
+        else:
+            self._reserved.pop(client, None)
+
+    def add(self, s: Session) -> None:
+        self.sessions[s.id] = s
+
+    def remove(self, s: Session) -> None:
+        self.sessions.pop(s.id, None)
+
+    def get(self, sid: str) -> Session | None:
+        s = self.sessions.get(sid)
+        return None if s is None or s.closed else s
+
+    async def aclose(self) -> None:
+        for s in list(self.sessions.values()):
+            await s.aclose()
