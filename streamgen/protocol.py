@@ -448,7 +448,7 @@ def _build(t: str, obj: dict, limits: Limits) -> Message:
         kwargs[f.name] = value
     if t in OPEN_TYPES:
         known = {f.name for f in SCHEMA[t]} | {"type"}
-        kwargs["extra"] = {k: v for k, v in obj.items() if k not in known}
+        kwargs["extra"] = {k: v for k, v in obj.items() if k not in known and v is not None}
     return MESSAGE_CLASSES[t](**kwargs)
 
 
