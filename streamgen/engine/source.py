@@ -13,7 +13,8 @@ Errors that a user can fix are raised as :class:`SourceError` with the offending
 The generation engine plugs in later as another factory; :class:`TestPatternFactory` renders
 a moving pattern whose background colour is derived from the prompt (so a prompt switch is
 visible) and whose top rows carry the absolute frame index as a binary code (so tests can
-check that no frame was lost or duplicated).
+check that no frame was lost or duplicated). A ``start.image`` (PNG/JPEG) is decoded and shown
+as an inset in the bottom-right corner.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import numpy as np
 
 __all__ = [
     "StreamRequest", "SourceError", "FrameSource", "SourceFactory",
-    "TestPatternSource", "TestPatternFactory", "prompt_color", "read_frame_index",
+    "TestPatternSource", "TestPatternFactory", "prompt_color", "read_frame_index", "decode_image",
 ]
 
 
@@ -40,7 +41,7 @@ class StreamRequest:
     model: str | None = None
     width: int | None = None
     height: int | None = None
-    fps: float | None = None
+    fps: int | None = None
     seed: int | None = None
     interpolate: int = 1
     image: bytes | None = None
@@ -48,19 +49,23 @@ class StreamRequest:
 
 
 class SourceError(ValueError):
-    """A request the source cannot serve; ``field`` names the request field at fault."""
+    """A request the source cannot serve; ``field`` names the request field at fault, ``code`` is
+    the protocol error code: ``bad_field`` (a value outside what this model takes) or
+    ``unsupported`` (a valid request this server cannot honour)."""
 
-    def __init__(self, field_name: str, message: str):
+    def __init__(self, field_name: str, message: str, code: str = "bad_field"):
         super().__init__(message)
         self.field = field_name
+        self.code = code
 
 
 class FrameSource(ABC):
-    """One session's producer of video chunks. Attributes fixed at creation: width, height, fps."""
+    """One session's producer of video chunks. Attributes fixed at creation: width, height and
+    fps (an int: frames per second of the frames produced, after any interpolation)."""
 
     width: int
     height: int
-    fps: float
+    fps: int
 
     @abstractmethod
     async def next_chunk(self) -> np.ndarray:
@@ -99,6 +104,20 @@ def prompt_color(prompt: str) -> tuple[int, int, int]:
     return tuple(48 + (b * 160) // 255 for b in h)  # type: ignore[return-value]
 
 
+def decode_image(data: bytes, width: int, height: int) -> np.ndarray:
+    """PNG/JPEG bytes -> uint8 (height, width, 3) RGB, resized. Raises SourceError("image")."""
+    import io
+
+    import av
+
+    try:
+        with av.open(io.BytesIO(data)) as c:
+            frame = next(c.decode(video=0))
+            return frame.reformat(width=width, height=height, format="rgb24").to_ndarray()
+    except (av.FFmpegError, StopIteration, ValueError) as e:
+        raise SourceError("image", f"image must be a PNG or JPEG file ({len(data)} bytes could not be decoded: {e})")
+
+
 def read_frame_index(frame: np.ndarray) -> int:
     """Decode the frame index a TestPatternSource drew into ``frame`` (H, W, 3); survives lossy coding."""
     h, w = frame.shape[:2]
@@ -116,8 +135,8 @@ class TestPatternSource(FrameSource):
 
     __test__ = False  # not a pytest class
 
-    def __init__(self, width: int, height: int, fps: float, frames_per_chunk: int, prompt: str,
-                 *, executor: Executor | None = None, delay_s: float = 0.0):
+    def __init__(self, width: int, height: int, fps: int, frames_per_chunk: int, prompt: str,
+                 *, executor: Executor | None = None, delay_s: float = 0.0, image: np.ndarray | None = None):
         if width < _CODE_BITS * 2:
             raise SourceError("width", f"width must be >= {_CODE_BITS * 2} for the test pattern, got {width}")
         self.width, self.height, self.fps = width, height, fps
@@ -125,6 +144,7 @@ class TestPatternSource(FrameSource):
         self._prompt = prompt
         self._executor = executor
         self._delay_s = delay_s
+        self._image = image  # (h, w, 3) inset or None
         self._next = 0
         self._closed = False
         yy, xx = np.mgrid[0:height, 0:width]
@@ -151,6 +171,9 @@ class TestPatternSource(FrameSource):
             f[stripes] = 255 - bg
             bx = (k * 4) % max(1, self.width - self.height // 4)  # moving square
             f[self.height // 2: self.height // 2 + self.height // 4, bx: bx + self.height // 4] = (255, 255, 255)
+            if self._image is not None:
+                ih, iw = self._image.shape[:2]
+                f[-ih:, -iw:] = self._image
             bits = np.array([(k >> j) & 1 for j in range(_CODE_BITS)] + [0], np.uint8) * 255  # (CODE_BITS+1,)
             f[: self._band] = bits[self._cell_of_x][None, :, None]
         return out
@@ -172,8 +195,8 @@ class TestPatternFactory(SourceFactory):
 
     __test__ = False
 
-    def __init__(self, model: str = "testpattern", *, width: int = 320, height: int = 192, fps: float = 16.0,
-                 frames_per_chunk: int = 8, max_pixels: int = 1920 * 1088, max_fps: float = 60.0,
+    def __init__(self, model: str = "testpattern", *, width: int = 320, height: int = 192, fps: int = 16,
+                 frames_per_chunk: int = 8, max_pixels: int = 1920 * 1088, max_fps: int = 60,
                  executor: Executor | None = None, delay_s: float = 0.0):
         self.model = model
         self.width, self.height, self.fps = width, height, fps
@@ -200,5 +223,9 @@ class TestPatternFactory(SourceFactory):
         fps = base_fps * request.interpolate
         if fps > self.max_fps * 4:
             raise SourceError("interpolate", f"fps*interpolate must be <= {self.max_fps * 4}, got {fps}")
-        return TestPatternSource(w, h, fps, self.frames_per_chunk * request.interpolate, request.prompt,
-                                 executor=self.executor, delay_s=self.delay_s)
+        image = None
+        if request.image is not None:
+            loop = asyncio.get_running_loop()
+            image = await loop.run_in_executor(self.executor, decode_image, request.image, w // 4, h // 4)
+        return TestPatternSource(w, h, int(fps), self.frames_per_chunk * request.interpolate, request.prompt,
+                                 executor=self.executor, delay_s=self.delay_s, image=image)

@@ -79,7 +79,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="veryfast", help="libx264 preset (ultrafast..medium)")
     p.add_argument("--width", type=int, default=None, help="default width (testpattern: 320)")
     p.add_argument("--height", type=int, default=None, help="default height (testpattern: 192)")
-    p.add_argument("--fps", type=float, default=None, help="default fps (testpattern: 16)")
+    p.add_argument("--fps", type=int, default=None, help="default fps (testpattern: 16)")
 
 
 def make_source_factory(args: argparse.Namespace, executor: ThreadPoolExecutor):
@@ -142,6 +142,12 @@ def build_app(cfg: ServerConfig, factory, *, executor: ThreadPoolExecutor | None
     app.router.add_get(r"/{name:[A-Za-z0-9_.-]+\.(?:js|mjs|css|html|ico|svg)}", state.static)
 
     async def on_shutdown(app):
+        senders = []
+        for s in list(registry.sessions.values()):
+            s.stop("shutdown")
+            senders += [sub.task for sub in s.subscribers if sub.task is not None]
+        if senders:  # let subscribers receive `end {reason: "shutdown"}`
+            await asyncio.wait(senders, timeout=1.0)
         for ws in list(state.sockets):
             await ws.close(code=1001, message=b"server shutting down")
 

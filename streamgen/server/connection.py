@@ -5,10 +5,12 @@ its order; a rejected frame is answered with an ``error`` naming the field (the 
 stays open unless the error is fatal). Application errors use these codes, all with
 ``ref`` = the message type they answer:
 
-- ``server_busy`` (server session limit), ``too_many_sessions`` (per-client limit),
-- ``bad_field`` with ``field`` from the frame source (e.g. a model that is not served),
+- ``busy`` (the server's or this client's session limit is reached),
+- ``bad_field`` / ``unsupported`` with ``field`` from the frame source (e.g. a model that is
+  not served, a size it cannot make),
 - ``unknown_session`` (``attach`` to a session that does not exist or was already closed),
-- ``internal`` (a bug or an unexpected failure while starting; the server keeps running).
+- ``internal`` (fatal: an unexpected failure handling a message; the socket is closed with 1011,
+  the session, if any, waits for ``attach`` like after any disconnect; the server keeps running).
 
 All writes to the socket go through :meth:`Connection.send` (one lock per connection), so the
 session's sender task and replies to client messages never interleave frames.
@@ -126,7 +128,8 @@ class Connection:
             await self._dispatch(msg)
         except Exception as e:  # never let one client's message take anything else down
             log.exception("%s: failed handling %s", self.id, msg.TYPE)
-            await self._error("internal", f"{msg.TYPE} failed: {type(e).__name__}: {e}", ref=msg.TYPE)
+            await self._error("internal", f"{msg.TYPE} failed: {type(e).__name__}: {e}", ref=msg.TYPE, fatal=True)
+            await self.ws.close(code=1011, message=b"internal")
 
     async def _dispatch(self, msg: P.ClientMessage) -> None:
         s = self.session
@@ -163,7 +166,7 @@ class Connection:
             try:
                 source = await st.factory.create(req)
             except SourceError as e:
-                await self._error("bad_field", f"start.{e.field}: {e}", ref="start", field=e.field)
+                await self._error(e.code, f"start.{e.field}: {e}", ref="start", field=e.field)
                 return
             try:
                 from streamgen.media.encode import FMP4Encoder

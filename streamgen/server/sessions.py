@@ -12,7 +12,8 @@ replayed everything still held from ``from_seq`` on.
 Every subscriber (a WebSocket) has its own sender task and a cursor into the log. Its send
 queue is the window between its cursor and the log head, bounded by ``queue_fragments``: when
 a subscriber falls further behind (it stops reading, its socket backs up), whole fragments are
-skipped, the subscriber is told how many, and nothing else slows down or grows. Control
+skipped (the subscriber sees the gap in ``seq`` and a ``status`` whose ``dropped`` counts them)
+and nothing else slows down or grows. Control
 messages (ready/init/status/error/end) go through a small per-subscriber deque; status
 messages are coalesced.
 
@@ -23,7 +24,8 @@ since the first fragment was produced (real-time playback). ``max_lead_s=None`` 
 
 When the last subscriber leaves, the session waits ``grace_s`` for an ``attach`` and is then
 closed (its source freed). A session that ends (stop, chunk limit, source error) keeps its log
-until its subscribers have drained it, then closes.
+until its subscribers have drained it and received ``end``, then closes. End reasons: ``done``,
+``stopped``, ``error`` (after a non-fatal ``generation_failed`` error), ``shutdown``.
 """
 
 from __future__ import annotations
@@ -225,7 +227,7 @@ class Session:
         self.chunks = chunks
         self.log = FragmentLog(limits.log_fragments, limits.log_bytes)
         self.subscribers: list[Subscriber] = []
-        self.state = "streaming"  # streaming | paused | ended
+        self.state = "generating"  # generating | paused | stopping | ended
         self.ended: str | None = None  # end reason once the producer is done
         self.generated_frames = 0
         self.generated_s = 0.0  # media seconds produced
@@ -263,7 +265,7 @@ class Session:
 
     def resume(self) -> None:
         if self.ended is None:
-            self.state = "streaming"
+            self.state = "generating"
             self._resume.set()
             if self._paused_at is not None:  # the wall-clock viewer did not move while paused
                 if self._t_first is not None:
@@ -280,7 +282,7 @@ class Session:
     def _finish(self, reason: str) -> None:
         if self.ended is None:
             self.ended = reason
-            self.state = "ended"
+            self.state = "stopping"
             for sub in self.subscribers:
                 sub.wake()
             if not self.subscribers:
@@ -295,7 +297,7 @@ class Session:
             self._grace.cancel()
         if self.ended is None:
             self.ended = "closed"
-            self.state = "ended"
+        self.state = "ended"
         if self.producer is not None and not self.producer.done():
             self.producer.cancel()
             try:
@@ -385,7 +387,7 @@ class Session:
     def status_message(self, **fields: Any) -> P.Status:
         """Status now; ``fields`` adds the per-subscriber ``queue`` / ``dropped`` counts."""
         return P.Status(state=self.state, gen_fps=round(self.gen_fps, 2), lead_s=round(self.lead_s(), 3),
-                        chunk=max(0, self.log.next_seq - 1), extra={"frames": self.generated_frames}, **fields)
+                        chunk=self.log.next_seq, extra={"frames": self.generated_frames}, **fields)
 
     def _broadcast_status(self) -> None:
         for sub in self.subscribers:
@@ -436,15 +438,15 @@ class Session:
                 m.inc("fragment_bytes_total", len(frag.data))
                 if time.monotonic() - self._last_status >= self.limits.status_interval_s or seq == 1:
                     self._broadcast_status()
-            self._finish("completed")
+            self._finish("done")
         except asyncio.CancelledError:
             raise
         except Exception as e:
             log.exception("session %s: generation failed", self.id)
             self.errors += 1
             m.inc("errors_total", code="generation_failed")
-            msg = P.Error(code="generation_failed", message=f"generation failed: {type(e).__name__}: {e}"[:1000],
-                          fatal=False)
+            msg = P.Error(code="generation_failed", fatal=False,
+                          message=f"generation failed: {type(e).__name__}: {e}"[:1000])
             for sub in self.subscribers:
                 sub.push_control(msg)
             self._finish("error")
@@ -463,10 +465,10 @@ class SessionRegistry:
         """None if a new session is allowed, else (code, message)."""
         total = len(self.sessions) + sum(self._reserved.values())
         if total >= self.max_sessions:
-            return "server_busy", f"server is at its limit of {self.max_sessions} sessions; try again later"
+            return "busy", f"server is at its limit of {self.max_sessions} sessions; try again later"
         mine = sum(1 for s in self.sessions.values() if s.client == client) + self._reserved.get(client, 0)
         if mine >= self.max_sessions_per_client:
-            return "too_many_sessions", (
+            return "busy", (
                 f"this client already has {mine} session(s); the limit per client is {self.max_sessions_per_client}")
         return None
 
