@@ -25,10 +25,11 @@ So a session is deterministic for a seed, and the draws can be replayed (see tes
 
 Prompt switch (LongLive KV re-cache): ``set_prompt(p)`` is queued and applied before the next
 chunk: the cross-attention K/V are recomputed for ``p``, the self-attention cache is reset and
-rebuilt by running the clean latents still in the attention window (the sink frames and the last
-``local_frames`` frames, or all frames without a window) through the model at t = 0 with
-``update_cache=True``, chunk by chunk at their original positions and chunk boundaries, under
-the new prompt. Generation then continues smoothly under ``p`` without a cut.
+rebuilt by running the clean latents the next chunk attends to (the last ``local_frames -
+frames_per_chunk`` frames with a window, which then also provide the new sink; all frames
+without one) through the model at t = 0 with ``update_cache=True``, chunk by chunk at their
+original positions and chunk boundaries, under the new prompt (``recache_chunks``).
+Generation then continues smoothly under ``p`` without a cut.
 
 Image start: ``StreamSession(..., image=latent)`` or ``set_image(latent)`` before the first chunk
 puts one clean latent frame (e.g. ``WanVAE.encode`` of an image, (B,16,1,h,w)) at frame 0, writes
@@ -139,7 +140,7 @@ class StreamSession:
         self.text_encoder = text_encoder
         self.decoder = decoder
         self.batch = batch
-        mcfg = getattr(model, "config", None) or getattr(model, "cfg", None)
+        mcfg = model.cfg
         param = next(model.parameters())
         self.device = torch.device(device) if device is not None else param.device
         self.dtype = dtype or param.dtype
@@ -149,13 +150,16 @@ class StreamSession:
                 raise ValueError(f"{name}={v} must be a positive multiple of 16 (latent = {name}/8, patch 2)")
         self.height, self.width = height, width
         self.latent_hw = (height // 8, width // 8)
-        self.frames_per_chunk = cfg.frames_per_chunk or getattr(mcfg, "frames_per_chunk", 3)
-        self.local_frames = cfg.local_frames if cfg.local_frames is not None else getattr(mcfg, "local_frames", None)
-        self.sink_frames = cfg.sink_frames if cfg.sink_frames is not None else getattr(mcfg, "sink_frames", 0)
+        self.frames_per_chunk = cfg.frames_per_chunk or mcfg.frames_per_chunk
+        self.local_frames = cfg.local_frames if cfg.local_frames is not None else mcfg.local_frames
+        self.sink_frames = cfg.sink_frames if cfg.sink_frames is not None else mcfg.sink_frames
+        if self.local_frames is not None and self.frames_per_chunk > self.local_frames - self.sink_frames:
+            raise ValueError(f"frames_per_chunk={self.frames_per_chunk} does not fit the attention window: need "
+                             f"frames_per_chunk <= local_frames - sink_frames = {self.local_frames - self.sink_frames}")
         if cfg.max_frames is not None:
             max_frames = cfg.max_frames
         elif self.local_frames is not None:
-            max_frames = self.local_frames + self.frames_per_chunk
+            max_frames = self.local_frames  # the cache holds exactly the window
         elif total_frames is not None:
             max_frames = total_frames
         else:
@@ -200,7 +204,6 @@ class StreamSession:
         self.next_frame = 0
         self.chunk_index = 0
         self._history: deque[tuple[int, torch.Tensor]] = deque()  # (start_frame, clean latents), in order
-        self._sink: list[tuple[int, torch.Tensor]] = []
         self._image: torch.Tensor | None = None
         self.decoder_state = decoder.new_state() if decoder is not None else None
         if image is not None:
@@ -250,28 +253,39 @@ class StreamSession:
 
     # -- model calls ----------------------------------------------------------------------
     def _flow(self, x: torch.Tensor, t: torch.Tensor, cache, start: int) -> torch.Tensor:
-        return self.model.forward_chunk(x.to(self.dtype), t, cache, start_frame=start, update_cache=False).to(self.latent_dtype)
+        return self.model.forward_chunk(x, t, cache, start_frame=start, update_cache=False).to(self.latent_dtype)
 
     def _cache_pass(self, x0: torch.Tensor, start: int) -> None:
-        x = x0.to(self.dtype)
-        self.model.forward_chunk(x, self._t_ctx, self.cache, start_frame=start, update_cache=True)
+        self.model.forward_chunk(x0, self._t_ctx, self.cache, start_frame=start, update_cache=True)
         if self.cache_uncond is not None:
-            self.model.forward_chunk(x, self._t_ctx, self.cache_uncond, start_frame=start, update_cache=True)
+            self.model.forward_chunk(x0, self._t_ctx, self.cache_uncond, start_frame=start, update_cache=True)
 
     def _remember(self, start: int, x0: torch.Tensor) -> None:
-        if start < self.sink_frames:
-            self._sink.append((start, x0))
-            return
         self._history.append((start, x0))
         if self.local_frames is not None:
             # keep the chunks that intersect the last local_frames frames
             end = start + x0.shape[2]
-            while self._history and self._history[0][0] + self._history[0][1].shape[2] <= end - self.local_frames:
+            while self._history[0][0] + self._history[0][1].shape[2] <= end - self.local_frames:
                 self._history.popleft()
 
     def recache_chunks(self) -> list[tuple[int, torch.Tensor]]:
-        """(start_frame, latents) of the chunks a prompt switch re-caches, in order."""
-        return list(self._sink) + list(self._history)
+        """(start_frame, clean latents) a prompt switch now re-runs, in order: the frames
+        ``[r, next_frame)`` the next chunk attends to, at their original chunk boundaries
+        (the first one trimmed to start at r). r = 0 without a window, else
+        ``next_frame + frames_per_chunk - local_frames`` (clamped at 0): after
+        ``cache.reset_self_attn(r)`` the frames r.. r+sink become the sink and the rest fills the
+        ring, so the next chunk sees exactly ``local_frames`` frames including itself."""
+        end = self.next_frame
+        r = 0 if self.local_frames is None else max(0, end + self.frames_per_chunk - self.local_frames)
+        out = []
+        for start, x0 in self._history:
+            stop = start + x0.shape[2]
+            if stop <= r:
+                continue
+            if start < r:
+                x0, start = x0[:, :, r - start:], r
+            out.append((start, x0))
+        return out
 
     def _apply_prompt_switch(self) -> None:
         p, self._pending_prompt = self._pending_prompt, None
@@ -279,10 +293,10 @@ class StreamSession:
         self.model.set_prompt(self.cache, p.context)
         if self.next_frame == 0:
             return
-        self.cache.reset_self_attn()
-        with torch.no_grad():
-            for start, x0 in self.recache_chunks():
-                self.model.forward_chunk(x0.to(self.dtype), self._t_ctx, self.cache, start_frame=start, update_cache=True)
+        chunks = self.recache_chunks()
+        self.cache.reset_self_attn(chunks[0][0])
+        for start, x0 in chunks:
+            self.model.forward_chunk(x0, self._t_ctx, self.cache, start_frame=start, update_cache=True)
 
     # -- the loop -------------------------------------------------------------------------------
     def _randn(self, out: torch.Tensor) -> torch.Tensor:
