@@ -645,6 +645,7 @@ class WanModel(nn.Module):
             cache.cross_v[i].copy_(v)
         cache.prompt_set = True
 
+    @torch.no_grad()
     def forward_chunk(
         self,
         x: torch.Tensor,
