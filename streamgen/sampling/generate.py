@@ -43,11 +43,12 @@ class ModelPreset:
     guidance: float
     width: int
     height: int
+    decoder: str = "wan"
     builtin: bool = False
 
 
 MODELS: dict[str, ModelPreset] = {
-    "tiny": ModelPreset("tiny", "stream", "self-forcing", 4, 5.0, 1.0, 256, 256, builtin=True),
+    "tiny": ModelPreset("tiny", "stream", "self-forcing", 4, 5.0, 1.0, 128, 128, decoder="taehv", builtin=True),
     "self-forcing-1.3b": ModelPreset("wan2.1-t2v-1.3b", "stream", "self-forcing", 4, 5.0, 1.0, 832, 480),
     "wan2.1-t2v-1.3b": ModelPreset("wan2.1-t2v-1.3b", "full", "unipc", 50, 5.0, 5.0, 832, 480),
     "wan2.1-t2v-14b": ModelPreset("wan2.1-t2v-14b", "full", "unipc", 50, 5.0, 5.0, 832, 480),
@@ -103,7 +104,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", help="DiT weights: a file or a checkpoint folder (required except for tiny)")
     p.add_argument("--vae", help="decoder weights: Wan2.1_VAE.pth / diffusers AutoencoderKLWan folder, or taew2_1.pth")
     p.add_argument("--text-encoder", help="umT5-XXL: HF folder or models_t5_umt5-xxl-enc-bf16.pth")
-    p.add_argument("--decoder", choices=("wan", "taehv"), default="wan", help="video decoder (default: wan)")
+    p.add_argument("--decoder", choices=("wan", "taehv"), default=None,
+                   help="video decoder (default: wan; taehv for tiny unless --image)")
     p.add_argument("--prompt", required=True, help="text prompt")
     p.add_argument("--negative-prompt", default=None, help="negative prompt for CFG (default: Wan's)")
     p.add_argument("--prompt-at", type=_prompt_at, action="append", default=[], metavar="CHUNK:TEXT",
@@ -214,7 +216,7 @@ def _require_file(flag: str, path: str | None, what: str) -> str:
 
 
 def build_components(args, preset: ModelPreset, device, dtype):
-    """(model, text_encoder, decoder, vae_for_encode) for the preset and args."""
+    """(model, text_encoder, decoder, vae or None) for the preset and args, on device/dtype."""
     import torch
 
     from streamgen.models import wan
@@ -228,44 +230,35 @@ def build_components(args, preset: ModelPreset, device, dtype):
         text_encoder = text_mod.builtin_text_encoder(cfg.text_dim, text_len=cfg.text_len)
         decoder, vae = _tiny_decoder(args.decoder)
     else:
-        from streamgen.models.checkpoints import load_wan_checkpoint
+        from streamgen.models.checkpoints import load_wan_model
 
-        ckpt = args.checkpoint
-        cfg = wan.WanConfig.preset(preset.wan)
-        model = wan.WanModel(cfg)
-        state = load_wan_checkpoint(ckpt, cfg, device="cpu", dtype=dtype)
-        if isinstance(state, dict):
-            model.load_state_dict(state, strict=True)
-        else:
-            model = state
+        model = load_wan_model(args.checkpoint, None, device=device, dtype=dtype)
         text_encoder = _load_text_encoder(args.text_encoder, device, dtype)
         decoder, vae = _load_decoder(args.decoder, args.vae, device, dtype)
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     decoder = decoder.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    if vae is not None and vae is not decoder:
-        vae = vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
     return model, text_encoder, decoder, vae
 
 
 def _tiny_decoder(kind: str):
     import torch
 
-    torch.manual_seed(1)  # fixed random decoder weights
     if kind == "taehv":
         from streamgen.models.taehv import TAEHV, TAEHVConfig
 
-        return TAEHV(TAEHVConfig.preset("tiny")), None
+        return TAEHV(TAEHVConfig.preset("tiny")).init_random_(seed=1), None
     from streamgen.models.wan_vae import WanVAE, WanVAEConfig
 
+    torch.manual_seed(1)  # fixed random decoder weights
     vae = WanVAE(WanVAEConfig.preset("tiny"))
     return vae, vae
 
 
 def _load_decoder(kind: str, path: str, device, dtype):
     if kind == "taehv":
-        from streamgen.models.taehv import load_taehv
+        from streamgen.models.taehv import TAEHVConfig, load_taehv
 
-        return load_taehv(path, device=device, dtype=dtype), None
+        return load_taehv(path, TAEHVConfig.preset("taew2.1"), device=device, dtype=dtype), None
     from streamgen.models.wan_vae import WanVAEConfig, load_wan_vae
 
     vae = load_wan_vae(path, WanVAEConfig.preset("wan2.1"), device=device, dtype=dtype)
@@ -297,6 +290,8 @@ def _plan(args, preset: ModelPreset):
     """Validate argument combinations; returns the resolved settings."""
     import os
 
+    if args.decoder is None:
+        args.decoder = "wan" if args.image is not None else preset.decoder
     width = args.width or preset.width
     height = args.height or preset.height
     sampler = args.sampler or preset.sampler
@@ -363,7 +358,7 @@ def _run(args: argparse.Namespace) -> int:
         else:
             cfg = StreamConfig(frames_per_chunk=args.frames_per_chunk, num_steps=steps, shift=shift, sampler=sampler,
                                guidance_scale=guidance, local_frames=args.local_frames, seed=args.seed)
-            fpc = args.frames_per_chunk or model.config.frames_per_chunk
+            fpc = args.frames_per_chunk or model.cfg.frames_per_chunk
             image_latent = None
             if args.image is not None:
                 with torch.no_grad():
@@ -400,7 +395,7 @@ def _run_full(args, model, text_encoder, decoder, writer, width, height, sampler
     from streamgen.sampling.samplers import guided, sample
     from streamgen.sampling.schedules import FlowSchedule
 
-    fpc = args.frames_per_chunk or model.config.frames_per_chunk
+    fpc = args.frames_per_chunk or model.cfg.frames_per_chunk
     n_lat = args.chunks * fpc
     ctx = text_encoder.encode([args.prompt]).to(device=device, dtype=dtype)
     neg = text_encoder.encode([negative]).to(device=device, dtype=dtype) if guidance != 1.0 else None
