@@ -1,15 +1,69 @@
-"""Wan2.1 DiT checkpoints: every on-disk layout -> native (original Wan2.1) keys.
+"""Wan2.1 DiT checkpoints: every on-disk layout -> native (original Wan2.1) keys, with clear errors.
 
-(work in progress: key maps first)
+API summary
+-----------
+``load_wan_model(path, cfg=None, *, device="cpu", dtype=None) -> WanModel`` (alias
+``load_wan_checkpoint``): builds the model on the meta device and assigns the checkpoint's tensors,
+moved one at a time to ``device``/``dtype``, so loading never holds two copies of the weights.
+``load_wan_state_dict(path, cfg=None, *, device="cpu", dtype=None) -> (state_dict, cfg, info)``.
+``inspect_wan_checkpoint(path) -> CheckpointInfo`` (format, native key -> shape; loads nothing).
+``infer_wan_config(shapes) -> WanConfig`` from native key shapes (presets matched first; otherwise
+head_dim 128, as in every released Wan2.1 model).
+``native_to_diffusers(sd)`` / ``diffusers_to_native(sd)`` and the per-key versions.
+
+Formats read (detected, named in every error):
+- original Wan2.1: ``diffusion_pytorch_model.safetensors``, or shards listed by
+  ``diffusion_pytorch_model.safetensors.index.json`` (pass the index, a shard's directory, or a
+  diffusers pipeline root holding ``transformer/``);
+- diffusers ``WanTransformer3DModel`` (``attn1.to_q``, ``scale_shift_table``, ``proj_out``,
+  ``condition_embedder.*``; its ``norm2`` is Wan's ``norm3``, the affine cross-attention norm);
+- Self-Forcing / CausVid ``.pt`` / ``.pth`` (``generator_ema`` preferred over ``generator``,
+  ``model.`` prefix), any ``torch.save`` state dict (loaded with ``weights_only=True, mmap=True``);
+- prefixes ``model.diffusion_model.`` (ComfyUI), ``model.``, ``module.``, and
+  ``_fsdp_wrapped_module.`` / ``_orig_mod.`` anywhere in a key;
+- LightX2V quantized files: int8 / float8 ``X.weight`` with a per-output-channel
+  ``X.weight_scale`` ``[out, 1]``, dequantized on load (``weight.float() * scale``) to ``dtype``.
+
+``dtype=None`` keeps the checkpoint's float dtype (of ``blocks.0.self_attn.q.weight``), or bfloat16
+for quantized files; every tensor is cast to that one dtype.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import os
 import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
 
-__all__ = ["native_to_diffusers_key", "diffusers_to_native_key", "native_to_diffusers", "diffusers_to_native"]
+import torch
 
-# per-block sub-keys, native -> diffusers (attention projections handled separately)
+from streamgen.models.wan import PRESETS, WanConfig, WanModel
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointInfo",
+    "inspect_wan_checkpoint",
+    "infer_wan_config",
+    "load_wan_state_dict",
+    "load_wan_model",
+    "load_wan_checkpoint",
+    "native_to_diffusers_key",
+    "diffusers_to_native_key",
+    "native_to_diffusers",
+    "diffusers_to_native",
+]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint could not be read or does not match the model; the message says why."""
+
+
+# ----------------------------------------------------------------------------- key maps
+
+# per-block sub-modules, native -> diffusers (attention projections handled separately)
 _BLOCK_MAP = {
     "norm3": "norm2",  # affine cross-attention norm: norm3 in Wan, norm2 in diffusers
     "ffn.0": "ffn.net.0.proj",
@@ -28,64 +82,44 @@ _TOP_MAP = {
     "patch_embedding": "patch_embedding",
 }
 _TOP_PARAM_MAP = {"head.modulation": "scale_shift_table"}
-
 _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
 
-def _split_param(key: str) -> tuple[str, str]:
+def _inverse(d: dict[str, str]) -> dict[str, str]:
+    return {v: k for k, v in d.items()}
+
+
+def _map_key(key: str, top_param: dict, block: dict, attn: dict, proj: dict, top: dict) -> str:
+    if key in top_param:
+        return top_param[key]
+    m = _BLOCK_RE.match(key)
+    if m:
+        idx, rest = m.groups()
+        if rest in block:
+            return f"blocks.{idx}.{block[rest]}"
+        mod, _, param = rest.rpartition(".")
+        if mod in block:
+            return f"blocks.{idx}.{block[mod]}.{param}"
+        a, _, p = mod.partition(".")
+        if a in attn and p in proj:
+            return f"blocks.{idx}.{attn[a]}.{proj[p]}.{param}"
+        raise KeyError(key)
     mod, _, param = key.rpartition(".")
-    return mod, param
+    if mod in top:
+        return f"{top[mod]}.{param}"
+    raise KeyError(key)
 
 
 def native_to_diffusers_key(key: str) -> str:
-    """One native Wan key -> diffusers ``WanTransformer3DModel`` key (KeyError if unknown)."""
-    if key in _TOP_PARAM_MAP:
-        return _TOP_PARAM_MAP[key]
-    m = _BLOCK_RE.match(key)
-    if m:
-        idx, rest = m.groups()
-        if rest in _BLOCK_MAP:
-            return f"blocks.{idx}.{_BLOCK_MAP[rest]}"
-        mod, param = _split_param(rest)
-        if mod in _BLOCK_MAP:
-            return f"blocks.{idx}.{_BLOCK_MAP[mod]}.{param}"
-        parts = mod.split(".")
-        if len(parts) == 2 and parts[0] in _ATTN_MAP and parts[1] in _PROJ_MAP:
-            return f"blocks.{idx}.{_ATTN_MAP[parts[0]]}.{_PROJ_MAP[parts[1]]}.{param}"
-        raise KeyError(key)
-    mod, param = _split_param(key)
-    if mod in _TOP_MAP:
-        return f"{_TOP_MAP[mod]}.{param}"
-    raise KeyError(key)
-
-
-_INV_TOP_PARAM = {v: k for k, v in _TOP_PARAM_MAP.items()}
-_INV_BLOCK = {v: k for k, v in _BLOCK_MAP.items()}
-_INV_ATTN = {v: k for k, v in _ATTN_MAP.items()}
-_INV_PROJ = {v: k for k, v in _PROJ_MAP.items()}
-_INV_TOP = {v: k for k, v in _TOP_MAP.items()}
+    """One native Wan key -> diffusers ``WanTransformer3DModel`` key (KeyError if it has none)."""
+    return _map_key(key, _TOP_PARAM_MAP, _BLOCK_MAP, _ATTN_MAP, _PROJ_MAP, _TOP_MAP)
 
 
 def diffusers_to_native_key(key: str) -> str:
-    """One diffusers ``WanTransformer3DModel`` key -> native Wan key (KeyError if unknown)."""
-    if key in _INV_TOP_PARAM:
-        return _INV_TOP_PARAM[key]
-    m = _BLOCK_RE.match(key)
-    if m:
-        idx, rest = m.groups()
-        if rest in _INV_BLOCK:
-            return f"blocks.{idx}.{_INV_BLOCK[rest]}"
-        mod, param = _split_param(rest)
-        if mod in _INV_BLOCK:
-            return f"blocks.{idx}.{_INV_BLOCK[mod]}.{param}"
-        attn, _, proj = mod.partition(".")
-        if attn in _INV_ATTN and proj in _INV_PROJ:
-            return f"blocks.{idx}.{_INV_ATTN[attn]}.{_INV_PROJ[proj]}.{param}"
-        raise KeyError(key)
-    mod, param = _split_param(key)
-    if mod in _INV_TOP:
-        return f"{_INV_TOP[mod]}.{param}"
-    raise KeyError(key)
+    """One diffusers ``WanTransformer3DModel`` key -> native Wan key (KeyError if it has none)."""
+    return _map_key(
+        key, _inverse(_TOP_PARAM_MAP), _inverse(_BLOCK_MAP), _inverse(_ATTN_MAP), _inverse(_PROJ_MAP), _inverse(_TOP_MAP)
+    )
 
 
 def native_to_diffusers(sd: dict) -> dict:
@@ -94,3 +128,409 @@ def native_to_diffusers(sd: dict) -> dict:
 
 def diffusers_to_native(sd: dict) -> dict:
     return {diffusers_to_native_key(k): v for k, v in sd.items()}
+
+
+# ----------------------------------------------------------------------------- raw readers
+
+_ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+_PT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+_CONTAINER_KEYS = ("generator_ema", "generator", "ema", "state_dict", "model", "module")
+
+
+@dataclass
+class _Entry:
+    load: Callable[[], torch.Tensor]
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+@dataclass
+class CheckpointInfo:
+    """What a checkpoint is, without its tensors loaded."""
+
+    path: str
+    format: str  # human-readable, e.g. "diffusers WanTransformer3DModel (safetensors, 2 shards)"
+    shapes: dict[str, tuple[int, ...]]  # native key -> shape (quantized weights: stored shape)
+    quantized: str | None = None  # dtype name of quantized weights, or None
+    unmapped: dict[str, str] = field(default_factory=dict)  # native-ish key -> raw key it came from
+    entries: dict[str, _Entry] = field(default_factory=dict, repr=False)
+    scales: dict[str, _Entry] = field(default_factory=dict, repr=False)  # native weight key -> scale
+    _handles: list = field(default_factory=list, repr=False)
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.__exit__(None, None, None)
+        self._handles.clear()
+
+
+def _err(path, fmt: str | None, msg: str) -> CheckpointError:
+    where = f"{path}" + (f" (detected format: {fmt})" if fmt else "")
+    return CheckpointError(f"{where}: {msg}")
+
+
+def _safetensors_entries(files: list[Path], handles: list, path) -> dict[str, _Entry]:
+    from safetensors import safe_open
+
+    out: dict[str, _Entry] = {}
+    for fpath in files:
+        if not fpath.exists():
+            raise _err(path, None, f"shard {fpath.name} listed in the index is missing from {fpath.parent}")
+        try:
+            h = safe_open(str(fpath), framework="pt", device="cpu")
+            h.__enter__()
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+            raise _err(path, None, f"{fpath.name} is not a readable safetensors file ({type(e).__name__}: {e})") from e
+        handles.append(h)
+        for k in h.keys():
+            sl = h.get_slice(k)
+            st_dtype = sl.get_dtype()
+            if st_dtype not in _ST_DTYPES:
+                raise _err(path, None, f"{fpath.name}: tensor {k} has unsupported dtype {st_dtype}")
+            out[k] = _Entry(
+                load=(lambda h=h, k=k, name=fpath.name: _st_get(h, k, name, path)),
+                shape=tuple(sl.get_shape()),
+                dtype=_ST_DTYPES[st_dtype],
+            )
+    return out
+
+
+def _st_get(handle, key: str, name: str, path) -> torch.Tensor:
+    try:
+        return handle.get_tensor(key)
+    except Exception as e:  # noqa: BLE001
+        raise _err(path, None, f"{name}: reading tensor {key} failed, the file may be truncated ({e})") from e
+
+
+def _resolve_safetensors(p: Path) -> tuple[list[Path], str]:
+    """File or directory -> (safetensors files, container description)."""
+    if p.is_dir():
+        if (p / "transformer").is_dir() and not any(p.glob("*.safetensors")):
+            p = p / "transformer"
+        indexes = sorted(p.glob("*.safetensors.index.json"))
+        if len(indexes) > 1:
+            raise CheckpointError(f"{p}: several index files {[i.name for i in indexes]}; pass one of them")
+        if indexes:
+            return _resolve_safetensors(indexes[0])
+        files = sorted(p.glob("*.safetensors"))
+        if len(files) == 1:
+            return files, "safetensors, 1 file"
+        if not files:
+            pts = sorted(f.name for f in p.iterdir() if f.suffix in _PT_SUFFIXES)
+            hint = f"; found {pts}, pass the file itself" if pts else ""
+            raise CheckpointError(f"{p}: no *.safetensors file or *.safetensors.index.json in this directory{hint}")
+        raise CheckpointError(
+            f"{p}: {len(files)} safetensors files but no *.safetensors.index.json; pass one file or add the index"
+        )
+    if p.name.endswith(".index.json"):
+        try:
+            index = json.loads(p.read_text())
+            weight_map = index["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{p}: not a valid safetensors index (needs a 'weight_map'): {e}") from e
+        shards = sorted(set(weight_map.values()))
+        return [p.parent / s for s in shards], f"safetensors, {len(shards)} shards via {p.name}"
+    return [p], "safetensors, 1 file"
+
+
+def _torch_entries(p: Path) -> tuple[dict[str, _Entry], str]:
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):
+            raise CheckpointError(f"{p}: not a readable torch checkpoint ({e})") from e
+        try:  # legacy (non-zip) torch.save format cannot be memory-mapped
+            obj = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as e2:  # noqa: BLE001
+            raise CheckpointError(f"{p}: not a readable torch checkpoint ({e2})") from e2
+    except Exception as e:  # noqa: BLE001 - pickle/zip errors of every kind
+        raise CheckpointError(
+            f"{p}: not a readable torch checkpoint ({type(e).__name__}: {e}); only weights_only=True loads are done"
+        ) from e
+    desc = "torch .pt"
+    for _ in range(3):
+        if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            break
+        if not isinstance(obj, dict):
+            raise CheckpointError(f"{p}: torch checkpoint holds a {type(obj).__name__}, not a state dict")
+        inner = next((k for k in _CONTAINER_KEYS if isinstance(obj.get(k), dict)), None)
+        if inner is None:
+            raise CheckpointError(
+                f"{p}: torch checkpoint with top-level keys {sorted(obj)[:8]} and none of {list(_CONTAINER_KEYS)} "
+                "holding a state dict"
+            )
+        desc += f", '{inner}'"
+        obj = obj[inner]
+    entries = {
+        k: _Entry(load=(lambda v=v: v), shape=tuple(v.shape), dtype=v.dtype)
+        for k, v in obj.items()
+        if isinstance(v, torch.Tensor)
+    }
+    return entries, desc
+
+
+# ----------------------------------------------------------------------------- detection
+
+_INFIX_WRAPPERS = ("_fsdp_wrapped_module.", "_orig_mod.", "_checkpoint_wrapped_module.")
+_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "module.", "model.")
+_QUANT_DTYPES = (torch.int8, torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def _strip_wrappers(entries: dict[str, _Entry]) -> tuple[dict[str, _Entry], list[str]]:
+    notes = []
+    if any(w in k for k in entries for w in _INFIX_WRAPPERS):
+        found = sorted({w.rstrip(".") for k in entries for w in _INFIX_WRAPPERS if w in k})
+        notes += found
+        cleaned = {}
+        for k, v in entries.items():
+            for w in _INFIX_WRAPPERS:
+                k = k.replace(w, "")
+            cleaned[k] = v
+        entries = cleaned
+    for _ in range(3):  # e.g. "module.model." from DDP around a wrapper
+        for prefix in _PREFIXES:
+            if entries and all(k.startswith(prefix) for k in entries):
+                entries = {k[len(prefix) :]: v for k, v in entries.items()}
+                notes.append(f"prefix '{prefix}'")
+                break
+        else:
+            break
+    return entries, notes
+
+
+def _is_diffusers(keys) -> bool:
+    return any(k.startswith("condition_embedder.") or ".attn1." in k or k == "scale_shift_table" for k in keys)
+
+
+def inspect_wan_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
+    """Open a checkpoint (mmap / lazily), detect its format and map its keys to native names."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such file or directory")
+    handles: list = []
+    if p.is_file() and p.suffix in _PT_SUFFIXES:
+        raw, container = _torch_entries(p)
+        kind = "torch"
+    else:
+        files, container = _resolve_safetensors(p)
+        raw = _safetensors_entries(files, handles, p)
+        kind = "safetensors"
+    if not raw:
+        raise CheckpointError(f"{p}: the checkpoint contains no tensors ({container})")
+    entries, notes = _strip_wrappers(raw)
+
+    diffusers = _is_diffusers(entries)
+    if diffusers:
+        layout = "diffusers WanTransformer3DModel"
+    elif kind == "torch" and ("'generator" in container):
+        layout = "Self-Forcing/CausVid"
+    else:
+        layout = "original Wan2.1"
+
+    # LightX2V-style quantization: X.weight (int8/fp8) + X.weight_scale
+    scales_raw = {k[: -len("_scale")]: v for k, v in entries.items() if k.endswith(".weight_scale")}
+    entries = {k: v for k, v in entries.items() if not k.endswith(".weight_scale")}
+    qdtypes = sorted({str(entries[k].dtype).replace("torch.", "") for k in scales_raw if k in entries})
+
+    native: dict[str, _Entry] = {}
+    scales: dict[str, _Entry] = {}
+    unmapped: dict[str, str] = {}
+    for k, v in entries.items():
+        nk = k
+        if diffusers:
+            try:
+                nk = diffusers_to_native_key(k)
+            except KeyError:
+                unmapped[k] = k
+        native[nk] = v
+        if k in scales_raw:
+            scales[nk] = scales_raw[k]
+    for k in scales_raw:
+        if k not in entries:
+            unmapped[k + "_scale"] = k + "_scale"
+            native[k + "_scale"] = scales_raw[k]
+
+    fmt = f"{layout} ({container}"
+    if notes:
+        fmt += "; " + ", ".join(notes)
+    fmt += ")"
+    if qdtypes:
+        fmt += f" + LightX2V {'/'.join(qdtypes)} quantized weights"
+    info = CheckpointInfo(
+        path=str(p),
+        format=fmt,
+        shapes={k: v.shape for k, v in native.items()},
+        quantized="/".join(qdtypes) or None,
+        unmapped=unmapped,
+        entries=native,
+        scales=scales,
+        _handles=handles,
+    )
+    return info
+
+
+# ----------------------------------------------------------------------------- config + checks
+
+
+def infer_wan_config(shapes: dict[str, tuple[int, ...]], **overrides) -> WanConfig:
+    """A WanConfig from native key shapes (raises CheckpointError when essential keys are absent)."""
+    need = ("patch_embedding.weight", "text_embedding.0.weight", "time_embedding.0.weight", "blocks.0.ffn.0.weight")
+    missing = [k for k in need if k not in shapes]
+    if missing:
+        raise CheckpointError(f"cannot infer the Wan config: keys {missing} are absent")
+    dim, in_dim, *patch = shapes["patch_embedding.weight"]
+    layers = 1 + max(int(m.group(1)) for k in shapes if (m := _BLOCK_RE.match(k)))
+    ffn_dim = shapes["blocks.0.ffn.0.weight"][0]
+    text_dim = shapes["text_embedding.0.weight"][1]
+    freq_dim = shapes["time_embedding.0.weight"][1]
+    out = shapes.get("head.head.weight", (16 * math.prod(patch),))[0] // math.prod(patch)
+    found = dict(
+        dim=dim,
+        ffn_dim=ffn_dim,
+        freq_dim=freq_dim,
+        num_layers=layers,
+        patch_size=tuple(patch),
+        in_dim=in_dim,
+        out_dim=out,
+        text_dim=text_dim,
+        qk_norm="blocks.0.self_attn.norm_q.weight" in shapes,
+        cross_attn_norm="blocks.0.norm3.weight" in shapes,
+    )
+    heads = None
+    for preset in PRESETS.values():
+        if all(getattr(preset, k) == v for k, v in found.items()):
+            heads = preset.num_heads
+            break
+    if heads is None:
+        heads = dim // 128 if dim % 128 == 0 else max(1, dim // 64)
+    params = {**found, "num_heads": heads, **overrides}
+    try:
+        return WanConfig(**params)
+    except ValueError as e:
+        raise CheckpointError(f"inferred Wan config is invalid ({e}): {params}") from e
+
+
+def _expected_shapes(cfg: WanConfig) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):
+        model = WanModel(cfg)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _first(items, n: int = 8) -> str:
+    items = list(items)
+    shown = ", ".join(items[:n])
+    return shown + (f", ... ({len(items) - n} more)" if len(items) > n else "")
+
+
+def _check(info: CheckpointInfo, cfg: WanConfig) -> None:
+    expected = _expected_shapes(cfg)
+    got = info.shapes
+    missing = sorted(k for k in expected if k not in got)
+    unexpected = sorted(k for k in got if k not in expected)
+    mismatched = sorted(k for k in expected if k in got and tuple(got[k]) != expected[k])
+    if not (missing or unexpected or mismatched):
+        return
+    lines = [f"{info.path}: checkpoint does not match the model", f"  detected format: {info.format}"]
+    lines.append(
+        f"  model config: dim={cfg.dim} ffn_dim={cfg.ffn_dim} num_heads={cfg.num_heads} "
+        f"num_layers={cfg.num_layers} text_dim={cfg.text_dim}"
+    )
+    if missing:
+        lines.append(f"  missing keys ({len(missing)}): {_first(missing)}")
+    if unexpected:
+        shown = [f"{k} (from {info.unmapped[k]})" if k in info.unmapped and info.unmapped[k] != k else k for k in unexpected]
+        lines.append(f"  unexpected keys ({len(unexpected)}): {_first(shown)}")
+        if any(w in k for k in shown for w in ("img", "add_k_proj", "add_v_proj", "image_embedder")):
+            lines.append("  (image-to-video keys: only text-to-video Wan2.1 checkpoints are supported)")
+    if mismatched:
+        shown = [f"{k}: checkpoint {tuple(got[k])} vs model {expected[k]}" for k in mismatched]
+        lines.append(f"  shape mismatches ({len(mismatched)}): {_first(shown, 5)}")
+    raise CheckpointError("\n".join(lines))
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _target_dtype(info: CheckpointInfo, dtype: torch.dtype | None) -> torch.dtype:
+    if dtype is not None:
+        return dtype
+    if info.quantized:
+        return torch.bfloat16
+    probe = info.entries.get("blocks.0.self_attn.q.weight") or next(iter(info.entries.values()))
+    return probe.dtype if probe.dtype.is_floating_point else torch.float32
+
+
+def _materialize(info: CheckpointInfo, key: str, device, dtype: torch.dtype) -> torch.Tensor:
+    t = info.entries[key].load()
+    scale = info.scales.get(key)
+    if scale is not None:
+        s = scale.load()
+        if s.shape not in ((t.shape[0], 1), (t.shape[0],)):
+            raise CheckpointError(
+                f"{info.path} (detected format: {info.format}): {key}_scale has shape {tuple(s.shape)}, "
+                f"expected ({t.shape[0]}, 1)"
+            )
+        t = t.to(device)
+        w = t.float() * s.to(device).float().reshape(t.shape[0], *([1] * (t.ndim - 1)))
+        return w.to(dtype)
+    if t.dtype in _QUANT_DTYPES and key.endswith(".weight"):
+        raise CheckpointError(
+            f"{info.path} (detected format: {info.format}): {key} is {t.dtype} without a {key}_scale; "
+            "cannot dequantize"
+        )
+    return t.to(device=device, dtype=dtype)
+
+
+def load_wan_state_dict(
+    path: str | os.PathLike,
+    cfg: WanConfig | None = None,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+) -> tuple[dict[str, torch.Tensor], WanConfig, CheckpointInfo]:
+    """Read and validate a checkpoint -> (native state dict on device/dtype, config, info).
+
+    ``cfg=None`` infers the config from the tensor shapes. Tensors are moved one at a time."""
+    info = inspect_wan_checkpoint(path)
+    try:
+        if cfg is None:
+            try:
+                cfg = infer_wan_config(info.shapes)
+            except CheckpointError as e:
+                raise CheckpointError(f"{info.path} (detected format: {info.format}): {e}") from e
+        _check(info, cfg)
+        target = _target_dtype(info, dtype)
+        sd = {k: _materialize(info, k, device, target) for k in info.entries}
+    finally:
+        info.close()
+    return sd, cfg, info
+
+
+def load_wan_model(
+    path: str | os.PathLike,
+    cfg: WanConfig | None = None,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+) -> WanModel:
+    """Build a WanModel from any supported checkpoint, without a second copy of the weights."""
+    sd, cfg, _ = load_wan_state_dict(path, cfg, device=device, dtype=dtype)
+    with torch.device("meta"):
+        model = WanModel(cfg)
+    model.load_state_dict(sd, strict=True, assign=True)
+    return model.eval()
+
+
+load_wan_checkpoint = load_wan_model
