@@ -8,6 +8,23 @@ from streamgen.models.taehv import TAEHV, MemBlock, TAEHVConfig, TGrow, convert_
 CFG = TAEHVConfig.preset("tiny")
 
 
+def _naive_whole_video(dec, z):
+    """TAEHV's parallel decode in plain layer order: (B,C,T,h,w) latents -> (B,3,4T-3,H,W) in [0,1]."""
+    b, _, t = z.shape[:3]
+    x = z.transpose(1, 2).flatten(0, 1)
+    with torch.no_grad():
+        for layer in dec.decoder:
+            if isinstance(layer, MemBlock):
+                xs = x.reshape(b, t, *x.shape[1:])
+                past = torch.cat([torch.zeros_like(xs[:, :1]), xs[:, :-1]], dim=1).flatten(0, 1)
+                x = layer(x, past)
+            else:
+                x = layer(x)
+                t = x.shape[0] // b
+    x = x.reshape(b, t, *x.shape[1:]).transpose(1, 2)
+    return x[:, :, CFG.frames_to_trim :].clamp(0, 1)
+
+
 @pytest.fixture(scope="module")
 def dec():
     return TAEHV(CFG).init_random_(0).eval()
@@ -19,6 +36,7 @@ def test_streaming_equals_whole_video(dec):
     whole = dec.decode_video(z)
     assert whole.shape == (2, 3, 1 + 4 * 6, 32, 48)
     assert -1 <= whole.min() < whole.max() <= 1 and whole.std() > 0.1  # not saturated / constant
+    torch.testing.assert_close(whole, _naive_whole_video(dec, z) * 2 - 1, rtol=0, atol=1e-5)
     for split in ([1, 3, 3], [3, 3, 1], [1] * 7, [2, 5], [7]):
         state = dec.new_state()
         outs, start = [], 0

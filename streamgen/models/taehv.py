@@ -143,6 +143,13 @@ class TAEHV(nn.Module):
                        _conv(n[i], n[i + 1], bias=False)]  # fmt: skip
         layers += [nn.ReLU(), _conv(n[3], cfg.image_channels * cfg.patch_size**2)]
         self.decoder = nn.Sequential(*layers)
+        # Execution order: a TGrow (1x1 conv) commutes with the nearest Upsample before it, so it
+        # runs first, on a quarter of the pixels. Same result, fewer FLOPs.
+        order = list(range(len(layers)))
+        for i in range(len(layers) - 1):
+            if isinstance(layers[i], nn.Upsample) and isinstance(layers[i + 1], TGrow):
+                order[i], order[i + 1] = i + 1, i
+        self._order = order
         self.init_random_()
 
     @torch.no_grad()
@@ -184,7 +191,8 @@ class TAEHV(nn.Module):
         p = self.decoder[1].weight
         b, _, t = latents.shape[:3]
         x = latents.to(p.device, p.dtype).transpose(1, 2).flatten(0, 1)  # (B*t, C, h, w), frames of a batch item contiguous
-        for i, layer in enumerate(self.decoder):
+        for i in self._order:
+            layer = self.decoder[i]
             if isinstance(layer, MemBlock):
                 xs = x.reshape(b, t, *x.shape[1:])
                 mem = state.buffer(i, xs[:, 0])
@@ -206,7 +214,8 @@ class TAEHV(nn.Module):
         p = self.decoder[1].weight
         b = latents.shape[0]
         x = latents.to(p.device, p.dtype).transpose(1, 2)  # (B, T, C, h, w)
-        for layer in self.decoder:
+        for i in self._order:
+            layer = self.decoder[i]
             if isinstance(layer, MemBlock):
                 past = F.pad(x, (0, 0, 0, 0, 0, 0, 1, 0))[:, :-1]  # shift by one frame, zeros first
                 x = layer(x.flatten(0, 1), past.flatten(0, 1)).reshape(b, -1, *x.shape[2:])
