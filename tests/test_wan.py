@@ -282,3 +282,22 @@ def test_cache_errors(model):
         model.forward_chunk(torch.randn(B, 16, 2, H, W), t[:, :2], ring, start_frame=4)
     with pytest.raises(ValueError, match="does not fit"):
         model.forward_chunk(torch.randn(B, 16, 5, H, W), t[:, :1], ring)
+
+
+def test_bf16_chunk_path_and_float_t(model):
+    import copy
+
+    m = copy.deepcopy(model).to(torch.bfloat16)
+    x, t, ctx = _inputs(4, seed=11)
+    tt = torch.full((B, 4), 500.0)
+    with torch.no_grad():
+        ref = m(x, tt, ctx, frames_per_block=2)
+        ref32 = model(x, tt, ctx, frames_per_block=2)
+    cache = m.new_cache(B, (H, W), max_frames=4)
+    assert cache.k.dtype == torch.bfloat16
+    m.set_prompt(cache, ctx)
+    a = m.forward_chunk(x[:, :, :2], 500.0, cache, update_cache=True)  # python float t
+    b = m.forward_chunk(x[:, :, 2:], tt[:, 2:], cache, update_cache=True)
+    out = torch.cat([a, b], 2)
+    assert out.dtype == torch.float32
+    assert rel(out, ref) < 2e-2 and rel(ref, ref32) < 5e-2

@@ -52,13 +52,15 @@ dtype=None, device=None)``
 ``cache.frames_written`` (python int), ``cache.prompt_set`` (python bool).
 
 Numerics: the residual stream, LayerNorms, modulation and time embedding run in float32 (as
-original Wan); linear layers, attention and the caches run in the weights' dtype.
+original Wan; the time MLPs read their ``.weight``/``.bias`` upcast to float32); linear layers,
+attention and the caches run in ``model.dtype`` (the patch embedding's dtype), so a transform that
+swaps Linear layers (fp8/int8) must accept inputs of that dtype. ``t`` may be a python float.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -113,10 +115,6 @@ class WanConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown Wan preset {name!r}; choose one of {sorted(PRESETS)}")
         return replace(PRESETS[name], **overrides)
-
-    @classmethod
-    def field_names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in fields(cls))
 
 
 PRESETS: dict[str, WanConfig] = {
@@ -282,9 +280,10 @@ class WanBlock(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         self_attn_fn: SelfAttnFn,
         ctx_kv: tuple[torch.Tensor, torch.Tensor],
+        dt: torch.dtype,
     ) -> torch.Tensor:
-        """x (B, L, dim) float32 residual; e0 (B, Fe, 6, dim) float32; returns the new residual."""
-        dt = self.ffn[0].weight.dtype
+        """x (B, L, dim) float32 residual; e0 (B, Fe, 6, dim) float32; dt: compute dtype of the
+        linear layers' inputs. Returns the new residual."""
         mod = self.modulation.float().unsqueeze(0) + e0  # (B, Fe, 6, dim)
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.unbind(2)  # (B, Fe, dim) each
 
@@ -311,12 +310,12 @@ class WanHead(nn.Module):
         self.head = nn.Linear(cfg.dim, math.prod(cfg.patch_size) * cfg.out_dim)
         self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
 
-    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, e: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
         """x (B, L, dim) float32, e (B, Fe, dim) float32 -> (B, L, prod(patch) * out_dim)."""
         mod = self.modulation.float().unsqueeze(0) + e.unsqueeze(2)  # (B, Fe, 2, dim)
         shift, scale = mod.unbind(2)
         y = _modulate(_layer_norm(x, self.eps), shift, scale)
-        return self.head(y.to(self.head.weight.dtype))
+        return self.head(y.to(dt))
 
 
 # ----------------------------------------------------------------------------- cache
@@ -526,6 +525,7 @@ class WanModel(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
+        """Compute dtype (of linear-layer inputs, attention and caches): the patch embedding's."""
         return self.patch_embedding.weight.dtype
 
     def _patchify(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
@@ -549,6 +549,10 @@ class WanModel(nn.Module):
 
     def _time(self, t: torch.Tensor, batch: int, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
         """t (B,) / scalar / (B, frames) -> e (B, Fe, dim), e0 (B, Fe, 6, dim), float32; Fe in {1, frames}."""
+        device = self.patch_embedding.weight.device
+        if not isinstance(t, torch.Tensor):
+            t = torch.full((batch,), float(t), device=device)
+        t = t.to(device)
         if t.ndim == 0:
             t = t.expand(batch)
         if t.ndim == 1:
@@ -606,8 +610,8 @@ class WanModel(nn.Module):
             )
         for block in self.blocks:
             ctx_kv = block.cross_attn.key_value(ctx)
-            tokens = block(tokens, e0, rope, self_attn, ctx_kv)
-        return self._unpatchify(self.head(tokens, e), grid)
+            tokens = block(tokens, e0, rope, self_attn, ctx_kv, self.dtype)
+        return self._unpatchify(self.head(tokens, e, self.dtype), grid)
 
     # -- streaming
 
@@ -671,9 +675,9 @@ class WanModel(nn.Module):
         mask = None if plan.n_prefix_keys is not None else cache._key_mask(plan, tokens.shape[1])
         for i, block in enumerate(self.blocks):
             self_attn = lambda q, k, v, i=i: cache._attend(i, q, k, v, plan, mask)  # noqa: E731
-            tokens = block(tokens, e0, rope, self_attn, (cache.cross_k[i], cache.cross_v[i]))
+            tokens = block(tokens, e0, rope, self_attn, (cache.cross_k[i], cache.cross_v[i]), self.dtype)
         cache._commit(plan)
-        return self._unpatchify(self.head(tokens, e), grid)
+        return self._unpatchify(self.head(tokens, e, self.dtype), grid)
 
 
 def _block_causal_attention(
