@@ -396,7 +396,7 @@ def _parse_switches(items: list[str]) -> dict[int, str]:
     return out
 
 
-def _stop_on_ctrl_c(c: StreamClient, say) -> None:
+def stop_on_ctrl_c(c: StreamClient, say) -> None:
     """First Ctrl-C: send stop and finish the file cleanly; a second one aborts."""
     import signal
 
@@ -424,7 +424,7 @@ async def watch(args: argparse.Namespace) -> int:
     out = sys.stdout.buffer if args.out == "-" else open(args.out, "wb")
     try:
         async with StreamClient(args.url, token=args.token, reconnect=not args.no_reconnect) as c:
-            _stop_on_ctrl_c(c, say)
+            stop_on_ctrl_c(c, say)
             try:
                 stream = c.start(args.prompt, **fields)
             except P.ProtocolError as e:

@@ -268,3 +268,16 @@ def test_client_imports_no_torch_or_av():
             "print(sorted(m for m in ('torch', 'av', 'numpy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+async def test_standalone_script_records(tmp_path: Path):
+    out = tmp_path / "rec.mp4"
+    script = Path(__file__).resolve().parents[1] / "clients" / "python" / "streamgen_watch.py"
+    async with FakeServer() as srv:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, str(script), srv.url, "--prompt", "x", "--chunks", "3", "--out", str(out),
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        _, stderr = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, stderr.decode()
+    assert "first fragment after" in stderr.decode() and "3 fragments, 24 frames" in stderr.decode()
+    assert len(decode_frames(out.read_bytes())) == 3 * FPC
