@@ -117,6 +117,10 @@ def test_self_forcing_and_causvid_pt(tmp_path, sd):
     info = inspect_wan_checkpoint(sf)
     assert "Self-Forcing/CausVid" in info.format and "generator_ema" in info.format and "'model.'" in info.format
     _assert_same(load_wan_model(sf), sd)
+    non_ema = load_wan_model(sf, state_key="generator")
+    assert all(not v.any() for v in non_ema.state_dict().values())
+    with pytest.raises(CheckpointError, match="state_key='nope'"):
+        load_wan_model(sf, state_key="nope")
 
     cv = tmp_path / "causvid.pt"
     torch.save({"generator": ema}, cv)

@@ -17,8 +17,8 @@ Formats read (detected, named in every error):
   diffusers pipeline root holding ``transformer/``);
 - diffusers ``WanTransformer3DModel`` (``attn1.to_q``, ``scale_shift_table``, ``proj_out``,
   ``condition_embedder.*``; its ``norm2`` is Wan's ``norm3``, the affine cross-attention norm);
-- Self-Forcing / CausVid ``.pt`` / ``.pth`` (``generator_ema`` preferred over ``generator``,
-  ``model.`` prefix), any ``torch.save`` state dict (loaded with ``weights_only=True, mmap=True``);
+- Self-Forcing / CausVid ``.pt`` / ``.pth`` (``generator_ema`` preferred over ``generator``
+  unless ``state_key=`` names one; ``model.`` prefix), any ``torch.save`` state dict (loaded with ``weights_only=True, mmap=True``);
 - prefixes ``model.diffusion_model.`` (ComfyUI), ``model.``, ``module.``, and
   ``_fsdp_wrapped_module.`` / ``_orig_mod.`` anywhere in a key;
 - LightX2V quantized files: int8 / float8 ``X.weight`` with a per-output-channel
@@ -245,7 +245,7 @@ def _resolve_safetensors(p: Path) -> tuple[list[Path], str]:
     return [p], "safetensors, 1 file"
 
 
-def _torch_entries(p: Path) -> tuple[dict[str, _Entry], str]:
+def _torch_entries(p: Path, state_key: str | None) -> tuple[dict[str, _Entry], str]:
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError as e:
@@ -260,6 +260,12 @@ def _torch_entries(p: Path) -> tuple[dict[str, _Entry], str]:
             f"{p}: not a readable torch checkpoint ({type(e).__name__}: {e}); only weights_only=True loads are done"
         ) from e
     desc = "torch .pt"
+    if state_key is not None:
+        if not isinstance(obj, dict) or not isinstance(obj.get(state_key), dict):
+            top = sorted(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
+            raise CheckpointError(f"{p}: state_key={state_key!r} requested but the checkpoint holds {top}")
+        desc += f", '{state_key}'"
+        obj = obj[state_key]
     for _ in range(3):
         if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
             break
@@ -314,14 +320,17 @@ def _is_diffusers(keys) -> bool:
     return any(k.startswith("condition_embedder.") or ".attn1." in k or k == "scale_shift_table" for k in keys)
 
 
-def inspect_wan_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
-    """Open a checkpoint (mmap / lazily), detect its format and map its keys to native names."""
+def inspect_wan_checkpoint(path: str | os.PathLike, *, state_key: str | None = None) -> CheckpointInfo:
+    """Open a checkpoint (mmap / lazily), detect its format and map its keys to native names.
+
+    ``state_key`` picks the state dict inside a torch checkpoint (default: the first of
+    ``generator_ema, generator, ema, state_dict, model, module`` present)."""
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"{p}: no such file or directory")
     handles: list = []
     if p.is_file() and p.suffix in _PT_SUFFIXES:
-        raw, container = _torch_entries(p)
+        raw, container = _torch_entries(p, state_key)
         kind = "torch"
     else:
         files, container = _resolve_safetensors(p)
@@ -499,11 +508,12 @@ def load_wan_state_dict(
     *,
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
+    state_key: str | None = None,
 ) -> tuple[dict[str, torch.Tensor], WanConfig, CheckpointInfo]:
     """Read and validate a checkpoint -> (native state dict on device/dtype, config, info).
 
     ``cfg=None`` infers the config from the tensor shapes. Tensors are moved one at a time."""
-    info = inspect_wan_checkpoint(path)
+    info = inspect_wan_checkpoint(path, state_key=state_key)
     try:
         if cfg is None:
             try:
@@ -524,9 +534,10 @@ def load_wan_model(
     *,
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
+    state_key: str | None = None,
 ) -> WanModel:
     """Build a WanModel from any supported checkpoint, without a second copy of the weights."""
-    sd, cfg, _ = load_wan_state_dict(path, cfg, device=device, dtype=dtype)
+    sd, cfg, _ = load_wan_state_dict(path, cfg, device=device, dtype=dtype, state_key=state_key)
     with torch.device("meta"):
         model = WanModel(cfg)
     model.load_state_dict(sd, strict=True, assign=True)
