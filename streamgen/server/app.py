@@ -36,6 +36,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+STATE = None  # web.AppKey for the ServerState, set in build_app (aiohttp imported lazily)
 WEB_ROOT = Path(__file__).resolve().parents[2] / "clients" / "web"
 _STATIC_TYPES = {".js": "text/javascript", ".mjs": "text/javascript", ".css": "text/css",
                  ".html": "text/html", ".ico": "image/x-icon", ".svg": "image/svg+xml"}
@@ -52,6 +53,7 @@ class ServerConfig:
     log_fragments: int = 64
     max_lead_s: float | None = 3.0
     grace_s: float = 10.0
+    unsent_bytes: int | None = 256 << 10  # TCP_NOTSENT_LOWAT per connection (None: OS default)
     encode_threads: int = 4
     preset: str = "veryfast"
     web_root: Path = WEB_ROOT
@@ -125,6 +127,9 @@ def build_app(cfg: ServerConfig, factory, *, executor: ThreadPoolExecutor | None
     from streamgen.server.metrics import Metrics
     from streamgen.server.sessions import SessionRegistry
 
+    global STATE
+    if STATE is None:
+        STATE = web.AppKey("state", ServerState)
     own_executor = executor is None
     if executor is None:
         executor = ThreadPoolExecutor(max_workers=max(1, cfg.encode_threads), thread_name_prefix="encode")
@@ -132,7 +137,7 @@ def build_app(cfg: ServerConfig, factory, *, executor: ThreadPoolExecutor | None
     metrics = Metrics()
     registry = SessionRegistry(cfg.max_sessions, cfg.max_sessions_per_client)
     state = ServerState(cfg, factory, executor, metrics, registry)
-    app["state"] = state
+    app[STATE] = state
     _describe_metrics(metrics, state)
 
     app.router.add_get("/", state.index)
@@ -148,8 +153,8 @@ def build_app(cfg: ServerConfig, factory, *, executor: ThreadPoolExecutor | None
             senders += [sub.task for sub in s.subscribers if sub.task is not None]
         if senders:  # let subscribers receive `end {reason: "shutdown"}`
             await asyncio.wait(senders, timeout=1.0)
-        for ws in list(state.sockets):
-            await ws.close(code=1001, message=b"server shutting down")
+        await asyncio.gather(*(c.close(1001, b"server shutting down") for c in list(state.sockets)),
+                             return_exceptions=True)
 
     async def on_cleanup(app):
         await registry.aclose()
@@ -195,7 +200,7 @@ def _describe_metrics(m, state: "ServerState") -> None:
 class ServerState:
     def __init__(self, cfg: ServerConfig, factory, executor, metrics, registry):
         self.cfg, self.factory, self.executor, self.metrics, self.registry = cfg, factory, executor, metrics, registry
-        self.sockets: set = set()
+        self.sockets: set = set()  # open Connection objects
 
     # -- access control --------------------------------------------------------------------------
 

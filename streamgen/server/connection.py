@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import socket
 from typing import TYPE_CHECKING
 
 from aiohttp import WSMsgType, web
@@ -47,7 +48,7 @@ class Connection:
         # frames a bit over the protocol limit still reach the validator (-> too_large error);
         # far larger ones are cut off by aiohttp (close 1009) before they use memory
         self.ws = web.WebSocketResponse(max_msg_size=self.limits.max_message_bytes + (1 << 20),
-                                        heartbeat=30.0, compress=False)
+                                        heartbeat=30.0, compress=False, timeout=2.0)
         self._lock = asyncio.Lock()
         self.session: Session | None = None
         self.sub: Subscriber | None = None
@@ -74,7 +75,8 @@ class Connection:
 
     async def serve(self) -> web.WebSocketResponse:
         await self.ws.prepare(self.request)
-        self.state.sockets.add(self.ws)
+        self._limit_kernel_buffering()
+        self.state.sockets.add(self)
         try:
             async for m in self.ws:
                 if m.type in (WSMsgType.BINARY, WSMsgType.TEXT):
@@ -87,11 +89,33 @@ class Connection:
         except (ConnectionError, asyncio.CancelledError):
             pass
         finally:
-            self.state.sockets.discard(self.ws)
+            self.state.sockets.discard(self)
             await self._detach()
-            if not self.ws.closed:
-                await self.ws.close()
+            await self.close()
         return self.ws
+
+    async def close(self, code: int = 1000, message: bytes = b"") -> None:
+        """Close handshake, bounded: a client that does not read gets its transport aborted."""
+        if not self.ws.closed:
+            try:
+                await asyncio.wait_for(self.ws.close(code=code, message=message), 2.0)
+            except (asyncio.TimeoutError, ConnectionError):
+                pass
+        if self.request.transport is not None and not self.request.transport.is_closing():
+            self.request.transport.abort()
+
+    def _limit_kernel_buffering(self) -> None:
+        """Keep at most ``cfg.unsent_bytes`` unsent in the kernel (TCP_NOTSENT_LOWAT, Linux/macOS):
+        a client that stops reading then backs up into our flow control within a fragment or two,
+        where whole fragments are dropped, instead of into seconds of kernel-buffered video."""
+        limit = self.state.cfg.unsent_bytes
+        sock = self.request.transport.get_extra_info("socket") if self.request.transport else None
+        opt = getattr(socket, "TCP_NOTSENT_LOWAT", None)
+        if limit and sock is not None and opt is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, opt, int(limit))
+            except OSError as e:
+                log.debug("TCP_NOTSENT_LOWAT not set: %r", e)
 
     async def _detach(self) -> None:
         sub, session = self.sub, self.session

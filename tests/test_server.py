@@ -1,0 +1,435 @@
+"""Server end to end on loopback: sessions, prompt switch, slow clients, access control, bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import socket
+import subprocess
+import sys
+import time
+
+import aiohttp
+import av
+import msgpack
+import numpy as np
+import pytest
+import websockets
+from aiohttp import web
+
+from streamgen import protocol as P
+from streamgen.engine.source import TestPatternFactory, prompt_color, read_frame_index
+from streamgen.server.app import ServerConfig, build_app
+
+W, H, FPS, FPC = 128, 64, 16, 4  # small frames, 4 frames (0.25 s) per chunk
+
+
+class Server:
+    def __init__(self, runner: web.AppRunner, port: int):
+        self.runner, self.port = runner, port
+        from streamgen.server import app as app_module
+
+        self.state = runner.app[app_module.STATE]
+        self.url = f"ws://127.0.0.1:{port}/v1/stream"
+        self.http = f"http://127.0.0.1:{port}"
+
+
+async def start_server(**cfg) -> Server:
+    factory_kw = {k: cfg.pop(k) for k in ("delay_s",) if k in cfg}
+    cfg.setdefault("preset", "ultrafast")
+    cfg.setdefault("encode_threads", 2)
+    factory = TestPatternFactory("testpattern", width=W, height=H, fps=FPS, frames_per_chunk=FPC, **factory_kw)
+    runner = web.AppRunner(build_app(ServerConfig(**cfg), factory))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return Server(runner, site._server.sockets[0].getsockname()[1])
+
+
+@pytest.fixture
+async def server():
+    servers = []
+
+    async def make(**cfg):
+        s = await start_server(**cfg)
+        servers.append(s)
+        return s
+
+    yield make
+    for s in servers:
+        await s.runner.cleanup()
+
+
+class Raw:
+    """Minimal client: websockets + the protocol's ClientConnection (or raw frames for bad input)."""
+
+    def __init__(self, ws):
+        self.ws = ws
+        self.conn = P.ClientConnection()
+
+    @classmethod
+    async def open(cls, url: str, **kw) -> "Raw":
+        kw.setdefault("close_timeout", 0.5)  # tests often close without reading what is in flight
+        return cls(await websockets.connect(url, max_size=P.DEFAULT_LIMITS.max_server_message_bytes, **kw))
+
+    async def send(self, msg) -> None:
+        await self.ws.send(self.conn.send(msg))
+
+    async def recv(self, timeout: float = 20.0):
+        return self.conn.receive(await asyncio.wait_for(self.ws.recv(), timeout))
+
+    async def recv_raw(self, timeout: float = 20.0):
+        return P.decode(await asyncio.wait_for(self.ws.recv(), timeout), "server")
+
+    async def until(self, cls, timeout: float = 20.0, collect: list | None = None):
+        while True:
+            m = await self.recv(timeout)
+            if collect is not None:
+                collect.append(m)
+            if isinstance(m, cls):
+                return m
+
+    async def close(self):
+        await self.ws.close()
+
+
+def decode_frames(init: bytes, fragments: list[bytes]) -> list[np.ndarray]:
+    with av.open(io.BytesIO(init + b"".join(fragments)), format="mp4") as c:
+        return [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+
+
+def bg_color(frame: np.ndarray) -> np.ndarray:
+    """Median colour of the frame below the code band (the prompt colour dominates)."""
+    return np.median(frame[H // 8:].reshape(-1, 3), axis=0)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+async def test_stream_prompt_switch_stop_with_client(server):
+    from streamgen.client import StreamClient
+
+    srv = await server(max_lead_s=None)
+    init, frags, seqs = None, [], []
+    async with StreamClient(srv.url) as c:
+        n = 0
+        async for frag in c.start(prompt="a red fox"):
+            if init is None:
+                init = c.init_segment
+                assert c.ready.width == W and c.ready.height == H and c.ready.fps == FPS
+                assert c.ready.mime.startswith('video/mp4; codecs="avc1.')
+            frags.append(frag.data)
+            seqs.append(frag.seq)
+            assert frag.keyframe and frag.frames == FPC
+            assert frag.pts == pytest.approx(frag.seq * FPC / FPS)
+            n += 1
+            if n == 3:
+                await c.prompt("a blue whale")
+            if n == 8:
+                await c.stop()
+        assert c.end_reason == "stopped"
+    assert seqs == list(range(len(seqs))) and len(seqs) >= 8
+    frames = decode_frames(init, frags)
+    assert [read_frame_index(f) for f in frames] == list(range(len(frames)))
+    # prompt switch is visible: first chunk shows prompt 1's colour, the last one prompt 2's
+    assert np.abs(bg_color(frames[0]) - prompt_color("a red fox")).max() < 12
+    assert np.abs(bg_color(frames[-1]) - prompt_color("a blue whale")).max() < 12
+    # the session is gone once `end` was delivered
+    for _ in range(100):
+        if not srv.state.registry.sessions:
+            break
+        await asyncio.sleep(0.02)
+    assert not srv.state.registry.sessions
+
+
+async def test_chunks_limit_ends_with_done_and_metrics(server):
+    srv = await server(max_lead_s=None)
+    c = await Raw.open(srv.url)
+    await c.send(P.Start(prompt="x", chunks=3))
+    got = []
+    end = await c.until(P.End, collect=got)
+    assert end.reason == "done"
+    assert [m.seq for m in got if isinstance(m, P.Fragment)] == [0, 1, 2]
+    assert isinstance(got[0], (P.Ready, P.Status)) and any(isinstance(m, P.Init) for m in got)
+    # the same connection can start again after end
+    await c.send(P.Start(prompt="y", chunks=1))
+    assert (await c.until(P.End)).reason == "done"
+    await c.close()
+    async with aiohttp.ClientSession() as http:
+        text = await (await http.get(srv.http + "/metrics")).text()
+        health = await (await http.get(srv.http + "/healthz")).json()
+    assert health["status"] == "ok" and health["model"] == "testpattern"
+    for name in ("streamgen_sessions ", "streamgen_fragments_sent_total", "streamgen_bytes_sent_total",
+                 "streamgen_generation_fps", "streamgen_send_queue_fragments", "streamgen_fragments_dropped_total",
+                 "streamgen_errors_total"):
+        assert name in text
+    assert "streamgen_fragments_sent_total 4" in text
+
+
+def _small_rcvbuf_socket(port: int) -> socket.socket:
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", port))
+    s.setblocking(False)
+    return s
+
+
+async def test_slow_client_is_bounded_and_does_not_slow_others(server):
+    q, ring = 4, 12
+    srv = await server(max_lead_s=None, queue_fragments=q, log_fragments=ring)
+    # 1. a client that starts a stream and then never reads (tiny socket buffer, 1-message queue)
+    slow = await Raw.open(srv.url, sock=_small_rcvbuf_socket(srv.port), max_queue=1)
+    await slow.send(P.Start(prompt="slow"))
+    # 2. a second client reads 30 fragments meanwhile: all of them, in order, nothing dropped
+    fast = await Raw.open(srv.url)
+    await fast.send(P.Start(prompt="fast", chunks=30))
+    got = []
+    assert (await fast.until(P.End, timeout=60, collect=got)).reason == "done"
+    assert [m.seq for m in got if isinstance(m, P.Fragment)] == list(range(30))
+    assert all(not m.dropped for m in got if isinstance(m, P.Status))
+    # 3. the slow session keeps generating; its subscriber drops whole fragments, memory stays bounded
+    reg = srv.state.registry
+    (session,) = [s for s in reg.sessions.values() if s.ended is None]
+    for _ in range(400):
+        sub = session.subscribers[0]
+        if session.log.next_seq - sub.cursor > 2 * ring:
+            break
+        await asyncio.sleep(0.05)
+    sub = session.subscribers[0]
+    assert sub.dropped > 0 or session.log.next_seq - sub.cursor > q  # skipped, or about to be
+    assert sub.depth <= q and len(session.log) <= ring
+    frag_max = max(len(e.fragment.data) for e in (session.log.get(i) for i in range(session.log.first_seq,
+                                                                                  session.log.next_seq)))
+    assert session.log.bytes <= ring * frag_max
+    for conn in srv.state.sockets:  # socket writes are flow-controlled: asyncio's buffer stays small
+        assert conn.request.transport.get_write_buffer_size() <= conn.ws._writer_limit + 2 * frag_max
+    # 4. when the slow client reads again it sees the gap and a status counting the drops
+    seen, statuses = [], []
+    while not (statuses and any(b - a > 1 for a, b in zip(seen, seen[1:]))) and len(seen) < 5000:
+        m = await slow.recv_raw(timeout=20)
+        if isinstance(m, P.Fragment):
+            seen.append(m.seq)
+        elif isinstance(m, P.Status) and m.dropped:
+            statuses.append(m.dropped)
+    assert statuses and seen == sorted(seen)
+    assert any(b - a > 1 for a, b in zip(seen, seen[1:]))
+    async with aiohttp.ClientSession() as http:
+        text = await (await http.get(srv.http + "/metrics")).text()
+    dropped = float(next(l.split()[-1] for l in text.splitlines() if l.startswith("streamgen_fragments_dropped_total")))
+    assert dropped >= sub.dropped > 0
+    slow.ws.transport.abort()
+    await fast.close()
+
+
+async def test_token_refusal(server):
+    srv = await server(token="s3cret")
+    for url, headers in ((srv.url, None), (srv.url + "?token=wrong", None),
+                         (srv.url, {"Authorization": "Bearer nope"})):
+        with pytest.raises(websockets.InvalidStatus) as e:
+            await websockets.connect(url, additional_headers=headers)
+        assert e.value.response.status_code == 401
+    for url, headers in ((srv.url + "?token=s3cret", None), (srv.url, {"Authorization": "Bearer s3cret"})):
+        c = Raw(await websockets.connect(url, additional_headers=headers))
+        await c.send(P.Start(prompt="ok", chunks=1))
+        assert (await c.until(P.End)).reason == "done"
+        await c.close()
+    async with aiohttp.ClientSession() as http:
+        assert (await http.get(srv.http + "/metrics")).status == 401
+        assert (await http.get(srv.http + "/metrics?token=s3cret")).status == 200
+        assert (await http.get(srv.http + "/healthz")).status == 200
+
+
+async def test_origin_refusal(server):
+    srv = await server(allowed_origins=["http://good.example"])
+    with pytest.raises(websockets.InvalidStatus) as e:
+        await websockets.connect(srv.url, origin="http://evil.example")
+    assert e.value.response.status_code == 403
+    ws = await websockets.connect(srv.url, origin="http://good.example")
+    await ws.close()
+    srv2 = await server()  # default: same origin only
+    with pytest.raises(websockets.InvalidStatus) as e:
+        await websockets.connect(srv2.url, origin="http://evil.example")
+    assert e.value.response.status_code == 403
+    ws = await websockets.connect(srv2.url, origin=f"http://127.0.0.1:{srv2.port}")
+    await ws.close()
+    ws = await websockets.connect(srv2.url)  # no Origin: not a browser
+    await ws.close()
+
+
+async def test_bad_input_is_answered_and_harms_nothing(server):
+    srv = await server(max_lead_s=None)
+    # a healthy stream on another connection
+    other = await Raw.open(srv.url)
+    await other.send(P.Start(prompt="bystander", chunks=40))
+    c = await Raw.open(srv.url)
+
+    async def expect(frame, code, field):
+        await c.ws.send(frame)
+        m = await c.recv_raw()
+        assert isinstance(m, P.Error) and (m.code, m.field) == (code, field), m
+        assert not m.fatal
+        return m
+
+    await expect(b"\xc1garbage", "bad_message", None)
+    await expect("a text frame", "bad_message", None)
+    await expect(msgpack.packb([1, 2]), "bad_message", None)
+    await expect(msgpack.packb({"type": "launch"}), "unknown_type", "type")
+    await expect(msgpack.packb({"type": "prompt", "prompt": "x"}), "out_of_order", "type")
+    await expect(msgpack.packb({"type": "start"}), "bad_field", "prompt")
+    await expect(msgpack.packb({"type": "start", "prompt": "x", "width": 17}), "bad_field", "width")
+    await expect(msgpack.packb({"type": "start", "prompt": "x", "fps": "fast"}), "bad_field", "fps")
+    e = await expect(msgpack.packb({"type": "start", "prompt": "x" * 5000}), "too_large", "prompt")
+    assert "4096" in e.message
+    e = await expect(msgpack.packb({"type": "start", "prompt": "x", "model": "wan-99b"}), "bad_field", "model")
+    assert "testpattern" in e.message
+    await expect(msgpack.packb({"type": "start", "prompt": "x", "image": b"not an image"}), "bad_field", "image")
+    await expect(msgpack.packb({"type": "attach", "session": "nope", "from_seq": 0}), "unknown_session", "session")
+    # still usable: a valid start on the same connection streams
+    c.conn = P.ClientConnection()
+    await c.send(P.Start(prompt="finally", chunks=2))
+    await c.until(P.Fragment)
+    await c.ws.send(msgpack.packb({"type": "ack", "seq": 99}))  # never sent -> bad_field seq
+    while True:
+        m = await c.recv_raw()
+        if isinstance(m, P.Error):
+            assert (m.code, m.field) == ("bad_field", "seq")
+            break
+    # the bystander got everything
+    got = []
+    assert (await other.until(P.End, timeout=60, collect=got)).reason == "done"
+    assert [m.seq for m in got if isinstance(m, P.Fragment)] == list(range(40))
+    async with aiohttp.ClientSession() as http:
+        text = await (await http.get(srv.http + "/metrics")).text()
+    assert 'streamgen_errors_total{code="bad_field"}' in text
+    await c.close()
+    await other.close()
+
+
+async def test_session_limits(server):
+    srv = await server(max_sessions=2, max_sessions_per_client=1)
+    a = await Raw.open(srv.url)
+    await a.send(P.Start(prompt="a"))
+    await a.until(P.Ready)
+    b = await Raw.open(srv.url)
+    await b.send(P.Start(prompt="b"))
+    m = await b.until(P.Error)
+    assert m.code == "busy" and m.ref == "start" and "per client" in m.message
+    srv.state.registry.max_sessions_per_client = 5
+    await b.send(P.Start(prompt="b"))
+    await b.until(P.Ready)
+    c = await Raw.open(srv.url)
+    await c.send(P.Start(prompt="c"))
+    m = await c.until(P.Error)
+    assert m.code == "busy" and "2 sessions" in m.message
+    for x in (a, b, c):
+        await x.close()
+
+
+async def test_attach_after_disconnect_misses_nothing(server):
+    srv = await server(max_lead_s=None, grace_s=5.0, log_fragments=1000)
+    c = await Raw.open(srv.url)
+    await c.send(P.Start(prompt="resume me", chunks=12))
+    ready = await c.until(P.Ready)
+    init = (await c.until(P.Init)).data
+    frags = {}
+    while len(frags) < 3:
+        m = await c.until(P.Fragment)
+        frags[m.seq] = m.data
+    c.ws.transport.abort()  # an abrupt disconnect, no close handshake
+    d = await Raw.open(srv.url)
+    await d.send(P.Attach(session=ready.session, from_seq=max(frags) + 1))
+    r2 = await d.until(P.Ready)
+    assert r2.session == ready.session
+    assert (await d.until(P.Init)).data == init
+    got = []
+    assert (await d.until(P.End, collect=got)).reason == "done"
+    for m in got:
+        if isinstance(m, P.Fragment):
+            frags[m.seq] = m.data
+    assert sorted(frags) == list(range(12))
+    frames = decode_frames(init, [frags[i] for i in range(12)])
+    assert [read_frame_index(f) for f in frames] == list(range(12 * FPC))
+    await d.close()
+
+
+async def test_disconnect_cancels_session_after_grace(server):
+    srv = await server(grace_s=0.3)
+    c = await Raw.open(srv.url)
+    await c.send(P.Start(prompt="bye"))
+    await c.until(P.Fragment)
+    (session,) = srv.state.registry.sessions.values()
+    await c.close()
+    await asyncio.sleep(0.1)
+    assert session.id in srv.state.registry.sessions  # still attachable within the grace period
+    for _ in range(100):
+        if not srv.state.registry.sessions:
+            break
+        await asyncio.sleep(0.05)
+    assert not srv.state.registry.sessions and session.closed
+    assert session.producer.done()
+
+
+async def test_pacing_by_acks(server):
+    srv = await server(max_lead_s=0.5)  # chunks are 0.25 s
+    c = await Raw.open(srv.url)
+    await c.send(P.Start(prompt="paced"))
+    first = await c.until(P.Fragment)
+    await c.send(P.Ack(seq=first.seq, playhead=0.0))
+    await asyncio.sleep(0.8)
+    (session,) = srv.state.registry.sessions.values()
+    n = session.log.next_seq
+    assert n <= 3  # at most lead + one chunk ahead of the acked playhead
+    await c.send(P.Ack(seq=first.seq, playhead=2.0))
+    for _ in range(200):
+        if session.log.next_seq >= 9:
+            break
+        await asyncio.sleep(0.02)
+    assert 9 <= session.log.next_seq <= 11
+    await c.send(P.Pause())
+    await asyncio.sleep(0.1)
+    await c.send(P.Ack(seq=first.seq, playhead=10.0))
+    await asyncio.sleep(0.3)
+    assert session.log.next_seq <= 12 and session.state == "paused"
+    await c.send(P.Resume())
+    for _ in range(200):
+        if session.log.next_seq > 30:
+            break
+        await asyncio.sleep(0.02)
+    assert session.log.next_seq > 30
+    await c.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def test_serve_cli_serves_player_and_health():
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "streamgen", "serve", "--port", str(port), "--token", "t0k"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        async with aiohttp.ClientSession() as http:
+            for _ in range(300):
+                try:
+                    r = await http.get(f"http://127.0.0.1:{port}/healthz")
+                    break
+                except aiohttp.ClientConnectionError:
+                    assert proc.poll() is None, proc.stdout.read().decode()
+                    await asyncio.sleep(0.05)
+            assert r.status == 200
+            page = await http.get(f"http://127.0.0.1:{port}/")
+            assert page.status == 200 and "<video" in await page.text()
+            js = await http.get(f"http://127.0.0.1:{port}/player.js")
+            assert js.status == 200 and js.content_type == "text/javascript"
+            assert (await http.get(f"http://127.0.0.1:{port}/../pyproject.toml")).status == 404
+        with pytest.raises(websockets.InvalidStatus):
+            await websockets.connect(f"ws://127.0.0.1:{port}/v1/stream")
+        c = Raw(await websockets.connect(f"ws://127.0.0.1:{port}/v1/stream?token=t0k"))
+        await c.send(P.Start(prompt="cli", chunks=2))
+        assert (await c.until(P.End)).reason == "done"
+        await c.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)
