@@ -103,6 +103,11 @@ def test_chunked_decode_equals_whole_and_diffusers(ref, stats):
         torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-5)
         assert rel(chunked, per_frame_ref) < 1e-4
 
+    state = vae.new_state()
+    split = torch.cat([vae.decode_chunk(z[:, :, :3], state, frames_per_pass=1),
+                       vae.decode_chunk(z[:, :, 3:], state, frames_per_pass=3)], dim=2)  # fmt: skip
+    torch.testing.assert_close(split, whole, rtol=0, atol=1e-5)
+
     # reset() reuses the buffers for a new stream
     state = vae.new_state()
     vae.decode_chunk(torch.randn(1, CFG.z_dim, 3, 4, 4), state)

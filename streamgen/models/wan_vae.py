@@ -357,18 +357,27 @@ class WanVAE(nn.Module):
         return stats
 
     @torch.no_grad()
-    def decode_chunk(self, latents: torch.Tensor, state: WanVAEState) -> torch.Tensor:
-        """Decode the next ``f`` latent frames of a stream; see the module docstring for shapes."""
+    def decode_chunk(
+        self, latents: torch.Tensor, state: WanVAEState, *, frames_per_pass: int | None = None
+    ) -> torch.Tensor:
+        """Decode the next ``f`` latent frames of a stream; see the module docstring for shapes.
+
+        ``frames_per_pass`` bounds activation memory: the chunk is run through the decoder that
+        many latent frames at a time (same result; ``None`` = the whole chunk in one pass).
+        """
         cfg = self.cfg
         if latents.ndim != 5 or latents.shape[1] != cfg.z_dim or latents.shape[2] < 1:
             raise ValueError(f"latents must be (B, {cfg.z_dim}, f>=1, h, w), got {tuple(latents.shape)}")
         p = self._param()
         mean, std = self.latent_stats(p.device)
         z = latents.to(p.device, torch.float32) * std + mean
-        x = self.decoder(self.conv2(z.to(p.dtype)), state, first=not state.started)
-        state.started = True
+        x = self.conv2(z.to(p.dtype))
+        outs = []
+        for part in x.split(frames_per_pass or x.shape[2], dim=2):
+            outs.append(self.decoder(part, state, first=not state.started).clamp_(-1.0, 1.0))
+            state.started = True
         state.frames_in += latents.shape[2]
-        return x.clamp_(-1.0, 1.0)
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
