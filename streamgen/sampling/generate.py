@@ -222,18 +222,20 @@ def build_components(args, preset: ModelPreset, device, dtype):
     from streamgen.models import wan
 
     if preset.builtin:
-        from streamgen.models import text as text_mod
+        from streamgen.models.text import load_text_encoder
 
         cfg = wan.WanConfig.preset(preset.wan)
         torch.manual_seed(0)  # the built-in tiny model: fixed random weights
         model = wan.WanModel(cfg)
-        text_encoder = text_mod.builtin_text_encoder(cfg.text_dim, text_len=cfg.text_len)
+        text_encoder = load_text_encoder(None, dim=cfg.text_dim, device=device, dtype=torch.float32)
         decoder, vae = _tiny_decoder(args.decoder)
     else:
         from streamgen.models.checkpoints import load_wan_model
 
         model = load_wan_model(args.checkpoint, None, device=device, dtype=dtype)
-        text_encoder = _load_text_encoder(args.text_encoder, device, dtype)
+        from streamgen.models.text import load_text_encoder
+
+        text_encoder = load_text_encoder(args.text_encoder, dim=model.cfg.text_dim, device=device, dtype=dtype)
         decoder, vae = _load_decoder(args.decoder, args.vae, device, dtype)
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     decoder = decoder.to(device=device, dtype=dtype).eval().requires_grad_(False)
@@ -263,12 +265,6 @@ def _load_decoder(kind: str, path: str, device, dtype):
 
     vae = load_wan_vae(path, WanVAEConfig.preset("wan2.1"), device=device, dtype=dtype)
     return vae, vae
-
-
-def _load_text_encoder(path: str, device, dtype):
-    from streamgen.models.text import PromptCache, TextEncoder
-
-    return PromptCache(TextEncoder.from_pretrained(path, device=device))
 
 
 # -- run -----------------------------------------------------------------------------------------

@@ -1,0 +1,86 @@
+"""`streamgen generate` end to end with the built-in tiny model, and its argument errors."""
+
+from fractions import Fraction
+
+import av
+import numpy as np
+import pytest
+
+from streamgen.cli import main
+from streamgen.sampling.stream import frames_for_chunks
+
+
+def _probe(path):
+    with av.open(str(path)) as c:
+        s = c.streams.video[0]
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+        return s.codec_context.name, s.codec_context.pix_fmt, s.average_rate, frames
+
+
+def test_tiny_writes_playable_mp4(tmp_path, capsys):
+    out = tmp_path / "out.mp4"
+    rc = main(["generate", "--model", "tiny", "--prompt", "a red fox in the snow", "--chunks", "3",
+               "--width", "64", "--height", "48", "--fps", "24", "--seed", "7",
+               "--prompt-at", "2:a blue whale", "--out", str(out)])
+    assert rc == 0
+    codec, pix_fmt, rate, frames = _probe(out)
+    assert codec == "h264" and pix_fmt == "yuv420p"
+    assert rate == Fraction(24)
+    assert len(frames) == frames_for_chunks(3, 3) == 33  # 1 + 4 * (9 - 1)
+    assert frames[0].shape == (48, 64, 3)
+    err = capsys.readouterr().err
+    assert err.count("frames/s") >= 3 and "chunk 3/3" in err and "a blue whale" in err
+
+
+def test_tiny_wan_decoder_with_image_start(tmp_path):
+    from PIL import Image
+
+    img = tmp_path / "start.png"
+    rgb = np.zeros((40, 40, 3), dtype=np.uint8)
+    rgb[:, :20] = (255, 0, 0)
+    Image.fromarray(rgb).save(img)
+    out = tmp_path / "img.mp4"
+    rc = main(["generate", "--model", "tiny", "--prompt", "x", "--chunks", "2", "--frames-per-chunk", "1",
+               "--width", "32", "--height", "32", "--image", str(img), "--decoder", "wan", "--out", str(out)])
+    assert rc == 0
+    _, _, rate, frames = _probe(out)
+    assert rate == Fraction(16)
+    assert len(frames) == frames_for_chunks(2, 1, image=True) == 9  # image latent + 2 chunks of 1
+    assert frames[0].shape == (32, 32, 3)
+
+
+def _fails(argv, capsys, *needles):
+    with pytest.raises(SystemExit) as e:
+        main(["generate", *argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    for n in needles:
+        assert n in err, err
+    return err
+
+
+def _rc(argv, capsys, *needles):
+    rc = main(["generate", *argv])
+    assert rc == 2
+    err = capsys.readouterr().err
+    for n in needles:
+        assert n in err, err
+
+
+def test_bad_arguments_name_the_problem(tmp_path, capsys):
+    out = str(tmp_path / "o.mp4")
+    base = ["--prompt", "p", "--out", out]
+    _fails(base + ["--width", "100"], capsys, "--width", "multiple of 16", "96", "112")
+    _fails(base + ["--height", "abc"], capsys, "--height", "multiple of 16")
+    _fails(base + ["--model", "sora"], capsys, "--model", "tiny", "self-forcing-1.3b", "wan2.1-t2v-1.3b")
+    _fails(base + ["--chunks", "0"], capsys, "--chunks", ">= 1")
+    _fails(base + ["--prompt-at", "two:x"], capsys, "--prompt-at", "CHUNK:TEXT")
+    _fails(base + ["--decoder", "vqgan"], capsys, "--decoder", "wan", "taehv")
+    _fails(["--out", out], capsys, "--prompt")
+    _rc(base + ["--model", "self-forcing-1.3b"], capsys, "--checkpoint", "required", "tiny")
+    missing = str(tmp_path / "nope" / "model.pt")
+    _rc(base + ["--model", "self-forcing-1.3b", "--checkpoint", missing], capsys, missing)
+    _rc(base + ["--chunks", "4", "--prompt-at", "4:later"], capsys, "--prompt-at", "0..3")
+    _rc(base + ["--sampler", "self-forcing", "--guidance", "5"], capsys, "--guidance")
+    _rc(["--prompt", "p", "--out", str(tmp_path / "no" / "dir" / "o.mp4")], capsys, "--out", "does not exist")
+    _rc(base + ["--image", str(tmp_path / "missing.png")], capsys, "--image", "missing.png")
