@@ -65,3 +65,32 @@ def test_invalid_vector_gives_the_specified_error(path):
 
 def test_schema_json_matches_the_implementation():
     assert json.loads((ROOT / "schema.json").read_text()) == P.schema_json()
+
+
+SEQUENCES = sorted((ROOT / "vectors" / "sequences").glob("*.json"))
+
+
+@pytest.mark.parametrize("path", SEQUENCES, ids=lambda p: p.stem)
+def test_state_machine_sequence(path):
+    import msgpack
+
+    doc = json.loads(path.read_text())
+    conn = P.ServerConnection() if doc["side"] == "server" else P.ClientConnection()
+    for i, step in enumerate(doc["steps"]):
+        where = f"step {i}: {step}"
+        if "recv" in step:
+            def op():
+                return conn.receive(msgpack.packb(from_json(step["recv"]), use_bin_type=True))
+        else:
+            def op():
+                return conn.send(P.from_map(from_json(step["send"])))
+        expect = step["expect"]
+        if isinstance(expect, dict):
+            with pytest.raises(P.ProtocolError) as ei:
+                op()
+            assert (ei.value.code, ei.value.field) == (expect["code"], expect["field"]), where
+        else:
+            out = op()
+            assert (out is None) == (expect == "ignored"), where
+        if "phase" in step:
+            assert conn.phase.value == step["phase"], where

@@ -196,6 +196,148 @@ invalid("ready_v2", "server", {"type": "ready", "v": 2, "session": "a", "mime": 
                                "fps": 16}, "unsupported_version", "v", "server speaks a newer version")
 
 
+# ------------------------------------------------------------------ state-machine sequences
+# Each step: {"recv": map} (a frame packed with plain msgpack, fed to receive) or {"send": map}
+# (a message passed to send); "expect": "ok" (a message comes back), "ignored" (receive returns
+# nothing) or {"code", "field"} (ProtocolError); "phase" after the step when given.
+OK, IGN = "ok", "ignored"
+
+
+def err(code: str, field: str | None = "type") -> dict:
+    return {"code": code, "field": field}
+
+
+READY = {"type": "ready", "v": 1, "session": "abc", "mime": MIME, "width": 64, "height": 64, "fps": 16}
+
+
+def frag(seq: int) -> dict:
+    return {"type": "fragment", "seq": seq, "data": bytes([seq]), "pts": seq * 0.5, "duration": 0.5, "frames": 8,
+            "keyframe": True}
+
+
+def error(code: str, ref: str | None = None, fatal: bool = False) -> dict:
+    m = {"type": "error", "code": code, "message": f"{code} for the test", "fatal": fatal}
+    if ref:
+        m["ref"] = ref
+    return m
+
+
+START = {"type": "start", "v": 1, "prompt": "a fox"}
+SEQUENCES = {
+    "server_full_session": ("server", "a whole session, then another one on the same connection", [
+        ({"recv": START}, OK, "starting"),
+        ({"send": {"type": "status", "state": "queued", "gen_fps": 0.0, "lead_s": 0.0}}, OK, "starting"),
+        ({"send": READY}, OK, "active"),
+        ({"send": {"type": "init", "data": b"init"}}, OK, "active"),
+        ({"send": frag(0)}, OK, None),
+        ({"recv": {"type": "ack", "seq": 0, "playhead": 0.25}}, OK, None),
+        ({"recv": {"type": "ack", "seq": 5}}, err("bad_field", "seq"), "active"),
+        ({"send": frag(1)}, OK, None),
+        ({"recv": {"type": "prompt", "prompt": "a bear"}}, OK, None),
+        ({"recv": {"type": "pause"}}, OK, None),
+        ({"recv": {"type": "resume"}}, OK, None),
+        ({"recv": {"type": "stop"}}, OK, "active"),
+        ({"recv": {"type": "stop"}}, IGN, None),
+        ({"recv": {"type": "prompt", "prompt": "late"}}, err("out_of_order"), None),
+        ({"recv": {"type": "ack", "seq": 1}}, OK, None),
+        ({"send": frag(2)}, OK, None),
+        ({"send": {"type": "end", "reason": "stopped"}}, OK, "idle"),
+        ({"recv": {"type": "ack", "seq": 2}}, IGN, "idle"),
+        ({"recv": {"type": "pause"}}, IGN, "idle"),
+        ({"recv": START}, OK, "starting"),
+    ]),
+    "server_rejections": ("server", "out-of-order input, a refused start, a duplicate start, a fatal error", [
+        ({"recv": {"type": "prompt", "prompt": "x"}}, err("out_of_order"), "idle"),
+        ({"recv": {"type": "ack", "seq": 0}}, err("out_of_order"), "idle"),
+        ({"recv": {"type": "stop"}}, err("out_of_order"), "idle"),
+        ({"recv": {"type": "start", "prompt": "x", "width": 100}}, err("bad_field", "width"), "idle"),
+        ({"send": error("bad_field", "start")}, OK, "idle"),
+        ({"recv": START}, OK, "starting"),
+        ({"recv": START}, err("out_of_order"), "starting"),
+        ({"recv": {"type": "attach", "session": "!", "from_seq": -1}}, err("out_of_order"), "starting"),
+        ({"send": error("out_of_order", "start")}, OK, "starting"),
+        ({"send": error("busy", "start")}, OK, "idle"),
+        ({"recv": {"type": "attach", "session": "abc", "from_seq": 3}}, OK, "starting"),
+        ({"send": error("internal", fatal=True)}, OK, "closed"),
+        ({"recv": {"type": "stop"}}, IGN, "closed"),
+    ]),
+    "server_send_order": ("server", "the server's own order is checked on send", [
+        ({"recv": START}, OK, "starting"),
+        ({"send": {"type": "init", "data": b"i"}}, err("out_of_order"), "starting"),
+        ({"send": frag(0)}, err("out_of_order"), "starting"),
+        ({"send": READY}, OK, "active"),
+        ({"send": frag(0)}, err("out_of_order"), "active"),
+        ({"send": {"type": "init", "data": b"i"}}, OK, None),
+        ({"send": {"type": "init", "data": b"i"}}, err("out_of_order"), None),
+        ({"send": frag(0)}, OK, None),
+        ({"send": frag(2)}, OK, None),
+        ({"send": frag(2)}, err("out_of_order", "seq"), None),
+        ({"send": READY}, err("out_of_order"), "active"),
+        ({"send": {"type": "end", "reason": "done"}}, OK, "idle"),
+        ({"send": {"type": "status", "state": "x", "gen_fps": 0.0, "lead_s": 0.0}}, err("out_of_order"), "idle"),
+    ]),
+    "client_session": ("client", "the client's order, pipelining, acks, stop", [
+        ({"send": {"type": "ack", "seq": 0}}, err("out_of_order"), "idle"),
+        ({"send": START}, OK, "starting"),
+        ({"send": {"type": "prompt", "prompt": "pipelined"}}, OK, "starting"),
+        ({"recv": {"type": "status", "state": "queued", "gen_fps": 0.0, "lead_s": 0.0}}, OK, "starting"),
+        ({"recv": READY}, OK, "active"),
+        ({"recv": frag(0)}, err("out_of_order"), "active"),
+        ({"recv": {"type": "init", "data": b"i"}}, OK, None),
+        ({"recv": frag(0)}, OK, None),
+        ({"send": {"type": "ack", "seq": 1}}, err("bad_field", "seq"), None),
+        ({"send": {"type": "ack", "seq": 0, "playhead": 0.1}}, OK, None),
+        ({"recv": frag(0)}, err("out_of_order", "seq"), None),
+        ({"recv": {"type": "init", "data": b"i"}}, err("out_of_order"), None),
+        ({"send": {"type": "stop"}}, OK, "active"),
+        ({"send": {"type": "prompt", "prompt": "late"}}, err("out_of_order"), None),
+        ({"send": {"type": "stop"}}, err("out_of_order"), None),
+        ({"recv": frag(1)}, OK, None),
+        ({"recv": {"type": "end", "reason": "stopped"}}, OK, "idle"),
+        ({"recv": {"type": "status", "state": "x", "gen_fps": 0.0, "lead_s": 0.0}}, err("out_of_order"), "idle"),
+        ({"recv": {"type": "stop"}}, err("unknown_type"), "idle"),
+    ]),
+    "client_attach": ("client", "attach: ready must name the session, fragments start at from_seq", [
+        ({"send": {"type": "attach", "v": 1, "session": "abc", "from_seq": 5}}, OK, "starting"),
+        ({"recv": dict(READY, session="other")}, err("bad_field", "session"), "starting"),
+        ({"recv": READY}, OK, "active"),
+        ({"recv": {"type": "init", "data": b"i"}}, OK, None),
+        ({"recv": frag(4)}, err("out_of_order", "seq"), None),
+        ({"recv": frag(6)}, OK, None),
+        ({"recv": {"type": "end", "reason": "done"}}, OK, "idle"),
+    ]),
+    "client_rejections": ("client", "refused starts return to idle; a fatal error closes", [
+        ({"send": START}, OK, "starting"),
+        ({"recv": error("bad_field", "start")}, OK, "idle"),
+        ({"send": START}, OK, "starting"),
+        ({"recv": error("out_of_order", "start")}, OK, "starting"),
+        ({"recv": error("bad_field", "prompt")}, OK, "starting"),
+        ({"recv": error("busy", "start")}, OK, "idle"),
+        ({"send": START}, OK, "starting"),
+        ({"recv": error("internal", fatal=True)}, OK, "closed"),
+        ({"recv": READY}, IGN, "closed"),
+        ({"send": {"type": "stop"}}, err("out_of_order"), "closed"),
+    ]),
+}
+
+
+def write_sequences() -> None:
+    d = HERE / "sequences"
+    d.mkdir(exist_ok=True)
+    for old in d.glob("*.json"):
+        old.unlink()
+    for name, (side, description, steps) in SEQUENCES.items():
+        rows = []
+        for op, expect, phase in steps:
+            row = {k: to_json(v) for k, v in op.items()}
+            row["expect"] = expect
+            if phase:
+                row["phase"] = phase
+            rows.append(row)
+        doc = {"description": description, "side": side, "steps": rows}
+        (d / f"{name}.json").write_text(json.dumps(doc, indent=1, ensure_ascii=False) + "\n")
+
+
 def main() -> None:
     for old in list(HERE.glob("*.msgpack")) + list(HERE.glob("*.json")):
         old.unlink()
@@ -211,7 +353,8 @@ def main() -> None:
         if not v["valid"]:
             doc["error"] = v["error"]
         (HERE / f"{v['name']}.json").write_text(json.dumps(doc, indent=1, ensure_ascii=False) + "\n")
-    print(f"{len(VECTORS)} vectors written to {HERE}")
+    write_sequences()
+    print(f"{len(VECTORS)} vectors and {len(SEQUENCES)} sequences written to {HERE}")
 
 
 if __name__ == "__main__":

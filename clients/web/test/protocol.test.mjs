@@ -173,3 +173,26 @@ test('connections: attach checks session and from_seq', () => {
   assert.throws(() => c.receive(P.encode(frag(4))), { code: 'out_of_order', field: 'seq' });
   assert.equal(c.receive(P.encode(frag(6))).seq, 6);
 });
+
+const SEQ_DIR = new URL('sequences/', VECTOR_DIR);
+for (const f of readdirSync(SEQ_DIR).filter((n) => n.endsWith('.json')).sort()) {
+  const doc = JSON.parse(readFileSync(new URL(f, SEQ_DIR), 'utf8'));
+  test(`state machine sequence ${f.slice(0, -5)}`, () => {
+    const conn = doc.side === 'server' ? new P.ServerConnection() : new P.ClientConnection();
+    doc.steps.forEach((step, i) => {
+      const where = `step ${i}: ${JSON.stringify(step)}`;
+      const op = step.recv ? () => conn.receive(pack(fromJson(step.recv))) : () => conn.send(fromJson(step.send));
+      if (typeof step.expect === 'object') {
+        assert.throws(op, (e) => {
+          assert.ok(e instanceof P.ProtocolError, `${where}: ${e}`);
+          assert.deepEqual({ code: e.code, field: e.field }, step.expect, where);
+          return true;
+        });
+      } else {
+        const out = op();
+        assert.equal(out === null, step.expect === 'ignored', where);
+      }
+      if (step.phase) assert.equal(conn.phase, step.phase, where);
+    });
+  });
+}
