@@ -331,6 +331,8 @@ def _check(t: str, f: Field, value: Any, limits: Limits) -> Any:
     lo, hi = _limit(f.min, limits), _limit(f.max, limits)
 
     def bad(why: str, code: str = "bad_field") -> ProtocolError:
+        if code == "too_large":
+            return ProtocolError(code, f"{where}: {why}", field=f.name, ref=t)
         shown = value if not isinstance(value, (bytes, bytearray, memoryview, str)) or len(value) <= 40 else (
             f"<{len(value)} {'chars' if isinstance(value, str) else 'bytes'}>")
         return ProtocolError(code, f"{where}: {why}, got {shown!r}", field=f.name, ref=t)
@@ -350,9 +352,9 @@ def _check(t: str, f: Field, value: Any, limits: Limits) -> Any:
         if f.one_of is not None and value not in f.one_of:
             raise bad(f"must be one of {', '.join(map(str, f.one_of))}")
         if (lo is not None and value < lo) or (hi is not None and value > hi):
-            rng = f"{lo if lo is not None else '-inf'}..{hi if hi is not None else 'inf'}"
+            rng = f"in {lo}..{hi}" if lo is not None and hi is not None else f">= {lo}" if lo is not None else f"<= {hi}"
             mult = _limit(f.multiple_of, limits)
-            raise bad(f"must be in {rng}" + (f" and a multiple of {mult}" if mult else ""))
+            raise bad(f"must be {rng}" + (f" and a multiple of {mult}" if mult else ""))
         mult = _limit(f.multiple_of, limits)
         if mult and value % mult:
             raise bad(f"must be a multiple of {mult} in {lo}..{hi}")

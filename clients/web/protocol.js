@@ -160,8 +160,8 @@ function show(value) {
 function check(t, f, value, limits) {
   const lo = lim(f.min, limits);
   const hi = lim(f.max, limits);
-  const bad = (why, code = 'bad_field') => new ProtocolError(code, `${t}.${f.name}: ${why}, got ${show(value)}`,
-    { field: f.name, ref: t });
+  const bad = (why, code = 'bad_field') => new ProtocolError(code,
+    `${t}.${f.name}: ${why}${code === 'too_large' ? '' : `, got ${show(value)}`}`, { field: f.name, ref: t });
   if (f.kind === 'int' || f.kind === 'float') {
     if (typeof value !== 'number' && typeof value !== 'bigint') {
       throw bad(f.kind === 'int' ? 'must be an integer' : 'must be a number');
@@ -172,7 +172,8 @@ function check(t, f, value, limits) {
     if (f.one_of !== undefined && !f.one_of.some((x) => x == value)) throw bad(`must be one of ${f.one_of.join(', ')}`);
     const mult = lim(f.multiple_of, limits);
     if ((lo !== undefined && value < lo) || (hi !== undefined && value > hi)) {
-      throw bad(`must be in ${lo ?? '-inf'}..${hi ?? 'inf'}${mult ? ` and a multiple of ${mult}` : ''}`);
+      const rng = lo !== undefined && hi !== undefined ? `in ${lo}..${hi}` : lo !== undefined ? `>= ${lo}` : `<= ${hi}`;
+      throw bad(`must be ${rng}${mult ? ` and a multiple of ${mult}` : ''}`);
     }
     value = Number(value);
     if (mult && value % mult) throw bad(`must be a multiple of ${mult} in ${lo}..${hi}`);
