@@ -49,6 +49,19 @@ def test_tiny_wan_decoder_with_image_start(tmp_path):
     assert frames[0].shape == (32, 32, 3)
 
 
+def test_tiny_full_bidirectional_unipc_cfg(tmp_path, capsys):
+    out = tmp_path / "full.mp4"
+    rc = main(["generate", "--model", "tiny-full", "--prompt", "a fox", "--chunks", "2", "--steps", "3",
+               "--width", "32", "--height", "32", "--out", str(out)])
+    assert rc == 0
+    _, _, _, frames = _probe(out)
+    assert len(frames) == frames_for_chunks(2, 3)
+    assert "cfg 3" in capsys.readouterr().err
+    _rc(["--model", "tiny-full", "--prompt", "p", "--out", str(out), "--prompt-at", "1:q"], capsys, "streaming model")
+    _rc(["--model", "tiny-full", "--prompt", "p", "--out", str(out), "--sampler", "self-forcing"], capsys,
+        "euler, unipc")
+
+
 def _fails(argv, capsys, *needles):
     with pytest.raises(SystemExit) as e:
         main(["generate", *argv])

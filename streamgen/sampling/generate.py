@@ -5,7 +5,7 @@
         --vae Wan2.1_VAE.pth --text-encoder umt5-xxl/ --prompt "..." --chunks 20 \\
         --prompt-at 10:"the fox jumps into a river" --out fox.mp4
 
-Models (``MODELS``): ``tiny`` is built in (random-initialised tiny Wan DiT with a fixed seed, the
+Models (``MODELS``): ``tiny`` (and ``tiny-full``, the same weights sampled bidirectionally) is built in (random-initialised tiny Wan DiT with a fixed seed, the
 deterministic built-in text encoder and a random-initialised tiny decoder); it makes noise-like
 video and exists to exercise the whole path on a CPU in seconds. The others need weights:
 ``--checkpoint`` (DiT), ``--vae`` (Wan2.1_VAE.pth or taew2_1.pth for ``--decoder taehv``) and
@@ -49,6 +49,8 @@ class ModelPreset:
 
 MODELS: dict[str, ModelPreset] = {
     "tiny": ModelPreset("tiny", "stream", "self-forcing", 4, 5.0, 1.0, 128, 128, decoder="taehv", builtin=True),
+    # the tiny model sampled bidirectionally (UniPC + CFG over the whole clip): the non-distilled path
+    "tiny-full": ModelPreset("tiny", "full", "unipc", 8, 5.0, 3.0, 128, 128, decoder="taehv", builtin=True),
     "self-forcing-1.3b": ModelPreset("wan2.1-t2v-1.3b", "stream", "self-forcing", 4, 5.0, 1.0, 832, 480),
     "wan2.1-t2v-1.3b": ModelPreset("wan2.1-t2v-1.3b", "full", "unipc", 50, 5.0, 5.0, 832, 480),
     "wan2.1-t2v-14b": ModelPreset("wan2.1-t2v-14b", "full", "unipc", 50, 5.0, 5.0, 832, 480),
