@@ -123,7 +123,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shift", type=_positive_float, default=None, help="sigma shift (default: per model)")
     p.add_argument("--sampler", choices=SAMPLER_CHOICES, default=None, help="default: per model")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale for euler/unipc (default: per model)")
-    p.add_argument("--local-frames", type=_positive, default=None, help="attention window in latent frames (default: model's)")
+    p.add_argument("--local-frames", type=_positive, default=None,
+                   help="attention window in latent frames (default: model's; without one the KV cache grows with "
+                        "the stream, ~290 MB per latent frame for 1.3B at 832x480 bf16)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="model dtype (default: bfloat16 on cuda, float32 on cpu)")

@@ -39,17 +39,14 @@ frames, decoded to 1 + 4f video frames).
 
 from __future__ import annotations
 
-import logging
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 
 from streamgen.sampling.samplers import SAMPLERS, make_sampler
 from streamgen.sampling.schedules import NUM_TRAIN_TIMESTEPS, FlowSchedule, self_forcing_timesteps
-
-log = logging.getLogger(__name__)
 
 STREAM_SAMPLERS = ("self-forcing",) + SAMPLERS
 LATENT_CHANNELS = 16
