@@ -45,7 +45,7 @@ def reference_stream(model, prompts, n_chunks, f, cfg: StreamConfig, *, image=No
             if n in prompts and n > 0:
                 ctx = prompts[n]
                 if local_frames is not None:
-                    origin = max(0, sum(h.shape[2] for h in hist) + f - local_frames)
+                    origin = max(0, sum(h.shape[2] for h in hist) - local_frames)
             past = torch.cat(hist, dim=2)[:, :, origin:] if hist else None
             n_past = 0 if past is None else past.shape[2]
             x = torch.randn((1, 16, f, *LAT), generator=g)
@@ -101,7 +101,7 @@ def test_prompt_switches_equal_recompute_under_new_prompt(model):
 
 def test_windowed_stream_and_switch(model):
     # window of 6 latent frames with 1 sink frame, chunks of 2; a switch at chunk 4 re-caches the
-    # last 4 frames (which then hold the new sink) under the new prompt
+    # last 6 frames (2..8, frame 2 then being the sink) under the new prompt
     cfg = StreamConfig(frames_per_chunk=2, local_frames=6, sink_frames=1, seed=9)
     p = {0: _ctx(4), 4: _ctx(5)}
     s = StreamSession(model, p[0], height=H, width=W, config=cfg)
@@ -110,7 +110,14 @@ def test_windowed_stream_and_switch(model):
     ref = reference_stream(model, p, 7, 2, cfg, local_frames=6, sink_frames=1)
     for c, r in zip(chunks, ref):
         torch.testing.assert_close(c.latents, r, atol=ATOL, rtol=0)
-    assert [start for start, _ in s.recache_chunks()] == [10, 12]
+    assert [start for start, _ in s.recache_chunks()] == [8, 10, 12]
+    # a window that is not a whole number of chunks: the oldest re-cached chunk is trimmed
+    cfg5 = StreamConfig(frames_per_chunk=2, local_frames=5, sink_frames=1, seed=9)
+    s5 = StreamSession(model, p[0], height=H, width=W, config=cfg5)
+    chunks5 = _run(s5, 6, p)
+    assert [(start, x.shape[2]) for start, x in s5.recache_chunks()] == [(7, 1), (8, 2), (10, 2)]
+    torch.testing.assert_close(s5.recache_chunks()[0][1], chunks5[3].latents[:, :, 1:])
+    assert all(torch.isfinite(c.latents).all() for c in chunks5)
 
 
 def test_image_start(model):

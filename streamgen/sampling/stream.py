@@ -25,10 +25,10 @@ So a session is deterministic for a seed, and the draws can be replayed (see tes
 
 Prompt switch (LongLive KV re-cache): ``set_prompt(p)`` is queued and applied before the next
 chunk: the cross-attention K/V are recomputed for ``p``, the self-attention cache is reset and
-rebuilt by running the clean latents the next chunk attends to (the last ``local_frames -
-frames_per_chunk`` frames with a window, which then also provide the new sink; all frames
-without one) through the model at t = 0 with ``update_cache=True``, chunk by chunk at their
-original positions and chunk boundaries, under the new prompt (``recache_chunks``).
+rebuilt by running the clean latents of the attention window (the last ``local_frames`` frames,
+which then also provide the new sink; all frames without a window) through the model at t = 0
+with ``update_cache=True``, chunk by chunk at their original positions and chunk boundaries,
+under the new prompt (``recache_chunks``).
 Generation then continues smoothly under ``p`` without a cut.
 
 Image start: ``StreamSession(..., image=latent)`` or ``set_image(latent)`` before the first chunk
@@ -267,13 +267,13 @@ class StreamSession:
 
     def recache_chunks(self) -> list[tuple[int, torch.Tensor]]:
         """(start_frame, clean latents) a prompt switch now re-runs, in order: the frames
-        ``[r, next_frame)`` the next chunk attends to, at their original chunk boundaries
-        (the first one trimmed to start at r). r = 0 without a window, else
-        ``next_frame + frames_per_chunk - local_frames`` (clamped at 0): after
-        ``cache.reset_self_attn(r)`` the frames r.. r+sink become the sink and the rest fills the
-        ring, so the next chunk sees exactly ``local_frames`` frames including itself."""
+        ``[r, next_frame)`` at their original chunk boundaries (the first one trimmed to start at
+        r). r = 0 without a window, else ``next_frame - local_frames`` (clamped at 0), the window
+        of the last chunk, as LongLive re-caches: after ``cache.reset_self_attn(r)`` the frames
+        r .. r+sink become the sink, each re-run chunk attends to the same window it had when it
+        was generated, and the next chunk attends to the sink and the newest frames."""
         end = self.next_frame
-        r = 0 if self.local_frames is None else max(0, end + self.frames_per_chunk - self.local_frames)
+        r = 0 if self.local_frames is None else max(0, end - self.local_frames)
         out = []
         for start, x0 in self._history:
             stop = start + x0.shape[2]
