@@ -1,0 +1,222 @@
+"""Headless Chromium plays the served player page: playback advances, prompt switch, reconnect, stop.
+
+Drives Debian's chromium over the DevTools protocol with the `websockets` package. Skipped only
+when no chromium binary is installed (scripts/setup.sh installs it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import re
+import shutil
+import tempfile
+from urllib.parse import quote
+
+import pytest
+import websockets
+from aiohttp import web
+
+from streamgen.engine.source import TestPatternFactory, prompt_color
+from streamgen.server import app as app_module
+from streamgen.server.app import ServerConfig, build_app
+
+CHROMIUM = next((p for p in (os.environ.get("CHROMIUM"), "/usr/bin/chromium", shutil.which("chromium"),
+                             shutil.which("chromium-browser"), shutil.which("google-chrome")) if p and os.path.exists(p)),
+                None)
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (scripts/setup.sh installs it)")
+
+W, H = 256, 144
+
+
+class CDP:
+    """Minimal DevTools client: one browser connection, flat sessions, commands by id."""
+
+    def __init__(self, ws):
+        self.ws = ws
+        self.ids = itertools.count(1)
+        self.pending: dict[int, asyncio.Future] = {}
+        self.console: list[str] = []
+        self.reader = asyncio.create_task(self._read())
+
+    async def _read(self):
+        async for raw in self.ws:
+            msg = json.loads(raw)
+            if "id" in msg and msg["id"] in self.pending:
+                self.pending.pop(msg["id"]).set_result(msg)
+            elif msg.get("method") == "Runtime.consoleAPICalled":
+                p = msg["params"]
+                self.console.append(p["type"] + ": " + " ".join(str(a.get("value", a.get("description", "")))
+                                                                 for a in p["args"]))
+            elif msg.get("method") == "Runtime.exceptionThrown":
+                self.console.append("exception: " + json.dumps(msg["params"]["exceptionDetails"])[:500])
+
+    async def call(self, method: str, params: dict | None = None, session: str | None = None, timeout=20.0):
+        i = next(self.ids)
+        fut = asyncio.get_running_loop().create_future()
+        self.pending[i] = fut
+        msg = {"id": i, "method": method, "params": params or {}}
+        if session:
+            msg["sessionId"] = session
+        await self.ws.send(json.dumps(msg))
+        res = await asyncio.wait_for(fut, timeout)
+        if "error" in res:
+            raise RuntimeError(f"{method}: {res['error']}")
+        return res["result"]
+
+    async def eval(self, session: str, expr: str):
+        r = await self.call("Runtime.evaluate", {"expression": expr, "returnByValue": True, "awaitPromise": True},
+                            session)
+        if "exceptionDetails" in r:
+            raise RuntimeError(f"{expr[:80]}: {r['exceptionDetails']}")
+        return r["result"].get("value")
+
+
+async def launch_chromium(user_data_dir: str):
+    args = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            "--autoplay-policy=no-user-gesture-required", "--mute-audio",
+            f"--user-data-dir={user_data_dir}", "--remote-debugging-port=0", "about:blank"]
+    proc = await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.DEVNULL,
+                                                stderr=asyncio.subprocess.PIPE)
+    lines = []
+    try:
+        async with asyncio.timeout(30):
+            while True:
+                line = (await proc.stderr.readline()).decode(errors="replace")
+                if not line:
+                    raise RuntimeError("chromium exited before DevTools started:\n" + "".join(lines[-20:]))
+                lines.append(line)
+                m = re.search(r"DevTools listening on (ws://\S+)", line)
+                if m:
+                    break
+    except BaseException:
+        proc.kill()
+        await proc.wait()
+        raise
+
+    async def drain():  # keep reading stderr so chromium never blocks on a full pipe
+        while await proc.stderr.readline():
+            pass
+
+    drainer = asyncio.create_task(drain())
+    return proc, m.group(1), drainer
+
+
+STATE_JS = """(() => {
+  const v = document.getElementById('video');
+  const q = v.getVideoPlaybackQuality();
+  const s = window.streamgen ? window.streamgen.stats : {};
+  return {t: v.currentTime, frames: q.totalVideoFrames, error: v.error ? v.error.code + ' ' + v.error.message : null,
+          state: s.state, session: s.session, gaps: s.gaps, fragments: s.fragments, appended: s.appended,
+          lastError: s.lastError, endReason: s.endReason, mime: s.mime, message: document.getElementById('message').textContent,
+          overlay: document.getElementById('overlay').textContent,
+          supported: window.MediaSource ? MediaSource.isTypeSupported(s.mime || 'video/mp4; codecs="avc1.42C01E"') : false};
+})()"""
+
+# median colour of the video below the frame-index band, read back through a canvas
+COLOR_JS = f"""(() => {{
+  const v = document.getElementById('video');
+  const c = document.createElement('canvas'); c.width = {W}; c.height = {H};
+  const g = c.getContext('2d'); g.drawImage(v, 0, 0, {W}, {H});
+  const d = g.getImageData(0, {H // 8}, {W}, {H - H // 8}).data;
+  const ch = [[], [], []];
+  for (let i = 0; i < d.length; i += 4 * 7) for (let k = 0; k < 3; k++) ch[k].push(d[i + k]);
+  return ch.map((a) => a.sort((x, y) => x - y)[a.length >> 1]);
+}})()"""
+
+
+async def wait_for(cdp, session, cond, what: str, timeout: float = 25.0):
+    last = None
+    for _ in range(int(timeout / 0.2)):
+        last = await cdp.eval(session, STATE_JS)
+        if last["error"] or last.get("state") == "error":
+            raise AssertionError(f"player error while waiting for {what}: {last}\nconsole: {cdp.console[-10:]}")
+        if cond(last):
+            print(what, "->", {k: last[k] for k in ("t", "frames", "state", "fragments", "gaps", "overlay", "message")})
+            return last
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}: {last}\nconsole: {cdp.console[-10:]}")
+
+
+def close_color(got, prompt: str, tol: int = 24) -> bool:
+    return max(abs(a - b) for a, b in zip(got, prompt_color(prompt))) <= tol
+
+
+async def test_browser_plays_switches_prompt_reconnects_and_stops():
+    factory = TestPatternFactory("testpattern", width=W, height=H, fps=16, frames_per_chunk=8)
+    runner = web.AppRunner(build_app(ServerConfig(preset="veryfast", max_lead_s=2.0, grace_s=10.0,
+                                                  encode_threads=2), factory))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    state = runner.app[app_module.STATE]
+    tmp = tempfile.mkdtemp(prefix="streamgen-chromium-")
+    proc, browser_url, drainer = await launch_chromium(tmp)
+    try:
+        async with websockets.connect(browser_url, max_size=None) as ws:
+            cdp = CDP(ws)
+            target = await cdp.call("Target.createTarget", {"url": "about:blank"})
+            session = (await cdp.call("Target.attachToTarget", {"targetId": target["targetId"], "flatten": True}))[
+                "sessionId"]
+            await cdp.call("Runtime.enable", session=session)
+            await cdp.call("Page.enable", session=session)
+            p1, p2 = "a red fox in the snow", "a blue whale at dusk"
+            await cdp.call("Page.navigate", {"url": f"http://127.0.0.1:{port}/?autostart=1&prompt={quote(p1)}"},
+                           session)
+
+            # 1. playback starts and advances
+            s = await wait_for(cdp, session, lambda s: s["t"] > 1.0 and s["frames"] > 0, "playback to start")
+            assert s["supported"], f"chromium cannot play {s['mime']}"
+            assert s["state"] == "playing" and s["lastError"] is None, s
+            assert close_color(await cdp.eval(session, COLOR_JS), p1)
+            t1 = s["t"]
+
+            # 2. change the prompt through the UI while playing; playback continues and shows it
+            await cdp.eval(session, f"""(() => {{
+                const box = document.getElementById('prompt'); box.value = {json.dumps(p2)};
+                document.getElementById('apply').click(); }})()""")
+            s = await wait_for(cdp, session, lambda s: s["t"] > t1 + 1.5, "playback after the prompt switch")
+            (sess,) = state.registry.sessions.values()
+            assert sess.source._prompt == p2
+            for _ in range(50):
+                if close_color(await cdp.eval(session, COLOR_JS), p2):
+                    break
+                await asyncio.sleep(0.2)
+            else:
+                raise AssertionError(f"new prompt never shown: {await cdp.eval(session, COLOR_JS)} vs {prompt_color(p2)}")
+
+            # 3. the server drops the connection: the player re-attaches and misses nothing
+            t2 = s["t"]
+            for conn in list(state.sockets):
+                conn.request.transport.abort()
+            s = await wait_for(cdp, session, lambda s: s["t"] > t2 + 1.5 and s["state"] == "playing"
+                               and s["fragments"] > 0 and len(state.sockets) == 1, "playback after a reconnect")
+            assert s["session"] == sess.id and s["gaps"] == 0, s
+
+            # 4. stop
+            await cdp.eval(session, "document.getElementById('stop').click()")
+            s = await wait_for(cdp, session, lambda s: s["state"] == "ended", "the stream to end")
+            assert s["endReason"] == "stopped" and s["error"] is None, s
+            assert s["frames"] > 16, s
+            errors = [c for c in cdp.console if c.startswith(("error", "exception"))]
+            assert not errors, errors
+            try:
+                await cdp.call("Browser.close", timeout=5)
+            except Exception:
+                pass
+            cdp.reader.cancel()
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), 10)
+            except asyncio.TimeoutError:
+                proc.kill()
+                await proc.wait()
+        drainer.cancel()
+        shutil.rmtree(tmp, ignore_errors=True)
+        await runner.cleanup()
