@@ -97,3 +97,5 @@ def test_bad_arguments_name_the_problem(tmp_path, capsys):
     _rc(base + ["--sampler", "self-forcing", "--guidance", "5"], capsys, "--guidance")
     _rc(["--prompt", "p", "--out", str(tmp_path / "no" / "dir" / "o.mp4")], capsys, "--out", "does not exist")
     _rc(base + ["--image", str(tmp_path / "missing.png")], capsys, "--image", "missing.png")
+    _rc(base + ["--frames-per-chunk", "4", "--local-frames", "3", "--width", "32", "--height", "32"], capsys,
+        "frames_per_chunk=4", "local_frames")

@@ -364,11 +364,14 @@ def _run(args: argparse.Namespace) -> int:
                 with torch.no_grad():
                     img = read_image(args.image, width, height).to(device=device, dtype=next(vae.parameters()).dtype)
                     image_latent = vae.encode(img)
-            session = StreamSession(model, switches.pop(0, args.prompt), height=height, width=width, config=cfg,
-                                    text_encoder=text_encoder, decoder=decoder,
-                                    negative_prompt=negative if guidance != 1.0 else None, image=image_latent,
-                                    total_frames=args.chunks * fpc + (1 if image_latent is not None else 0),
-                                    device=device, dtype=dtype)
+            try:
+                session = StreamSession(model, switches.pop(0, args.prompt), height=height, width=width, config=cfg,
+                                        text_encoder=text_encoder, decoder=decoder,
+                                        negative_prompt=negative if guidance != 1.0 else None, image=image_latent,
+                                        total_frames=args.chunks * fpc + (1 if image_latent is not None else 0),
+                                        device=device, dtype=dtype)
+            except ValueError as e:  # e.g. --frames-per-chunk larger than the --local-frames window
+                raise UsageError(str(e)) from e
             for i in range(args.chunks):
                 if i in switches:
                     session.set_prompt(switches[i])
