@@ -100,6 +100,7 @@ class Interpolator:
         self.model, self.factor, self.scene_threshold = model, factor, scene_threshold
         self.cut_mode, self.max_batch, self.scale = cut_mode, max_batch, scale
         self.timesteps = [k / factor for k in range(1, factor)]
+        self._t_cache: dict = {}  # device -> (K,) timesteps tensor, made once per device
 
     def new_state(self) -> InterpolationState:
         return InterpolationState()
@@ -154,12 +155,14 @@ class Interpolator:
     def _interpolate(self, seq: "torch.Tensor") -> "torch.Tensor":
         import torch
 
-        n_pairs, k = seq.shape[0] - 1, len(self.timesteps)
+        n_pairs, k, dev = seq.shape[0] - 1, len(self.timesteps), seq.device
+        if dev not in self._t_cache:
+            self._t_cache[dev] = torch.tensor(self.timesteps, dtype=torch.float32).to(dev)
+        ts = self._t_cache[dev]
         if self.max_batch is None or n_pairs * k <= self.max_batch:
-            return self.model.interpolate_sequence(seq, self.timesteps, scale=self.scale)
-        dev = seq.device
-        i0 = torch.arange(n_pairs, device=dev).repeat_interleave(k)  # (T*K,)
-        t = torch.tensor(self.timesteps, dtype=torch.float32, device=dev).repeat(n_pairs)
+            return self.model.interpolate_sequence(seq, ts, scale=self.scale)
+        i0 = torch.arange(n_pairs, device=dev).view(-1, 1).expand(-1, k).reshape(-1)  # (T*K,)
+        t = ts.repeat(n_pairs)
         pieces = []
         for s in range(0, n_pairs * k, self.max_batch):
             sl = slice(s, s + self.max_batch)
@@ -191,7 +194,7 @@ class Interpolator:
         a, b = seq[:-1, None], seq[1:, None]
         if self.cut_mode == "copy":
             return a.expand(-1, len(self.timesteps), -1, -1, -1)
-        t = torch.tensor(self.timesteps, dtype=seq.dtype, device=seq.device).view(1, -1, 1, 1, 1)
+        t = self._t_cache[seq.device].view(1, -1, 1, 1, 1)
         return torch.lerp(a, b, t)
 
 

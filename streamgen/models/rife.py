@@ -17,9 +17,9 @@ Architecture (per image pair, arbitrary timestep t in (0, 1)):
 - Inputs are zero-padded on the right/bottom to a multiple of 64 (``64 / scale`` when ``scale < 1``)
   and cropped back.
 
-Precision: the convolutions run in the parameters' dtype (fp16/bf16 on the GPU, fp32 on the CPU);
-images, flows, sampling grids, warps and the final blend stay in fp32, so sub-pixel accuracy does not
-depend on the conv dtype. Cast the model with ``model.to(dtype)``; inputs may be any float dtype.
+Precision: the convolutions, and the mask/feature maps they hand on, run in the parameters' dtype
+(fp16/bf16 on the GPU, fp32 on the CPU); images, accumulated flows, sampling grids, warps and the
+final blend stay in fp32, so sub-pixel accuracy does not depend on the conv dtype. Cast the model with ``model.to(dtype)``; inputs may be any float dtype.
 
 Checkpoints: ``load_rife(path)`` reads ``flownet.pkl`` of v4.25/v4.26 with or without the
 ``module.`` prefix; the training-only ``teacher.*`` and ``caltime.*`` keys are dropped (one log
@@ -146,6 +146,13 @@ class IFNet(nn.Module):
     def device(self) -> torch.device:
         return self.encode.cnn0.weight.device
 
+    @property
+    def memory_format(self) -> torch.memory_format:
+        """channels_last after ``model.to(memory_format=torch.channels_last)``; conv inputs follow it."""
+        w = self.encode.cnn1.weight
+        cl = w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+        return torch.channels_last if cl else torch.contiguous_format
+
     # ---- public API ---------------------------------------------------------------------------
 
     def forward(self, img0: torch.Tensor, img1: torch.Tensor, timestep: float | torch.Tensor = 0.5,
@@ -159,26 +166,34 @@ class IFNet(nn.Module):
         if img0.shape != img1.shape or img0.ndim != 4 or img0.shape[1] != 3:
             raise ValueError(f"img0/img1 must both be (N, 3, H, W); got {tuple(img0.shape)} and {tuple(img1.shape)}")
         frames = torch.stack([img0, img1], 1).flatten(0, 1)  # (2N, 3, H, W): pair i = frames 2i, 2i+1
-        n = img0.shape[0]
-        t = torch.as_tensor(timestep, dtype=torch.float32, device=img0.device).reshape(-1)
-        if t.numel() not in (1, n):
-            raise ValueError(f"timestep must be a float or have N={n} entries, got {t.numel()}")
-        i0 = torch.arange(0, 2 * n, 2, device=img0.device)
-        return self.interpolate_pairs(frames, i0, i0 + 1, t.expand(n), scale=scale)
+        n, dev = img0.shape[0], img0.device
+        if isinstance(timestep, torch.Tensor):
+            t = timestep.to(device=dev, dtype=torch.float32, non_blocking=True).reshape(-1)
+            if t.numel() not in (1, n):
+                raise ValueError(f"timestep must be a float or have N={n} entries, got {t.numel()}")
+            t = t.expand(n)
+        else:
+            t = torch.full((n,), float(timestep), device=dev)
+        i0 = torch.arange(0, 2 * n, 2, device=dev)
+        return self.interpolate_pairs(frames, i0, i0 + 1, t, scale=scale)
 
-    def interpolate_sequence(self, frames: torch.Tensor, timesteps: Sequence[float], scale: float = 1.0) -> torch.Tensor:
+    def interpolate_sequence(self, frames: torch.Tensor, timesteps: Sequence[float] | torch.Tensor,
+                             scale: float = 1.0) -> torch.Tensor:
         """In-between frames of every consecutive pair of a sequence, in one batched forward.
 
-        frames: (T+1, 3, H, W) in [0, 1]. Returns (T, K, 3, H, W) float32 where out[i, k] is the
-        frame at ``timesteps[k]`` between frames[i] and frames[i+1]. Each frame is encoded once.
+        frames: (T+1, 3, H, W) in [0, 1]. timesteps: K floats or a (K,) tensor. Returns
+        (T, K, 3, H, W) float32 where out[i, k] is the frame at ``timesteps[k]`` between frames[i]
+        and frames[i+1]. Each frame is encoded once. No host sync.
         """
-        n_pairs, k = frames.shape[0] - 1, len(timesteps)
+        dev = frames.device
+        if not isinstance(timesteps, torch.Tensor):
+            timesteps = torch.tensor(list(timesteps), dtype=torch.float32)
+        t = timesteps.to(device=dev, dtype=torch.float32, non_blocking=True).reshape(-1)
+        n_pairs, k = frames.shape[0] - 1, t.numel()
         if n_pairs < 1 or k < 1:
             raise ValueError(f"need >= 2 frames and >= 1 timestep, got {frames.shape[0]} frames, {k} timesteps")
-        dev = frames.device
-        i0 = torch.arange(n_pairs, device=dev).repeat_interleave(k)  # (T*K,) pair-major
-        t = torch.tensor(list(timesteps), dtype=torch.float32, device=dev).repeat(n_pairs)
-        out = self.interpolate_pairs(frames, i0, i0 + 1, t, scale=scale)
+        i0 = torch.arange(n_pairs, device=dev).view(-1, 1).expand(-1, k).reshape(-1)  # (T*K,) pair-major
+        out = self.interpolate_pairs(frames, i0, i0 + 1, t.repeat(n_pairs), scale=scale)
         return out.unflatten(0, (n_pairs, k))
 
     def interpolate_pairs(self, frames: torch.Tensor, idx0: torch.Tensor, idx1: torch.Tensor, t: torch.Tensor,
@@ -195,7 +210,7 @@ class IFNet(nn.Module):
         x = frames.to(torch.float32)
         if (ph, pw) != (h, w):
             x = F.pad(x, (0, pw - w, 0, ph - h))
-        feats = self.encode(x.to(self.dtype)).to(torch.float32)  # (M, F, ph, pw)
+        feats = self.encode(x.to(self.dtype, memory_format=self.memory_format)).to(torch.float32)  # (M, F, ph, pw)
         src = torch.cat([x, feats], 1)  # (M, 3+F, ph, pw)
         out = self._flow_and_merge(src, idx0, idx1, t.to(torch.float32), scale)
         return out[..., :h, :w]
@@ -206,17 +221,18 @@ class IFNet(nn.Module):
                         scale: float) -> torch.Tensor:
         n = idx0.shape[0]
         _, c, hh, ww = src.shape
-        cdt = self.dtype
+        cdt, mf = self.dtype, self.memory_format
         both = torch.cat([idx0, idx1])  # (2N,): side 0 then side 1
         pair_src = src.index_select(0, both)  # (2N, 3+F, ph, pw)
         # normalized sampling grid (align_corners=True: -1 and 1 are the outer pixel centres)
         gx = torch.linspace(-1.0, 1.0, ww, device=src.device, dtype=torch.float32)
         gy = torch.linspace(-1.0, 1.0, hh, device=src.device, dtype=torch.float32)
         base = torch.stack(torch.meshgrid(gx, gy, indexing="xy"), -1)  # (ph, pw, 2) as (x, y)
-        to_grid = torch.tensor([2.0 / (ww - 1), 2.0 / (hh - 1)], device=src.device, dtype=torch.float32)
+        # pixels -> grid units, (2/(W-1), 2/(H-1)); linspace keeps both ends exact and needs no H2D copy
+        to_grid = torch.linspace(2.0 / (ww - 1), 2.0 / (hh - 1), 2, device=src.device, dtype=torch.float32)
 
         warped = pair_src
-        flow = mask = feat = None
+        flow = carried = None  # flow (N, 4, ph, pw) fp32; carried = [mask, feat] (N, 1+K, ph, pw) in cdt
         blocks = self.blocks
         for i, (block, s) in enumerate(zip(blocks, self.cfg.scales)):
             s = s / scale
@@ -227,22 +243,32 @@ class IFNet(nn.Module):
             tplane = t.view(n, 1, 1, 1).expand(n, 1, h, w)
             parts = [imgs, fts, tplane]
             if flow is not None:
-                prev = _resize(torch.cat([mask, feat, flow], 1), 1.0 / s)  # (N, 1+K+4, h, w)
-                parts += [prev[:, :-4], prev[:, -4:] / s]
-            tmp = block(torch.cat([p.to(cdt) for p in parts], 1))
-            tmp = _resize(tmp, s).to(torch.float32)  # (N, 5+K, ph, pw)
-            dflow = tmp[:, :4] * s
+                parts += [_resize(carried, 1.0 / s), _resize(flow, 1.0 / s) / s]
+            tmp = block(torch.cat([p.to(cdt) for p in parts], 1).contiguous(memory_format=mf))
+            up = _resize(tmp, s)  # (N, 5+K, ph, pw), conv dtype: only the flow is kept in fp32
+            dflow = up[:, :4].to(torch.float32) * s
             flow = dflow if flow is None else flow + dflow
-            mask, feat = tmp[:, 4:5], tmp[:, 5:]
+            carried = up[:, 4:]
             # warp both sides towards t; after the last block only the images are needed
             grid = flow.unflatten(1, (2, 2)).transpose(0, 1).flatten(0, 1)  # (2N, 2, ph, pw)
-            grid = base + grid.permute(0, 2, 3, 1) * to_grid  # (2N, ph, pw, 2)
+            grid = torch.addcmul(base, grid.permute(0, 2, 3, 1), to_grid)  # (2N, ph, pw, 2)
             last = i == len(blocks) - 1
             warped = F.grid_sample(pair_src[:, :3] if last else pair_src, grid, mode="bilinear",
                                    padding_mode="border", align_corners=True)
         w0, w1 = warped[:n], warped[n:]
-        m = torch.sigmoid(mask)
+        m = torch.sigmoid(carried[:, :1].to(torch.float32))
         return w1 + m * (w0 - w1)
+
+
+def compile_rife(model: IFNet, **compile_kwargs) -> IFNet:
+    """Wrap the model's batched path in ``torch.compile`` (static shapes: one graph per chunk shape).
+
+    A speed-up from outside: the module is unchanged, only ``model.interpolate_pairs`` (which
+    ``forward`` and ``interpolate_sequence`` call) is replaced on this instance.
+    """
+    compile_kwargs.setdefault("dynamic", False)
+    model.interpolate_pairs = torch.compile(model.interpolate_pairs, **compile_kwargs)
+    return model
 
 
 # ---- checkpoints --------------------------------------------------------------------------------
