@@ -42,6 +42,12 @@ class CDP:
         self.reader = asyncio.create_task(self._read())
 
     async def _read(self):
+        try:
+            await self._dispatch()
+        except websockets.ConnectionClosed:
+            pass
+
+    async def _dispatch(self):
         async for raw in self.ws:
             msg = json.loads(raw)
             if "id" in msg and msg["id"] in self.pending:
@@ -107,6 +113,7 @@ async def launch_chromium(user_data_dir: str):
 
 STATE_JS = """(() => {
   const v = document.getElementById('video');
+  if (!v || !document.getElementById('message')) return {t: 0, frames: 0, error: null, state: 'loading'};
   const q = v.getVideoPlaybackQuality();
   const s = window.streamgen ? window.streamgen.stats : {};
   return {t: v.currentTime, frames: q.totalVideoFrames, error: v.error ? v.error.code + ' ' + v.error.message : null,
@@ -135,7 +142,6 @@ async def wait_for(cdp, session, cond, what: str, timeout: float = 25.0):
         if last["error"] or last.get("state") == "error":
             raise AssertionError(f"player error while waiting for {what}: {last}\nconsole: {cdp.console[-10:]}")
         if cond(last):
-            print(what, "->", {k: last[k] for k in ("t", "frames", "state", "fragments", "gaps", "overlay", "message")})
             return last
         await asyncio.sleep(0.2)
     raise AssertionError(f"timed out waiting for {what}: {last}\nconsole: {cdp.console[-10:]}")

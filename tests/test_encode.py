@@ -57,8 +57,9 @@ def _decode(data: bytes) -> list[av.VideoFrame]:
         return list(c.decode(video=0))
 
 
-def test_fragment_per_chunk_decodes_frame_exactly():
-    enc = FMP4Encoder(W, H, 16, preset="ultrafast")
+@pytest.mark.parametrize("preset", ["ultrafast", "veryfast"])
+def test_fragment_per_chunk_decodes_frame_exactly(preset):
+    enc = FMP4Encoder(W, H, 16, preset=preset)
     chunks = [5, 4, 4, 1, 6]
     stream = enc.init_segment
     done = 0
