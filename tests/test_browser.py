@@ -87,17 +87,25 @@ async def launch_chromium(user_data_dir: str):
             f"--user-data-dir={user_data_dir}", "--remote-debugging-port=0", "about:blank"]
     proc = await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.DEVNULL,
                                                 stderr=asyncio.subprocess.PIPE)
-    lines = []
+    lines, url = [], None
+    port_file = os.path.join(user_data_dir, "DevToolsActivePort")
     try:
         async with asyncio.timeout(30):
-            while True:
-                line = (await proc.stderr.readline()).decode(errors="replace")
-                if not line:
+            while url is None:
+                try:
+                    line = (await asyncio.wait_for(proc.stderr.readline(), 0.5)).decode(errors="replace")
+                except asyncio.TimeoutError:
+                    line = None
+                if line == "":
                     raise RuntimeError("chromium exited before DevTools started:\n" + "".join(lines[-20:]))
-                lines.append(line)
-                m = re.search(r"DevTools listening on (ws://\S+)", line)
-                if m:
-                    break
+                if line:
+                    lines.append(line)
+                    m = re.search(r"DevTools listening on (ws://\S+)", line)
+                    url = m.group(1) if m else None
+                if url is None and os.path.exists(port_file):  # "PORT\n/devtools/browser/ID"
+                    parts = open(port_file).read().split()
+                    if len(parts) == 2:
+                        url = f"ws://127.0.0.1:{parts[0]}{parts[1]}"
     except BaseException:
         proc.kill()
         await proc.wait()
@@ -108,7 +116,7 @@ async def launch_chromium(user_data_dir: str):
             pass
 
     drainer = asyncio.create_task(drain())
-    return proc, m.group(1), drainer
+    return proc, url, drainer
 
 
 STATE_JS = """(() => {

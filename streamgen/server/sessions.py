@@ -245,6 +245,7 @@ class Session:
         self._closed = False
         self._last_status = 0.0
         self._paused_at: float | None = None
+        self._closer: asyncio.Future | None = None
         self.producer: asyncio.Task | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -357,8 +358,10 @@ class Session:
     def _arm_grace(self, delay: float | None = None) -> None:
         if self._grace is None and not self._closed:
             delay = self.limits.grace_s if delay is None else delay
-            self._grace = asyncio.get_running_loop().call_later(
-                delay, lambda: asyncio.ensure_future(self.aclose()))
+            self._grace = asyncio.get_running_loop().call_later(delay, self._close_soon)
+
+    def _close_soon(self) -> None:
+        self._closer = asyncio.ensure_future(self.aclose())  # keep a reference until it is done
 
     def ack(self, sub: Subscriber, seq: int, playhead: float | None) -> None:
         sub.acked_seq = max(sub.acked_seq, seq)
