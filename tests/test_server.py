@@ -7,7 +7,6 @@ import io
 import socket
 import subprocess
 import sys
-import time
 
 import aiohttp
 import av
