@@ -406,7 +406,7 @@ def _free_port() -> int:
 
 async def test_serve_cli_serves_player_and_health():
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "streamgen", "serve", "--port", str(port), "--token", "t0k"],
+    proc = subprocess.Popen([sys.executable, "-m", "streamgen", "serve", "--model", "testpattern", "--port", str(port), "--token", "t0k"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         async with aiohttp.ClientSession() as http:

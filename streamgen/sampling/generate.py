@@ -219,8 +219,11 @@ def _require_file(flag: str, path: str | None, what: str) -> str:
     return path
 
 
-def build_components(args, preset: ModelPreset, device, dtype):
-    """(model, text_encoder, decoder, vae or None) for the preset and args, on device/dtype."""
+def build_components(preset: ModelPreset, device, dtype, *, decoder: str, checkpoint: str | None = None,
+                     vae: str | None = None, text_encoder: str | None = None):
+    """(model, text_encoder, decoder, vae or None) for the preset on device/dtype.
+
+    decoder: "wan" | "taehv"; checkpoint / vae / text_encoder: weight paths (unused for built-in presets)."""
     import torch
 
     from streamgen.models import wan
@@ -232,18 +235,18 @@ def build_components(args, preset: ModelPreset, device, dtype):
         torch.manual_seed(0)  # the built-in tiny model: fixed random weights
         model = wan.WanModel(cfg)
         text_encoder = load_text_encoder(None, dim=cfg.text_dim, device=device, dtype=torch.float32)
-        decoder, vae = _tiny_decoder(args.decoder)
+        dec, vae_model = _tiny_decoder(decoder)
     else:
         from streamgen.models.checkpoints import load_wan_model
 
-        model = load_wan_model(args.checkpoint, None, device=device, dtype=dtype)
+        model = load_wan_model(checkpoint, None, device=device, dtype=dtype)
         from streamgen.models.text import load_text_encoder
 
-        text_encoder = load_text_encoder(args.text_encoder, dim=model.cfg.text_dim, device=device, dtype=dtype)
-        decoder, vae = _load_decoder(args.decoder, args.vae, device, dtype)
+        text_encoder = load_text_encoder(text_encoder, dim=model.cfg.text_dim, device=device, dtype=dtype)
+        dec, vae_model = _load_decoder(decoder, vae, device, dtype)
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    decoder = decoder.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    return model, text_encoder, decoder, vae
+    dec = dec.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return model, text_encoder, dec, vae_model
 
 
 def _tiny_decoder(kind: str):
@@ -343,7 +346,9 @@ def _run(args: argparse.Namespace) -> int:
 
     device = _pick_device(args.device)
     dtype = _pick_dtype(args.dtype, device)
-    model, text_encoder, decoder, vae = build_components(args, preset, device, dtype)
+    model, text_encoder, decoder, vae = build_components(preset, device, dtype, decoder=args.decoder,
+                                                       checkpoint=args.checkpoint, vae=args.vae,
+                                                       text_encoder=args.text_encoder)
     negative = args.negative_prompt if args.negative_prompt is not None else (DEFAULT_NEGATIVE_PROMPT if not preset.builtin else "")
 
     print(f"streamgen generate: {args.model} {width}x{height} {args.chunks} chunks, sampler {sampler} "

@@ -15,8 +15,8 @@ allowed (else HTTP 403). Requests without an Origin (non-browser clients) pass t
 
 Each connection holds at most one session at a time (``start`` creates one, ``attach`` joins one
 by id after a reconnect). Sessions live in streamgen.server.sessions; frames come from a
-pluggable streamgen.engine.source.SourceFactory (``--source testpattern`` until the engine
-lands). Bad client input is answered with an ``error`` naming the field; it never closes
+pluggable streamgen.engine.source.SourceFactory: the generation engine
+(streamgen.engine.serving) or a test pattern that needs no model. Bad client input is answered with an ``error`` naming the field; it never closes
 other connections or the server.
 """
 
@@ -57,7 +57,9 @@ class ServerConfig:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="testpattern", help="model name served (clients may ask for it in `start`)")
+    p.add_argument("--model", default="tiny",
+                   help="model served (clients may ask for it in `start`): a streaming preset of `streamgen generate` "
+                        "(default: the built-in 'tiny'), or 'testpattern' (no model)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--token", default=os.environ.get("STREAMGEN_TOKEN"),
@@ -67,8 +69,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "Default: only this server's own origin")
     p.add_argument("--max-sessions", type=int, default=8, help="sessions on this server at once")
     p.add_argument("--max-sessions-per-client", type=int, default=2, help="sessions per client address")
-    p.add_argument("--source", choices=["testpattern", "engine"], default="testpattern",
-                   help="frame source: a test pattern (no model needed) or the generation engine")
+    p.add_argument("--source", choices=["auto", "testpattern", "engine"], default="auto",
+                   help="frame source: the generation engine, or a test pattern (no model needed); "
+                        "auto: testpattern for --model testpattern, else engine")
     p.add_argument("--queue-fragments", type=int, default=8,
                    help="per-client send window; a slower client drops whole fragments beyond it")
     p.add_argument("--max-lead", type=float, default=3.0,
@@ -79,18 +82,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=int, default=None, help="default width (testpattern: 320)")
     p.add_argument("--height", type=int, default=None, help="default height (testpattern: 192)")
     p.add_argument("--fps", type=int, default=None, help="default fps (testpattern: 16)")
+    add_engine_arguments(p)
+
+
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of `streamgen serve --source engine` (the model flags match `streamgen generate`)."""
+    g = p.add_argument_group("engine (--source engine)")
+    g.add_argument("--checkpoint", default=None, help="Wan DiT weights (file or folder); not needed for 'tiny'")
+    g.add_argument("--vae", default=None, help="decoder weights (Wan2.1_VAE.pth or taew2_1.pth)")
+    g.add_argument("--text-encoder", default=None, help="umT5-XXL folder or models_t5_umt5-xxl-enc-bf16.pth")
+    g.add_argument("--decoder", choices=["wan", "taehv"], default=None, help="video decoder (default: the model's)")
+    g.add_argument("--rife", default="auto",
+                   help="RIFE flownet.pkl for interpolate 2/4 ('auto': $STREAMGEN_RIFE_WEIGHTS or the bundled "
+                        "search path; 'none': no interpolation)")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--local-frames", type=int, default=12,
+                   help="attention window in latent frames (sink included); streams are endless, so one is needed")
+    g.add_argument("--sink-frames", type=int, default=3, help="latent frames kept at the window's front")
+    g.add_argument("--engine-sessions", type=int, default=4, help="streams generated at once (each holds a KV cache)")
 
 
 def make_source_factory(args: argparse.Namespace, executor: ThreadPoolExecutor):
     from streamgen.engine.source import TestPatternFactory
 
-    if args.source == "testpattern":
+    if args.source == "testpattern" or (args.source == "auto" and args.model == "testpattern"):
         kw = {k: v for k, v in (("width", args.width), ("height", args.height), ("fps", args.fps)) if v}
         return TestPatternFactory(args.model, executor=executor, **kw)
-    try:
-        from streamgen.engine import serving  # provided by the engine issue
-    except ImportError as e:
-        raise SystemExit(f"--source engine is not available in this build ({e}); use --source testpattern") from e
+    from streamgen.engine import serving
+
     return serving.make_source_factory(args)
 
 

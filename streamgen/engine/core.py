@@ -1,0 +1,355 @@
+"""The generation engine: one busy-loop thread owns the model and the GPU; the event loop talks
+to it through queues (vLLM v1 ``EngineCore`` busy loop vs ``AsyncLLM``).
+
+Flow of one chunk (busy thread)::
+
+    scheduler.next() -> StreamSession.next_chunk()          # denoise, cache pass, decode
+                     -> (T,3,H,W) in [0,1] -> RIFE (factor)  # boundary pair kept in state
+                     -> uint8 (T,H,W,3) -> pinned host copy + CUDA event (no host sync)
+                     -> handle's asyncio.Queue via call_soon_threadsafe
+
+The event-loop side (:class:`EngineHandle`) awaits the event in a worker thread, so neither loop
+ever blocks the other. Commands (open, prompt, pause, cancel, consumed) are queued to the busy
+thread, which is the only thread that touches models, caches and CUDA state. A failure inside one
+session (bad image, OOM, a bug) is delivered to that session's handle as :class:`EngineError`
+and the loop goes on with the others; a cancelled session's cache is dropped at once.
+
+Sessions are served one chunk at a time, round robin (:mod:`streamgen.engine.scheduler`); each
+keeps its own cache position, so sessions are not batched into one forward.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from streamgen.engine.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+INTERPOLATE_FACTORS = (1, 2, 4)
+
+
+class EngineError(RuntimeError):
+    """Generation of one session failed or was refused. ``code`` is a protocol error code."""
+
+    def __init__(self, message: str, code: str = "generation_failed", field: str | None = None):
+        super().__init__(message)
+        self.code, self.field = code, field
+
+
+@dataclass
+class Pipeline:
+    """The shared, stateless parts: one set serves every session.
+
+    model: WanModel (block-causal); text_encoder: ``encode(list[str])`` (a PromptCache);
+    decoder: ``new_state()`` / ``decode_chunk``; vae: WanVAE for image start, or None;
+    rife: IFNet for interpolation, or None; fps: frame rate of decoded video (before RIFE).
+    """
+
+    model: Any
+    text_encoder: Any
+    decoder: Any
+    vae: Any = None
+    rife: Any = None
+    fps: int = 16
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+
+
+@dataclass
+class GenRequest:
+    """One stream. image: uint8 (height, width, 3) RGB first frame, or None."""
+
+    prompt: str
+    width: int
+    height: int
+    seed: int = 0
+    chunks: int | None = None
+    interpolate: int = 1
+    image: np.ndarray | None = None
+
+
+@dataclass
+class EngineSettings:
+    """max_sessions: concurrent streams (each holds a KV cache); max_ahead: chunks a session may
+    have made beyond what its consumer took; local_frames / sink_frames: attention window of every
+    stream (endless streams need one); scene_threshold: RIFE scene-cut detection."""
+
+    max_sessions: int = 4
+    max_ahead: int = 1
+    local_frames: int | None = 12
+    sink_frames: int = 3
+    scene_threshold: float | None = 0.15
+    frames_per_chunk: int | None = None
+    num_steps: int = 4
+    shift: float = 5.0
+
+
+@dataclass
+class _Chunk:
+    frames: torch.Tensor  # uint8 (T, H, W, 3) on the host (pinned when the device is CUDA)
+    ready: Any  # torch.cuda.Event recorded after the copy, or None
+    index: int
+    switched: bool
+
+
+class _Stream:
+    """Busy-thread state of one session."""
+
+    def __init__(self, session, interp, istate, factor: int):
+        self.session, self.interp, self.istate, self.factor = session, interp, istate, factor
+
+
+class EngineHandle:
+    """Event-loop side of one session. ``await get()`` returns the next chunk as uint8 (T,H,W,3)."""
+
+    def __init__(self, engine: "Engine", sid: int, width: int, height: int, fps: int):
+        self._engine, self.sid, self.width, self.height, self.fps = engine, sid, width, height, fps
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._closed = False  # no more chunks will be returned
+        self._cancelled = False  # the slot was given back
+        self.chunks = 0  # chunks returned by get()
+        self.last_switched = False  # a prompt switch took effect at the chunk get() returned last
+
+    def _deliver(self, item) -> None:  # from the busy thread
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+    async def get(self) -> np.ndarray:
+        """The next chunk; raises EngineError if generation failed, EOFError after the last chunk."""
+        if self._closed:
+            raise EOFError("session is closed")
+        item = await self._queue.get()
+        if isinstance(item, BaseException):
+            self._closed = True
+            raise item
+        if item is None:
+            self._closed = True
+            raise EOFError("no more chunks")
+        self._engine._command("consumed", self.sid)
+        self.chunks += 1
+        self.last_switched = item.switched
+        if item.ready is not None:
+            await asyncio.get_running_loop().run_in_executor(None, item.ready.synchronize)
+        return item.frames.numpy()
+
+    def set_prompt(self, prompt: str) -> None:
+        self._engine._command("prompt", self.sid, prompt)
+
+    def pause(self) -> None:
+        self._engine._command("pause", self.sid)
+
+    def resume(self) -> None:
+        self._engine._command("resume", self.sid)
+
+    def cancel(self) -> None:
+        """Stop generating and free the session's cache. Idempotent."""
+        self._closed = True
+        if not self._cancelled:
+            self._cancelled = True
+            self._engine._command("cancel", self.sid)
+
+
+class Engine:
+    """Owns the pipeline and the busy-loop thread; ``open()`` streams from the event loop."""
+
+    def __init__(self, pipeline: Pipeline, settings: EngineSettings | None = None):
+        self.pipeline = pipeline
+        self.settings = s = settings or EngineSettings()
+        self.scheduler = Scheduler(s.max_sessions, s.max_ahead)
+        self._cmds: queue.SimpleQueue = queue.SimpleQueue()
+        self._handles: dict[int, EngineHandle] = {}
+        self._streams: dict[int, _Stream] = {}
+        self._interps: dict[int, Any] = {}  # factor -> Interpolator (they share pipeline.rife)
+        self._ids = itertools.count(1)
+        self._open = 0  # sessions admitted and not yet cancelled (event-loop view, for refusal)
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.stats = {"chunks": 0, "frames": 0, "busy_s": 0.0, "errors": 0}
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> "Engine":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="streamgen-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def close(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        self._cmds.put(("wake", 0, None))
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    # -- event-loop API --------------------------------------------------------------------------
+
+    @property
+    def fps(self) -> int:
+        return self.pipeline.fps
+
+    def validate(self, req: GenRequest) -> None:
+        """Raise EngineError naming the field when ``req`` is outside what this pipeline takes."""
+        if req.interpolate not in INTERPOLATE_FACTORS:
+            raise EngineError(f"interpolate must be one of {INTERPOLATE_FACTORS}, got {req.interpolate!r}",
+                              "bad_field", "interpolate")
+        if req.interpolate > 1 and self.pipeline.rife is None:
+            raise EngineError("interpolate > 1 needs RIFE weights, which this server was started without "
+                              "(streamgen serve --rife PATH/flownet.pkl)", "unsupported", "interpolate")
+        for name in ("width", "height"):
+            v = getattr(req, name)
+            if v % 16 or v < 16:
+                raise EngineError(f"{name} must be a positive multiple of 16, got {v}", "bad_field", name)
+        if req.image is not None and self.pipeline.vae is None:
+            raise EngineError("image start needs the Wan VAE; this model decodes with TAEHV only",
+                              "unsupported", "image")
+        if req.chunks is not None and req.chunks < 1:
+            raise EngineError(f"chunks must be >= 1, got {req.chunks}", "bad_field", "chunks")
+
+    async def open(self, req: GenRequest) -> EngineHandle:
+        """Admit a stream. Raises EngineError (code ``busy``) when all slots are taken."""
+        self.validate(req)
+        with self._lock:
+            if self._open >= self.settings.max_sessions:
+                raise EngineError(f"all {self.settings.max_sessions} generation slots are in use; try again later",
+                                  "busy")
+            self._open += 1
+        sid = next(self._ids)
+        handle = EngineHandle(self, sid, req.width, req.height, self.pipeline.fps * req.interpolate)
+        self._handles[sid] = handle
+        self._command("open", sid, req)
+        return handle
+
+    def _command(self, kind: str, sid: int, arg: Any = None) -> None:
+        if kind == "cancel":
+            with self._lock:
+                self._open -= 1
+        self._cmds.put((kind, sid, arg))
+
+    # -- busy loop (engine thread only) ----------------------------------------------------------
+
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while not self._stop.is_set():
+            slot = self.scheduler.next()
+            try:  # block only when there is nothing to run
+                cmd = self._cmds.get(timeout=0.5) if slot is None else self._cmds.get_nowait()
+            except queue.Empty:
+                cmd = None
+            if cmd is not None:
+                self._handle_command(*cmd)
+                continue  # drain all commands before the next chunk
+            if slot is not None:
+                self._step(slot.sid)
+        for sid in list(self._streams):
+            self._drop(sid)
+
+    def _handle_command(self, kind: str, sid: int, arg: Any) -> None:
+        if kind == "open":
+            self._open_stream(sid, arg)
+        elif kind == "cancel":
+            self._drop(sid)
+        elif sid not in self._streams:
+            return  # the session ended already
+        elif kind == "consumed":
+            self.scheduler.consumed(sid)
+        elif kind == "prompt":
+            self._streams[sid].session.set_prompt(arg)
+        elif kind in ("pause", "resume"):
+            self.scheduler.set_paused(sid, kind == "pause")
+
+    def _open_stream(self, sid: int, req: GenRequest) -> None:
+        from streamgen.sampling.stream import StreamConfig, StreamSession
+
+        p, s = self.pipeline, self.settings
+        handle = self._handles.get(sid)
+        if handle is None or handle._cancelled:
+            return
+        try:
+            image = None
+            if req.image is not None:
+                img = torch.from_numpy(req.image).to(p.device).permute(2, 0, 1)  # (3, H, W) uint8
+                img = img.to(next(p.vae.parameters()).dtype).div(127.5).sub(1)[None, :, None]  # (1,3,1,H,W)
+                image = p.vae.encode(img)
+            cfg = StreamConfig(frames_per_chunk=s.frames_per_chunk, num_steps=s.num_steps, shift=s.shift,
+                               local_frames=s.local_frames, sink_frames=s.sink_frames if s.local_frames else None,
+                               seed=req.seed)
+            fpc = s.frames_per_chunk or p.model.cfg.frames_per_chunk
+            total = None if s.local_frames else (req.chunks or 1) * fpc + (image is not None)
+            session = StreamSession(p.model, req.prompt, height=req.height, width=req.width, config=cfg,
+                                    text_encoder=p.text_encoder, decoder=p.decoder, image=image,
+                                    total_frames=total, device=p.device, dtype=p.dtype)
+            interp = self._interpolator(req.interpolate)
+            self._streams[sid] = _Stream(session, interp, interp.new_state(), req.interpolate)
+            self.scheduler.admit(sid, limit=req.chunks)
+        except Exception as e:  # noqa: BLE001 - reported to this session only
+            log.exception("session %d: could not start", sid)
+            self._fail(sid, e)
+
+    def _interpolator(self, factor: int):
+        from streamgen.media.interpolate import Interpolator
+
+        if factor not in self._interps:
+            self._interps[factor] = Interpolator(self.pipeline.rife if factor > 1 else None, factor,
+                                                 self.settings.scene_threshold)
+        return self._interps[factor]
+
+    def _step(self, sid: int) -> None:
+        st = self._streams[sid]
+        t0 = time.perf_counter()
+        try:
+            chunk = st.session.next_chunk()
+            frames = chunk.frames[0].transpose(0, 1).add(1).mul_(0.5).clamp_(0, 1)  # (T, 3, H, W)
+            if chunk.switched:
+                st.istate.cut()
+            frames = st.interp.process(frames, st.istate)
+            u8 = frames.mul(255).round_().to(torch.uint8).permute(0, 2, 3, 1)  # (T, H, W, 3)
+            ready = None
+            if u8.is_cuda:
+                host = torch.empty(u8.shape, dtype=torch.uint8, pin_memory=True)
+                host.copy_(u8, non_blocking=True)
+                ready = torch.cuda.Event()
+                ready.record()
+            else:
+                host = u8.contiguous().clone()
+        except Exception as e:  # noqa: BLE001 - one session's failure must not stop the others
+            log.exception("session %d: generation failed", sid)
+            if isinstance(e, torch.cuda.OutOfMemoryError):
+                torch.cuda.empty_cache()
+            self._fail(sid, e)
+            return
+        self.scheduler.served(sid)
+        self.stats["chunks"] += 1
+        self.stats["frames"] += host.shape[0]
+        self.stats["busy_s"] += time.perf_counter() - t0
+        handle = self._handles.get(sid)
+        if handle is not None:
+            handle._deliver(_Chunk(host, ready, chunk.index, chunk.switched))
+            if self.scheduler.slots[sid].done:
+                handle._deliver(None)
+                self._drop(sid, keep_handle=True)
+
+    def _fail(self, sid: int, e: BaseException) -> None:
+        self.stats["errors"] += 1
+        handle = self._handles.get(sid)
+        if handle is not None:
+            err = e if isinstance(e, EngineError) else EngineError(f"{type(e).__name__}: {e}")
+            handle._deliver(err)
+        self._drop(sid, keep_handle=True)
+
+    def _drop(self, sid: int, keep_handle: bool = False) -> None:
+        self._streams.pop(sid, None)
+        self.scheduler.remove(sid)
+        if not keep_handle:
+            self._handles.pop(sid, None)

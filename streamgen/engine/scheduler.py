@@ -1,0 +1,85 @@
+"""Which session the engine's busy loop serves next. Pure bookkeeping: no torch, no threads.
+
+Each session has *credits*: how many more chunks it may produce before its consumer takes one
+(``max_ahead`` at admission; one spent per chunk made, one returned per chunk taken). A session
+is ready when it has credits and is neither paused nor finished. Among ready sessions the one
+served longest ago goes first (round robin), so a fast consumer cannot starve a slow one and a
+slow consumer costs no GPU time beyond its ``max_ahead`` chunks.
+
+The scheduler runs on the busy loop's thread only; the event loop talks to it through the
+engine's command queue.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class SlotState:
+    sid: int
+    credits: int
+    paused: bool = False
+    done: bool = False  # produced its last chunk, failed, or cancelled
+    last_served: int = -1  # scheduler tick when it last ran; -1 = never
+    produced: int = 0
+    limit: int | None = None  # chunks to produce in all; None = until cancelled
+
+
+class Scheduler:
+    """Admission (bounded slots) and round-robin choice of the next session to run."""
+
+    def __init__(self, max_sessions: int, max_ahead: int = 1):
+        if max_sessions < 1:
+            raise ValueError(f"max_sessions must be >= 1, got {max_sessions}")
+        if max_ahead < 1:
+            raise ValueError(f"max_ahead must be >= 1, got {max_ahead}")
+        self.max_sessions, self.max_ahead = max_sessions, max_ahead
+        self.slots: dict[int, SlotState] = {}
+        self._tick = 0
+
+    def can_admit(self) -> bool:
+        return len(self.slots) < self.max_sessions
+
+    def admit(self, sid: int, limit: int | None = None) -> SlotState:
+        if sid in self.slots:
+            raise ValueError(f"session {sid} is already scheduled")
+        if not self.can_admit():
+            raise RuntimeError(f"all {self.max_sessions} session slots are in use")
+        slot = SlotState(sid, credits=self.max_ahead, limit=limit)
+        self.slots[sid] = slot
+        return slot
+
+    def remove(self, sid: int) -> None:
+        self.slots.pop(sid, None)
+
+    def consumed(self, sid: int) -> None:
+        """The consumer took one chunk: one more may be made."""
+        slot = self.slots.get(sid)
+        if slot is not None:
+            slot.credits = min(slot.credits + 1, self.max_ahead)
+
+    def set_paused(self, sid: int, paused: bool) -> None:
+        slot = self.slots.get(sid)
+        if slot is not None:
+            slot.paused = paused
+
+    def ready(self) -> list[SlotState]:
+        return [s for s in self.slots.values() if s.credits > 0 and not s.paused and not s.done]
+
+    def next(self) -> SlotState | None:
+        """The ready session served longest ago (ties: lowest id), or None when nothing is ready."""
+        ready = self.ready()
+        if not ready:
+            return None
+        return min(ready, key=lambda s: (s.last_served, s.sid))
+
+    def served(self, sid: int) -> None:
+        """Record that ``sid`` produced one chunk."""
+        slot = self.slots[sid]
+        self._tick += 1
+        slot.last_served = self._tick
+        slot.credits -= 1
+        slot.produced += 1
+        if slot.limit is not None and slot.produced >= slot.limit:
+            slot.done = True

@@ -1,0 +1,248 @@
+"""The engine: scheduler bookkeeping (no torch), and the busy loop on the tiny model (CPU) checked
+against the same computation done directly with StreamSession + Interpolator."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from streamgen.engine.core import Engine, EngineError, EngineSettings, GenRequest, Pipeline
+from streamgen.engine.scheduler import Scheduler
+
+RIFE = Path(__file__).resolve().parents[2] / "shared/weights/rife-v4.26/flownet.pkl"
+
+
+# -- scheduler -------------------------------------------------------------------------------------
+
+def test_scheduler_round_robin_credits_pause_and_limit():
+    s = Scheduler(max_sessions=3, max_ahead=2)
+    for sid, limit in ((1, None), (2, None), (3, 3)):
+        s.admit(sid, limit=limit)
+    assert not s.can_admit()
+    with pytest.raises(RuntimeError, match="3 session slots"):
+        s.admit(4)
+    order = []
+    for _ in range(6):
+        slot = s.next()
+        order.append(slot.sid)
+        s.served(slot.sid)
+    assert order == [1, 2, 3, 1, 2, 3]  # round robin until credits (max_ahead=2) run out
+    assert s.next() is None  # every consumer is 2 chunks behind: nothing more is made
+    s.consumed(2)
+    assert s.next().sid == 2
+    s.set_paused(2, True)
+    assert s.next() is None
+    s.set_paused(2, False)
+    s.consumed(3)
+    s.served(3)  # third chunk of a 3-chunk stream
+    assert s.slots[3].done
+    s.consumed(3)
+    assert s.next().sid == 2  # a finished session is never picked again
+    s.remove(3)
+    assert s.can_admit()
+
+
+def test_scheduler_credit_never_exceeds_max_ahead():
+    s = Scheduler(max_sessions=1, max_ahead=1)
+    s.admit(7)
+    for _ in range(5):
+        s.consumed(7)
+    s.served(7)
+    assert s.next() is None
+
+
+# -- engine on the tiny model ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny():
+    from streamgen.sampling.generate import MODELS, build_components
+
+    model, text, dec, vae = build_components(MODELS["tiny"], torch.device("cpu"), torch.float32, decoder="taehv")
+    rife = None
+    if RIFE.is_file():
+        from streamgen.models.rife import load_rife
+
+        rife = load_rife(RIFE)
+    return model, text, dec, rife
+
+
+def _reference(tiny, req: GenRequest, n_chunks: int, settings: EngineSettings, switch_at: dict[int, str] = {}):
+    """The same stream computed directly: StreamSession -> [0,1] -> Interpolator -> uint8."""
+    from streamgen.media.interpolate import Interpolator
+    from streamgen.sampling.stream import StreamConfig, StreamSession
+
+    model, text, dec, rife = tiny
+    cfg = StreamConfig(local_frames=settings.local_frames, sink_frames=settings.sink_frames, seed=req.seed)
+    sess = StreamSession(model, req.prompt, height=req.height, width=req.width, config=cfg, text_encoder=text,
+                         decoder=dec)
+    interp = Interpolator(rife if req.interpolate > 1 else None, req.interpolate, settings.scene_threshold)
+    state = interp.new_state()
+    out = []
+    for i in range(n_chunks):
+        if i in switch_at:
+            sess.set_prompt(switch_at[i])
+        c = sess.next_chunk()
+        if c.switched:
+            state.cut()
+        f = interp.process(c.frames[0].transpose(0, 1).add(1).mul(0.5).clamp(0, 1), state)
+        out.append(f.mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
+    return out
+
+
+def _engine(tiny, **kw) -> Engine:
+    model, text, dec, rife = tiny
+    settings = EngineSettings(**{"max_sessions": 2, "local_frames": 6, "sink_frames": 0, **kw})
+    return Engine(Pipeline(model=model, text_encoder=text, decoder=dec, rife=rife), settings).start()
+
+
+async def test_two_interleaved_sessions_equal_their_direct_computation(tiny):
+    eng = _engine(tiny)
+    try:
+        a_req = GenRequest("a fox in the snow", 64, 64, seed=3)
+        b_req = GenRequest("a city at night", 96, 64, seed=4)
+        a, b = await eng.open(a_req), await eng.open(b_req)
+        got_a, got_b = [], []
+        for _ in range(4):  # 4 chunks with a 6-frame window: the ring wraps
+            got_a.append(await a.get())
+            got_b.append(await b.get())
+        a.cancel()
+        b.cancel()
+    finally:
+        eng.close()
+    for got, req in ((got_a, a_req), (got_b, b_req)):
+        ref = _reference(tiny, req, 4, eng.settings)
+        assert [g.shape for g in got] == [r.shape for r in ref]
+        assert got[0].shape == (9, req.height, req.width, 3) and got[1].shape[0] == 12
+        for g, r in zip(got, ref):
+            np.testing.assert_array_equal(g, r)
+    assert eng.stats["chunks"] >= 8 and eng.stats["errors"] == 0
+
+
+@pytest.mark.skipif(not RIFE.is_file(), reason=f"real RIFE weights not found at {RIFE}")
+async def test_prompt_switch_and_interpolation_match_direct(tiny):
+    eng = _engine(tiny)
+    try:
+        req = GenRequest("a red fox", 64, 64, seed=5, interpolate=2)
+        h = await eng.open(req)
+        assert h.fps == 32
+        got = [await h.get()]
+        h.set_prompt("a blue whale")
+        switched_at = None
+        for i in range(1, 4):
+            got.append(await h.get())
+            if h.last_switched:
+                switched_at = i
+        h.cancel()
+    finally:
+        eng.close()
+    assert switched_at in (1, 2)  # the next chunk not yet started when the command arrived
+    ref = _reference(tiny, req, 4, eng.settings, {switched_at: "a blue whale"})
+    assert got[0].shape[0] == 18  # 9 decoded frames, doubled
+    for g, r in zip(got, ref):
+        np.testing.assert_array_equal(g, r)
+
+
+class _FailingDecoder:
+    """Wraps the tiny decoder; fails for one frame width, to show one session's failure stays its own."""
+
+    def __init__(self, inner, bad_width_latent: int):
+        self.inner, self.bad = inner, bad_width_latent
+
+    def new_state(self):
+        return self.inner.new_state()
+
+    def decode_chunk(self, latents, state):
+        if latents.shape[-1] == self.bad:
+            raise RuntimeError("decoder exploded")
+        return self.inner.decode_chunk(latents, state)
+
+
+async def test_failure_stays_in_its_session_and_cancel_frees_the_slot(tiny):
+    model, text, dec, rife = tiny
+    eng = Engine(Pipeline(model=model, text_encoder=text, decoder=_FailingDecoder(dec, 96 // 8)),
+                 EngineSettings(max_sessions=2, local_frames=6, sink_frames=0)).start()
+    try:
+        good = await eng.open(GenRequest("ok", 64, 64))
+        bad = await eng.open(GenRequest("boom", 96, 64))
+        with pytest.raises(EngineError, match="decoder exploded"):
+            await bad.get()
+        for _ in range(3):
+            assert (await good.get()).shape[1:] == (64, 64, 3)
+        with pytest.raises(EngineError) as e:  # both slots still counted until cancel
+            await eng.open(GenRequest("third", 64, 64))
+        assert e.value.code == "busy"
+        bad.cancel()
+        third = await eng.open(GenRequest("third", 64, 64))
+        assert (await third.get()).shape == (9, 64, 64, 3)
+        good.cancel()
+        third.cancel()
+        for _ in range(50):  # the busy loop drops cancelled sessions (and their caches)
+            if not eng._streams:
+                break
+            await asyncio.sleep(0.02)
+        assert not eng._streams and not eng.scheduler.slots
+    finally:
+        eng.close()
+
+
+@pytest.mark.parametrize("field,req", [
+    ("width", GenRequest("p", 72, 64)),
+    ("interpolate", GenRequest("p", 64, 64, interpolate=3)),
+    ("chunks", GenRequest("p", 64, 64, chunks=0)),
+])
+def test_bad_requests_name_the_field(tiny, field, req):
+    model, text, dec, _ = tiny
+    eng = Engine(Pipeline(model=model, text_encoder=text, decoder=dec))
+    with pytest.raises(EngineError) as e:
+        eng.validate(req)
+    assert e.value.field == field and field in str(e.value)
+
+
+def test_image_start_needs_the_wan_vae(tiny):
+    model, text, dec, _ = tiny
+    eng = Engine(Pipeline(model=model, text_encoder=text, decoder=dec))
+    with pytest.raises(EngineError, match="VAE") as e:
+        eng.validate(GenRequest("p", 64, 64, image=np.zeros((64, 64, 3), np.uint8)))
+    assert e.value.code == "unsupported"
+
+
+async def test_server_streams_from_the_engine(tiny, tmp_path):
+    """streamgen serve's app with the engine source: fragments arrive, decode, switch works."""
+    import av
+    from aiohttp.test_utils import TestServer
+
+    from streamgen.client import StreamClient
+    from streamgen.engine.serving import EngineFactory, ModelLimits
+    from streamgen.server.app import ServerConfig, build_app
+
+    model, text, dec, rife = tiny
+    engine = Engine(Pipeline(model=model, text_encoder=text, decoder=dec, rife=rife),
+                    EngineSettings(max_sessions=2, local_frames=6, sink_frames=0))
+    factory = EngineFactory("tiny", engine, ModelLimits(64, 64, 256 * 256))
+    server = TestServer(build_app(ServerConfig(model="tiny", max_lead_s=None), factory))
+    await server.start_server()
+    try:
+        url = f"ws://127.0.0.1:{server.port}/v1/stream"
+        frags = []
+        async with StreamClient(url) as c:
+            async for frag in c.start(prompt="a fox", chunks=3, width=64, height=64):
+                frags.append(frag)
+                if len(frags) == 1:
+                    await c.set_prompt("a whale")
+            init = c.init_segment
+        assert len(frags) == 3
+        path = tmp_path / "s.mp4"
+        path.write_bytes(init + b"".join(f.data for f in frags))
+        with av.open(str(path)) as f:
+            frames = list(f.decode(video=0))
+        assert len(frames) == 9 + 12 + 12 and frames[0].width == 64
+        async with StreamClient(url) as c:  # bad input names the field, server stays up
+            with pytest.raises(Exception, match="fps"):
+                async for _ in c.start(prompt="x", fps=24, chunks=1):
+                    pass
+    finally:
+        await server.close()
