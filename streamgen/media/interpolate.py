@@ -271,6 +271,8 @@ def run(args: argparse.Namespace) -> int:
         if weights is None:
             raise SystemExit(f"no RIFE weights: pass --weights PATH/flownet.pkl or set ${WEIGHTS_ENV}")
         model = load_rife(weights, device=device, dtype=dtype)
+        if device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)  # +6-11% on H100, see bench/BENCHMARKS.md
     threshold = None if args.scene_threshold < 0 else args.scene_threshold
     interp = Interpolator(model, args.factor, threshold, cut_mode=args.cut_mode, scale=args.scale)
     state = interp.new_state()
