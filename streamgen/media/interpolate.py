@@ -134,7 +134,7 @@ class Interpolator:
         x = frames.to(device=dev, dtype=torch.float32)
         first = state.prev is None
         seq = torch.cat([x[:1] if first else state.prev[None], x])  # (T+1, 3, H, W)
-        with torch.inference_mode():
+        with torch.no_grad():  # not inference_mode: callers may modify the output in place
             mids = self._interpolate(seq)  # (T, K, 3, H, W)
             cut = self._cut_mask(seq, forced, first)  # (T,) bool on dev, or None
             if cut is not None:
