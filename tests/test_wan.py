@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from streamgen.models.checkpoints import diffusers_to_native, native_to_diffusers
-from streamgen.models.wan import WanConfig, WanModel, rope_split
+from streamgen.models.wan import WanConfig, WanModel, rope_cos_sin, rope_split
 
 B, H, W = 2, 4, 6  # latent h, w (3x2 patches)
 
@@ -301,3 +301,51 @@ def test_bf16_chunk_path_and_float_t(model):
     out = torch.cat([a, b], 2)
     assert out.dtype == torch.float32
     assert rel(out, ref) < 2e-2 and rel(ref, ref32) < 5e-2
+
+
+def _window_recompute(model, x, t, ctx, frames, n_last, frames_per_block=None):
+    """A fresh forward over just ``frames`` (absolute latent indices, in order), each frame at its
+    absolute RoPE position: the last ``n_last`` frames' output. Nothing is cached or reused."""
+    def rope(grid, start_frame, device):
+        cs = [rope_cos_sin(model.cfg.head_dim, (1, grid[1], grid[2]), j, device) for j in frames]
+        return torch.cat([c for c, _ in cs]), torch.cat([s for _, s in cs])  # (len(frames)*h*w, 1, D/2)
+
+    model._rope = rope  # instance attribute shadows the method: only the positions change
+    try:
+        with torch.no_grad():
+            return model(x[:, :, frames], t[:, frames], ctx, frames_per_block=frames_per_block)[:, :, -n_last:]
+    finally:
+        del model._rope
+
+
+@pytest.mark.parametrize("k,local,sink", [(2, 5, 1), (3, 6, 0), (3, 7, 1), (2, 4, 2)])
+def test_rolling_window_equals_recompute_over_window_one_layer(k, local, sink):
+    """With one layer, the rolling cache gives exactly what recomputing from scratch over the sink
+    frames + the last ``local - sink`` frames gives (every chunk, evictions included).
+
+    With more layers this is not an identity: a cached frame's deeper-layer K/V were computed while
+    it attended to frames the window has since evicted, and a recompute cannot see those frames
+    (the multi-layer equality is with the windowed full-sequence reference above)."""
+    frames = 11
+    x, t, ctx = _inputs(frames, seed=3)
+    torch.manual_seed(0)
+    one = WanModel(WanConfig.preset("tiny", num_layers=1)).eval()
+    out, _ = _stream(one, x, t, ctx, k, local=local, sink=sink)
+    for s in range(0, frames, k):
+        e = min(frames, s + k)
+        window = list(range(min(sink, e))) + list(range(max(sink, e - (local - sink)), e))
+        ref = _window_recompute(one, x, t, ctx, window, e - s)
+        assert rel(out[:, :, s:e], ref) < 1e-5, (s, window)
+    assert e > local  # frames were evicted along the way
+
+
+def test_rolling_window_multi_layer_is_not_a_window_recompute(model):
+    """The counterpart of the one-layer identity: 3 layers, window of two chunks (no sink), the
+    block-causal recompute over the window differs once the window has evicted frames."""
+    k, local, frames = 3, 6, 9
+    x, t, ctx = _inputs(frames, seed=3)
+    out, _ = _stream(model, x, t, ctx, k, local=local)
+    first_two = _window_recompute(model, x, t, ctx, list(range(0, 6)), 3, frames_per_block=k)
+    assert rel(out[:, :, 3:6], first_two) < 1e-5  # nothing evicted yet: the same
+    last = _window_recompute(model, x, t, ctx, list(range(3, 9)), 3, frames_per_block=k)
+    assert rel(out[:, :, 6:9], last) > 1e-4
