@@ -141,28 +141,66 @@ async def test_stream_prompt_switch_stop_with_client(server):
     assert not srv.state.registry.sessions
 
 
+async def metrics(srv) -> dict[str, float]:
+    """/metrics as {series: value} (series with labels keep them: 'errors_total{code="busy"}')."""
+    async with aiohttp.ClientSession() as http:
+        text = await (await http.get(srv.http + "/metrics")).text()
+    return {line.split()[0].removeprefix("streamgen_"): float(line.split()[1])
+            for line in text.splitlines() if line and not line.startswith("#")}
+
+
 async def test_chunks_limit_ends_with_done_and_metrics(server):
-    srv = await server(max_lead_s=None)
+    srv = await server(max_lead_s=None, grace_s=0.2)
+    # 1. while a session generates: sessions, generation fps, queue depths are live
+    live = await Raw.open(srv.url)
+    await live.send(P.Start(prompt="live"))
+    for _ in range(2):
+        await live.until(P.Fragment)
+    m = await metrics(srv)
+    assert m["sessions"] == 1 and m["connections"] == 1 and m["generation_fps"] > 0
+    assert 0 <= m["send_queue_fragments_max"] <= m["send_queue_fragments"] <= 8
+    await live.close()
+    for _ in range(100):
+        if (m0 := await metrics(srv))["connections"] == 0:
+            break
+        await asyncio.sleep(0.02)
+    # 2. a session with a chunk limit; fragments and bytes sent are counted exactly
     c = await Raw.open(srv.url)
     await c.send(P.Start(prompt="x", chunks=3))
-    got = []
-    end = await c.until(P.End, collect=got)
-    assert end.reason == "done"
+    got, frame_bytes = [], 0
+    while True:
+        raw = await asyncio.wait_for(c.ws.recv(), 20)
+        msg = c.conn.receive(raw)
+        got.append(msg)
+        if isinstance(msg, P.Fragment):
+            frame_bytes += len(raw)
+        if isinstance(msg, P.End):
+            break
+    assert msg.reason == "done"
     assert [m.seq for m in got if isinstance(m, P.Fragment)] == [0, 1, 2]
     assert isinstance(got[0], (P.Ready, P.Status)) and any(isinstance(m, P.Init) for m in got)
+    m1 = await metrics(srv)
+    assert m1["fragments_sent_total"] - m0["fragments_sent_total"] == 3
+    assert m1["bytes_sent_total"] - m0["bytes_sent_total"] == frame_bytes
     # the same connection can start again after end
     await c.send(P.Start(prompt="y", chunks=1))
     assert (await c.until(P.End)).reason == "done"
+    await c.ws.send(msgpack.packb({"type": "start", "prompt": "z", "width": 100}))  # refused: counted by code
+    assert (await c.recv_raw()).code == "bad_field"
     await c.close()
     async with aiohttp.ClientSession() as http:
-        text = await (await http.get(srv.http + "/metrics")).text()
         health = await (await http.get(srv.http + "/healthz")).json()
     assert health["status"] == "ok" and health["model"] == "testpattern"
-    for name in ("streamgen_sessions ", "streamgen_fragments_sent_total", "streamgen_bytes_sent_total",
-                 "streamgen_generation_fps", "streamgen_send_queue_fragments", "streamgen_fragments_dropped_total",
-                 "streamgen_errors_total"):
-        assert name in text
-    assert "streamgen_fragments_sent_total 4" in text
+    after = await metrics(srv)
+    assert after["fragments_sent_total"] - m1["fragments_sent_total"] == 1
+    assert after["errors_total{code=\"bad_field\"}"] == 1
+    assert after["fragments_dropped_total"] == 0
+    for _ in range(100):  # sessions go once their clients are gone (grace 0 after `end`)
+        if (await metrics(srv))["sessions"] == 0:
+            break
+        await asyncio.sleep(0.05)
+    else:
+        raise AssertionError("sessions gauge never went back to 0")
 
 
 def _small_rcvbuf_socket(port: int) -> socket.socket:

@@ -193,21 +193,22 @@ def _describe_metrics(m, state: "ServerState") -> None:
         ("frames_generated_total", "counter", "video frames produced"),
         ("fragment_bytes_total", "counter", "bytes of encoded fMP4 fragments produced"),
         ("fragments_sent_total", "counter", "fragment messages written to clients"),
-        ("bytes_sent_total", "counter", "fragment message bytes written to clients"),
+        ("bytes_sent_total", "counter", "bytes of fragment messages written to clients"),
         ("fragments_dropped_total", "counter", "fragments skipped for clients that fell behind"),
         ("generate_seconds_total", "counter", "wall seconds spent waiting for frame sources"),
         ("encode_seconds_total", "counter", "wall seconds spent encoding"),
         ("errors_total", "counter", "errors sent to clients, by code"),
+        ("bad_messages_total", "counter", "client frames rejected by the protocol validator"),
         ("generation_fps", "gauge", "sum over sessions of recent generation speed (frames/s)"),
         ("send_queue_fragments", "gauge", "fragments waiting in all clients' send windows"),
         ("send_queue_fragments_max", "gauge", "largest single client send window in use"),
         ("fragment_log_bytes", "gauge", "bytes held in session replay logs"),
     ):
-        m.describe(name, kind, text)
+        m.describe(name, kind, text, labelled=name == "errors_total")
     reg = state.registry
     m.gauge_fn("sessions", lambda: len(reg.sessions))
     m.gauge_fn("connections", lambda: len(state.sockets))
-    m.gauge_fn("generation_fps", lambda: sum(s.gen_fps for s in reg.sessions.values() if s.state == "streaming"))
+    m.gauge_fn("generation_fps", lambda: sum(s.gen_fps for s in reg.sessions.values() if s.state == "generating"))
     m.gauge_fn("send_queue_fragments", lambda: sum(sub.depth for s in reg.sessions.values() for sub in s.subscribers))
     m.gauge_fn("send_queue_fragments_max",
                lambda: max([sub.depth for s in reg.sessions.values() for sub in s.subscribers], default=0))

@@ -22,11 +22,15 @@ class Metrics:
         self.prefix = prefix
         self._lock = threading.Lock()
         self._help: dict[str, tuple[str, str]] = {}  # name -> (type, help)
+        self._labelled: set[str] = set()  # series only with labels: no 0 sample before the first
         self._values: dict[str, dict[tuple, float]] = {}
         self._callbacks: dict[str, Callable[[], float | dict[tuple, float]]] = {}
 
-    def describe(self, name: str, kind: str, help_text: str) -> None:
+    def describe(self, name: str, kind: str, help_text: str, *, labelled: bool = False) -> None:
+        """Declare a metric; unlabelled ones are rendered as 0 until first set."""
         self._help[name] = (kind, help_text)
+        if labelled:
+            self._labelled.add(name)
         self._values.setdefault(name, {})
 
     def inc(self, name: str, value: float = 1.0, **labels: str) -> None:
@@ -63,7 +67,7 @@ class Metrics:
             else:
                 with self._lock:
                     series = dict(self._values.get(name, {}))
-            if not series and kind == "gauge":
+            if not series and name not in self._labelled:
                 series = {(): 0.0}
             for labels, value in sorted(series.items()):
                 lines.append(f"{full}{_fmt_labels(labels)} {float(value):g}")

@@ -177,11 +177,12 @@ class Subscriber:
                         continue
                     entry = lg.get(self.cursor)
                     assert entry is not None
-                    self.sent_bytes += await self._send(entry.message)
+                    n = await self._send(entry.message)
                     self.cursor += 1
                     self.sent_fragments += 1
+                    self.sent_bytes += n
                     m.inc("fragments_sent_total")
-                    m.inc("bytes_sent_total", len(entry.fragment.data))
+                    m.inc("bytes_sent_total", n)
                     continue
                 # 3. after the last fragment of an ended session: `end`
                 if s.ended is not None:
