@@ -246,3 +246,51 @@ async def test_server_streams_from_the_engine(tiny, tmp_path):
                     pass
     finally:
         await server.close()
+
+
+class _FailingText:
+    """Wraps the tiny prompt cache; rejects one prompt, to show a failing command stays in its session."""
+
+    def __init__(self, inner, bad: str):
+        self.inner, self.bad = inner, bad
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def encode(self, prompts):
+        if self.bad in prompts:
+            raise ValueError(f"cannot encode {self.bad!r}")
+        return self.inner.encode(prompts)
+
+
+async def test_failing_prompt_switch_fails_only_its_session(tiny):
+    model, text, dec, _ = tiny
+    eng = Engine(Pipeline(model=model, text_encoder=_FailingText(text, "explode"), decoder=dec),
+                 EngineSettings(max_sessions=2, local_frames=6, sink_frames=0)).start()
+    try:
+        good, bad = await eng.open(GenRequest("ok", 64, 64)), await eng.open(GenRequest("soon bad", 64, 64))
+        await bad.get()
+        bad.set_prompt("explode")  # encoded on the busy thread: must not take the loop down
+        with pytest.raises(EngineError, match="explode"):
+            for _ in range(3):
+                await asyncio.wait_for(bad.get(), 30)
+        assert [(await asyncio.wait_for(good.get(), 30)).shape[0] for _ in range(2)] == [9, 12]
+        assert eng._thread.is_alive()
+        good.cancel()
+        bad.cancel()
+    finally:
+        eng.close()
+
+
+async def test_close_ends_waiting_handles_and_refuses_new_streams(tiny):
+    eng = _engine(tiny)
+    h = await eng.open(GenRequest("x", 64, 64))
+    await h.get()
+    await asyncio.get_running_loop().run_in_executor(None, eng.close)
+    assert not eng._streams and eng._thread is None
+    with pytest.raises(EngineError, match="stopped"):
+        for _ in range(3):  # a chunk made before close may still be queued; then the error, never a hang
+            await asyncio.wait_for(h.get(), 10)
+    with pytest.raises(EngineError, match="not running") as e:
+        await eng.open(GenRequest("y", 64, 64))
+    assert e.value.code == "busy"

@@ -11,8 +11,15 @@ Flow of one chunk (busy thread)::
 The event-loop side (:class:`EngineHandle`) awaits the event in a worker thread, so neither loop
 ever blocks the other. Commands (open, prompt, pause, cancel, consumed) are queued to the busy
 thread, which is the only thread that touches models, caches and CUDA state. A failure inside one
-session (bad image, OOM, a bug) is delivered to that session's handle as :class:`EngineError`
-and the loop goes on with the others; a cancelled session's cache is dropped at once.
+session (bad image, OOM, a prompt the text encoder rejects, a bug) is delivered to that session's
+handle as :class:`EngineError` and the loop goes on with the others; a cancelled session's cache
+is dropped at once. When the loop ends (``close()``) every handle still waiting gets an
+EngineError, and ``open()`` refuses new streams, so no awaiting coroutine is left hanging.
+
+Threads: ``_handles`` and ``_open`` are shared by both sides and guarded by ``_lock``; every
+other piece of state (streams, scheduler, interpolators, stats) belongs to the busy thread.
+A slot counts against ``max_sessions`` from ``open()`` until ``handle.cancel()``, also after the
+stream has finished or failed: the owner of a handle must cancel it.
 
 Sessions are served one chunk at a time, round robin (:mod:`streamgen.engine.scheduler`); each
 keeps its own cache position, so sessions are not batched into one forward.
@@ -123,7 +130,10 @@ class EngineHandle:
         self.last_switched = False  # a prompt switch took effect at the chunk get() returned last
 
     def _deliver(self, item) -> None:  # from the busy thread
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:  # the event loop is closed: nobody is waiting any more
+            pass
 
     async def get(self) -> np.ndarray:
         """The next chunk; raises EngineError if generation failed, EOFError after the last chunk."""
@@ -187,6 +197,7 @@ class Engine:
         return self
 
     def close(self, timeout: float = 30.0) -> None:
+        """Stop the busy loop (after the chunk in progress); waiting handles get EngineError."""
         self._stop.set()
         self._cmds.put(("wake", 0, None))
         if self._thread is not None:
@@ -218,16 +229,20 @@ class Engine:
             raise EngineError(f"chunks must be >= 1, got {req.chunks}", "bad_field", "chunks")
 
     async def open(self, req: GenRequest) -> EngineHandle:
-        """Admit a stream. Raises EngineError (code ``busy``) when all slots are taken."""
+        """Admit a stream. Raises EngineError (code ``busy``) when all slots are taken or the
+        engine is not running."""
         self.validate(req)
+        sid = next(self._ids)
+        handle = EngineHandle(self, sid, req.width, req.height, self.pipeline.fps * req.interpolate)
         with self._lock:
+            if self._thread is None or self._stop.is_set():
+                raise EngineError("the generation engine is not running (the server is shutting down); "
+                                  "try again later", "busy")
             if self._open >= self.settings.max_sessions:
                 raise EngineError(f"all {self.settings.max_sessions} generation slots are in use; try again later",
                                   "busy")
             self._open += 1
-        sid = next(self._ids)
-        handle = EngineHandle(self, sid, req.width, req.height, self.pipeline.fps * req.interpolate)
-        self._handles[sid] = handle
+            self._handles[sid] = handle
         self._command("open", sid, req)
         return handle
 
@@ -241,21 +256,38 @@ class Engine:
 
     def _run(self) -> None:
         torch.set_grad_enabled(False)
-        while not self._stop.is_set():
-            slot = self.scheduler.next()
-            try:  # block only when there is nothing to run
-                cmd = self._cmds.get(timeout=0.5) if slot is None else self._cmds.get_nowait()
-            except queue.Empty:
-                cmd = None
-            if cmd is not None:
-                self._handle_command(*cmd)
-                continue  # drain all commands before the next chunk
-            if slot is not None:
-                self._step(slot.sid)
-        for sid in list(self._streams):
-            self._drop(sid)
+        try:
+            while not self._stop.is_set():
+                slot = self.scheduler.next()
+                try:  # block only when there is nothing to run
+                    cmd = self._cmds.get(timeout=0.5) if slot is None else self._cmds.get_nowait()
+                except queue.Empty:
+                    cmd = None
+                if cmd is not None:
+                    self._handle_command(*cmd)
+                    continue  # drain all commands before the next chunk
+                if slot is not None:
+                    self._step(slot.sid)
+        except BaseException:
+            log.exception("engine busy loop crashed")
+            raise
+        finally:
+            self._stop.set()
+            with self._lock:
+                waiting = [h for h in self._handles.values() if not h._cancelled]
+            for h in waiting:
+                h._deliver(EngineError("the generation engine stopped", "generation_failed"))
+            for sid in list(self._streams):
+                self._drop(sid)
 
     def _handle_command(self, kind: str, sid: int, arg: Any) -> None:
+        try:
+            self._apply_command(kind, sid, arg)
+        except Exception as e:  # noqa: BLE001 - e.g. a prompt the text encoder rejects: this session only
+            log.exception("session %d: %s failed", sid, kind)
+            self._fail(sid, e)
+
+    def _apply_command(self, kind: str, sid: int, arg: Any) -> None:
         if kind == "open":
             self._open_stream(sid, arg)
         elif kind == "cancel":
@@ -273,7 +305,8 @@ class Engine:
         from streamgen.sampling.stream import StreamConfig, StreamSession
 
         p, s = self.pipeline, self.settings
-        handle = self._handles.get(sid)
+        with self._lock:
+            handle = self._handles.get(sid)
         if handle is None or handle._cancelled:
             return
         try:
@@ -333,7 +366,8 @@ class Engine:
         self.stats["chunks"] += 1
         self.stats["frames"] += host.shape[0]
         self.stats["busy_s"] += time.perf_counter() - t0
-        handle = self._handles.get(sid)
+        with self._lock:
+            handle = self._handles.get(sid)
         if handle is not None:
             handle._deliver(_Chunk(host, ready, chunk.index, chunk.switched))
             if self.scheduler.slots[sid].done:
@@ -342,7 +376,8 @@ class Engine:
 
     def _fail(self, sid: int, e: BaseException) -> None:
         self.stats["errors"] += 1
-        handle = self._handles.get(sid)
+        with self._lock:
+            handle = self._handles.get(sid)
         if handle is not None:
             err = e if isinstance(e, EngineError) else EngineError(f"{type(e).__name__}: {e}")
             handle._deliver(err)
@@ -352,4 +387,5 @@ class Engine:
         self._streams.pop(sid, None)
         self.scheduler.remove(sid)
         if not keep_handle:
-            self._handles.pop(sid, None)
+            with self._lock:
+                self._handles.pop(sid, None)
