@@ -1,0 +1,379 @@
+"""Block offload: keep a model's repeated blocks in (pinned) host memory and stream them onto the
+device one step ahead of use.
+
+``handle = offload(model, device="cuda", blocks_attr="blocks", prefetch=1, pin=True)``
+    Rewrites a built model in place (house style 4: ``models/wan.py`` knows nothing of this):
+
+    * everything outside ``model.<blocks_attr>`` (embeddings, head) is moved to ``device`` and
+      stays there;
+    * each block's parameters and buffers are packed into one flat host region (one buffer for
+      all blocks, page-locked when ``device`` is CUDA and ``pin``), so a block travels in a single
+      host-to-device copy;
+    * ``prefetch + 1`` device slots, each as large as the largest block, are reused round-robin.
+      A block's parameters become views into the slot it was last copied into (``param.data`` is
+      re-pointed, so parameter objects keep their identity).
+
+    Scheduling is driven by forward pre-hooks on every block and on each of its submodules that
+    owns a tensor, so a block is "entered" on the first call into any part of it (WanModel calls
+    ``block.cross_attn.key_value`` before ``block(...)``; ``set_prompt`` calls only the former).
+    Entering block ``i`` for the ``k``-th time overall, on slot ``k % (prefetch+1)``:
+
+    1. the previously entered block's slot is marked free with an event on the compute stream;
+    2. unless the slot already holds block ``i``, its copy is issued now (a miss: no overlap);
+    3. blocks ``i+1 .. i+prefetch`` (modulo the number of blocks: the last blocks of one forward
+       prefetch the first blocks of the next) are copied into the following slots on a dedicated
+       copy stream, each copy first waiting on the event that marked its slot free;
+    4. the compute stream waits on the event recorded after block ``i``'s copy.
+
+    No host synchronisation anywhere in steady state (events only). The only state is the order
+    in which blocks are entered, so ``forward``, ``forward_chunk`` and ``set_prompt`` of many
+    interleaved sessions all work; a different order only costs copies, never correctness.
+
+Contract: blocks are entered in a fixed order and their tensors are only read from inside
+forward calls of the block or its submodules, on the thread and stream that run the model.
+Inference only (no backward: a slot is overwritten once its block is left). Outside a forward a
+block's parameters point into a slot and hold whatever was copied there last: read weights with
+``handle.host_state_dict()``. Apply other rewrites (quantization, attention backends) before
+offload; CUDA graphs and torch.compile over the block loop are not supported.
+
+On a CPU device the same code runs with plain copies and no streams or events (for tests).
+
+``handle.remove()`` restores a resident model on ``device``; ``handle.stats()`` reports sizes
+and copy counters.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+__all__ = ["offload", "OffloadHandle"]
+
+_ALIGN = 256  # byte alignment of every tensor inside a block's flat region
+_ATTR = "_streamgen_offload"
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One tensor of a block: a parameter (re-pointed via ``.data``) or a buffer (re-bound in every
+    owner's ``_buffers``), at ``offset`` bytes in the block's flat region."""
+
+    param: nn.Parameter | None
+    owners: tuple[tuple[nn.Module, str], ...]  # buffers only
+    offset: int
+    nbytes: int
+    shape: torch.Size
+    dtype: torch.dtype
+
+
+def _round_up(n: int, a: int = _ALIGN) -> int:
+    return (n + a - 1) // a * a
+
+
+def _typed_view(flat: torch.Tensor, e: _Entry) -> torch.Tensor:
+    return flat[e.offset : e.offset + e.nbytes].view(e.dtype).view(e.shape)
+
+
+def _block_entries(block: nn.Module) -> tuple[list[_Entry], int]:
+    """Lay out one block's parameters and buffers; returns the entries and the region size."""
+    entries: list[_Entry] = []
+    offset = 0
+
+    def add(t: torch.Tensor, param, owners) -> None:
+        nonlocal offset
+        nbytes = t.numel() * t.element_size()
+        entries.append(_Entry(param, tuple(owners), offset, nbytes, t.shape, t.dtype))
+        offset = _round_up(offset + nbytes)
+
+    for p in block.parameters():
+        add(p, p, ())
+    buffers: dict[int, tuple[torch.Tensor, list]] = {}
+    for mod in block.modules():
+        for name, buf in mod._buffers.items():
+            if buf is not None:
+                buffers.setdefault(id(buf), (buf, []))[1].append((mod, name))
+    for buf, owners in buffers.values():
+        add(buf, None, owners)
+    return entries, max(offset, _ALIGN)
+
+
+def _bind(entries: list[_Entry], tensors: list[torch.Tensor]) -> None:
+    for e, t in zip(entries, tensors):
+        if e.param is not None:
+            e.param.data = t
+        else:
+            for mod, name in e.owners:
+                mod._buffers[name] = t
+
+
+def _entry_tensor(e: _Entry) -> torch.Tensor:
+    """The tensor object the model holds for ``e`` (the Parameter itself, or the buffer)."""
+    return e.param if e.param is not None else e.owners[0][0]._buffers[e.owners[0][1]]
+
+
+def _check_device(device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device={device!r} is not a torch device (e.g. 'cuda', 'cuda:1', 'cpu')") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r}: CUDA is not available here; use device='cpu'")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        if dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device={device!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu":
+        raise ValueError(f"device={device!r}: offload supports 'cuda' and 'cpu' devices, not {dev.type!r}")
+    return dev
+
+
+def offload(
+    model: nn.Module,
+    *,
+    device: torch.device | str,
+    blocks_attr: str = "blocks",
+    prefetch: int = 1,
+    pin: bool = True,
+) -> "OffloadHandle":
+    """Offload ``getattr(model, blocks_attr)``'s blocks to host memory; see the module docstring.
+
+    ``prefetch``: blocks copied ahead of the one computing (``0 <= prefetch < number of blocks``);
+    the device holds ``prefetch + 1`` block slots. ``pin``: page-lock the host copy (CUDA only;
+    without it copies are staged by the driver and block the host). Returns the handle that
+    undoes it (``remove()``)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    dev = _check_device(device)
+    if not isinstance(blocks_attr, str) or not hasattr(model, blocks_attr):
+        raise ValueError(f"blocks_attr={blocks_attr!r}: {type(model).__name__} has no such attribute")
+    blocks = getattr(model, blocks_attr)
+    if not isinstance(blocks, (nn.ModuleList, nn.Sequential)) or len(blocks) == 0:
+        raise ValueError(
+            f"blocks_attr={blocks_attr!r} must name a non-empty nn.ModuleList/nn.Sequential of blocks, "
+            f"got {type(blocks).__name__}" + (" of length 0" if isinstance(blocks, nn.Module) else "")
+        )
+    if isinstance(prefetch, bool) or not isinstance(prefetch, int) or not 0 <= prefetch < len(blocks):
+        raise ValueError(f"prefetch={prefetch!r} must be an int in [0, {len(blocks) - 1}] (number of blocks - 1)")
+    if not isinstance(pin, bool):
+        raise ValueError(f"pin={pin!r} must be a bool")
+    if getattr(model, _ATTR, None) is not None:
+        raise ValueError("model is already offloaded: call its handle's remove() first")
+    return OffloadHandle(model, blocks, dev, prefetch, pin and dev.type == "cuda")
+
+
+class OffloadHandle:
+    """The state of one offloaded model (created by :func:`offload`)."""
+
+    def __init__(self, model: nn.Module, blocks: nn.Module, device: torch.device, prefetch: int, pin: bool):
+        self.device = device
+        self.prefetch = prefetch
+        self._model = model
+        self._blocks = list(blocks)
+        n_blocks = len(self._blocks)
+        self._cuda = device.type == "cuda"
+
+        # 1. layout, refusing tensors shared between blocks or with the resident part
+        layouts = [_block_entries(b) for b in self._blocks]
+        self._entries = [entries for entries, _ in layouts]
+        self.block_bytes = [size for _, size in layouts]
+        owner: dict[int, int] = {}
+        for i, entries in enumerate(self._entries):
+            for e in entries:
+                j = owner.setdefault(id(_entry_tensor(e)), i)
+                if j != i:
+                    raise ValueError(f"blocks {j} and {i} share a tensor {tuple(e.shape)}: tied weights cannot be offloaded")
+        block_modules = {id(m) for b in self._blocks for m in b.modules()}
+        resident = [m for m in model.modules() if id(m) not in block_modules]
+        for m in resident:
+            for t in (*m._parameters.values(), *m._buffers.values()):
+                if t is not None and id(t) in owner:
+                    raise ValueError(f"a tensor {tuple(t.shape)} of block {owner[id(t)]} is also used outside the blocks")
+
+        # 2. one host buffer for all blocks, page-locked in place (exact size, no allocator rounding)
+        self._host_offsets = [0]
+        for size in self.block_bytes:
+            self._host_offsets.append(self._host_offsets[-1] + size)
+        self._host = torch.empty(self._host_offsets[-1], dtype=torch.uint8)
+        self.pinned = False
+        self._unpin = None
+        if pin:
+            self._pin_host()
+        self._host_blocks = [self._host[a:b] for a, b in zip(self._host_offsets, self._host_offsets[1:])]
+
+        # 3. device slots and the views of every block into every slot
+        self.num_slots = prefetch + 1
+        self.max_block_bytes = max(self.block_bytes)
+        self.slots = [torch.empty(self.max_block_bytes, dtype=torch.uint8, device=device) for _ in range(self.num_slots)]
+        self._views = [[[_typed_view(s, e) for e in entries] for s in self.slots] for entries in self._entries]
+
+        # 4. pack block by block (frees each block's original storage as it goes), bind to slots
+        self._slot_block = [-1] * self.num_slots  # block whose copy was last issued into each slot
+        self._bound = [-1] * n_blocks  # slot whose views each block's tensors point at
+        with torch.no_grad():
+            for i, entries in enumerate(self._entries):
+                for e in entries:
+                    _typed_view(self._host_blocks[i], e).copy_(_entry_tensor(e).detach())
+                self._rebind(i, i % self.num_slots)
+
+        # 5. the resident part goes to the device
+        with torch.no_grad():
+            for m in resident:
+                for p in m._parameters.values():
+                    if p is not None:
+                        p.data = p.data.to(device)
+                for name, buf in m._buffers.items():
+                    if buf is not None:
+                        m._buffers[name] = buf.to(device)
+
+        # 6. streams, events, counters, hooks
+        if self._cuda:
+            self._copy_stream = torch.cuda.Stream(device)
+            self._ready = [torch.cuda.Event() for _ in self.slots]
+            self._free = [torch.cuda.Event() for _ in self.slots]
+            for s in self.slots:
+                s.record_stream(self._copy_stream)
+        self._current = -1  # block entered last (its tensors may still be in use)
+        self._current_slot = -1
+        self._next_slot = 0
+        self.copies = 0
+        self.bytes_copied = 0
+        self.misses = 0  # copies issued at entry (not prefetched)
+        self._hooks = []
+        for i, block in enumerate(self._blocks):
+            hook = self._make_hook(i)
+            for m in block.modules():
+                if m is block or any(t is not None for t in (*m._parameters.values(), *m._buffers.values())):
+                    self._hooks.append(m.register_forward_pre_hook(hook))
+        setattr(model, _ATTR, self)
+
+    # -- setup helpers
+
+    def _pin_host(self) -> None:
+        n = self._host.numel()
+        cudart = torch.cuda.cudart()
+        err = cudart.cudaHostRegister(self._host.data_ptr(), n, 0)
+        if int(err) != 0:
+            raise RuntimeError(
+                f"cudaHostRegister of {n / 2**30:.1f} GiB failed ({err}): not enough lockable host memory? "
+                "Pass pin=False (slower copies) or offload a smaller model"
+            )
+        self.pinned = True
+        self._unpin = weakref.finalize(self, cudart.cudaHostUnregister, self._host.data_ptr())
+
+    def _make_hook(self, i: int):
+        def hook(module, args):
+            if self._current != i:
+                self._enter(i)
+
+        return hook
+
+    def _rebind(self, block: int, slot: int) -> None:
+        _bind(self._entries[block], self._views[block][slot])
+        self._bound[block] = slot
+
+    # -- the hot path (no host syncs)
+
+    def _copy(self, block: int, slot: int) -> None:
+        n = self.block_bytes[block]
+        if self._cuda:
+            with torch.cuda.stream(self._copy_stream):
+                self._copy_stream.wait_event(self._free[slot])
+                self.slots[slot][:n].copy_(self._host_blocks[block], non_blocking=True)
+                self._ready[slot].record(self._copy_stream)
+        else:
+            self.slots[slot][:n].copy_(self._host_blocks[block])
+        self._slot_block[slot] = block
+        self.copies += 1
+        self.bytes_copied += n
+
+    def _enter(self, block: int) -> None:
+        n_blocks, n_slots = len(self._blocks), self.num_slots
+        compute = torch.cuda.current_stream(self.device) if self._cuda else None
+        # 1. the block left behind: its slot is free once the work queued so far is done
+        if self._current_slot >= 0 and self._cuda:
+            self._free[self._current_slot].record(compute)
+        slot = self._next_slot
+        self._next_slot = (slot + 1) % n_slots
+        # 2. this block (a miss unless it was prefetched)
+        if self._slot_block[slot] != block:
+            self.misses += 1
+            self._copy(block, slot)
+        # 3. the next ones, wrapping around into the next forward
+        for j in range(1, self.prefetch + 1):
+            nb, ns = (block + j) % n_blocks, (slot + j) % n_slots
+            if self._slot_block[ns] != nb:
+                self._copy(nb, ns)
+        # 4. compute waits for the copy; parameters point at the slot
+        if self._cuda:
+            compute.wait_event(self._ready[slot])
+        if self._bound[block] != slot:
+            self._rebind(block, slot)
+        self._current, self._current_slot = block, slot
+
+    # -- public
+
+    def stats(self) -> dict:
+        """Sizes (bytes) and counters. ``gpu_bytes`` = slots + the resident (non-block) tensors;
+        ``copies``/``bytes_copied`` count host-to-device block copies issued so far, ``misses``
+        those issued when the block was already needed (not prefetched)."""
+        resident = sum(t.numel() * t.element_size() for t in self._resident_tensors())
+        slot_bytes = self.num_slots * self.max_block_bytes
+        return {
+            "device": str(self.device),
+            "blocks": len(self._blocks),
+            "prefetch": self.prefetch,
+            "num_slots": self.num_slots,
+            "bytes_per_block": list(self.block_bytes),
+            "max_block_bytes": self.max_block_bytes,
+            "slot_bytes": slot_bytes,
+            "resident_bytes": resident,
+            "gpu_bytes": slot_bytes + resident,
+            "host_bytes": int(self._host.numel()),
+            "pinned": self.pinned,
+            "slot_blocks": list(self._slot_block),
+            "copies": self.copies,
+            "bytes_copied": self.bytes_copied,
+            "misses": self.misses,
+        }
+
+    def _resident_tensors(self):
+        block_ids = {id(_entry_tensor(e)) for entries in self._entries for e in entries}
+        seen: set[int] = set()
+        for t in (*self._model.parameters(), *self._model.buffers()):
+            if id(t) not in block_ids and id(t) not in seen:
+                seen.add(id(t))
+                yield t
+
+    def host_state_dict(self) -> dict[str, torch.Tensor]:
+        """``model.state_dict()`` with every block tensor replaced by its host copy (read-only use)."""
+        host = {}
+        for i, entries in enumerate(self._entries):
+            for e in entries:
+                host[id(_entry_tensor(e))] = _typed_view(self._host_blocks[i], e)
+        sd = self._model.state_dict(keep_vars=True)
+        return {k: host.get(id(v), v).detach() for k, v in sd.items()}
+
+    def remove(self) -> None:
+        """Undo the offload: every block tensor gets its own storage on ``device`` again, hooks go,
+        slots and the host buffer are released. Synchronizes (not for the hot path)."""
+        if self._model is None:
+            raise RuntimeError("this offload was already removed")
+        for h in self._hooks:
+            h.remove()
+        if self._cuda:
+            torch.cuda.current_stream(self.device).wait_stream(self._copy_stream)
+        with torch.no_grad():
+            for i, entries in enumerate(self._entries):
+                _bind(entries, [_typed_view(self._host_blocks[i], e).to(self.device, copy=True) for e in entries])
+        if self._cuda:
+            torch.cuda.synchronize(self.device)
+        if self._unpin is not None:
+            self._unpin()
+        delattr(self._model, _ATTR)
+        self._model = None
+        self._hooks, self._entries, self._views, self.slots = [], [], [], []
+        self._host_blocks, self._host = [], torch.empty(0, dtype=torch.uint8)
