@@ -232,9 +232,10 @@ async def test_server_streams_from_the_engine(tiny, tmp_path):
             async for frag in c.start(prompt="a fox", chunks=3, width=64, height=64):
                 frags.append(frag)
                 if len(frags) == 1:
-                    await c.set_prompt("a whale")
+                    await c.set_prompt("a whale, via the server")
             init = c.init_segment
         assert len(frags) == 3
+        assert "a whale, via the server" in text  # the switch reached the engine's text encoder
         path = tmp_path / "s.mp4"
         path.write_bytes(init + b"".join(f.data for f in frags))
         with av.open(str(path)) as f:
@@ -294,3 +295,80 @@ async def test_close_ends_waiting_handles_and_refuses_new_streams(tiny):
     with pytest.raises(EngineError, match="not running") as e:
         await eng.open(GenRequest("y", 64, 64))
     assert e.value.code == "busy"
+
+
+class _Ws:
+    """websockets + the protocol's ClientConnection, reading until a message type."""
+
+    def __init__(self, ws):
+        from streamgen import protocol as P
+
+        self.ws, self.conn = ws, P.ClientConnection()
+
+    @classmethod
+    async def open(cls, url):
+        import websockets
+
+        return cls(await websockets.connect(url, max_size=2**26, close_timeout=0.5))
+
+    async def send(self, msg):
+        await self.ws.send(self.conn.send(msg))
+
+    async def until(self, cls, timeout=30.0):
+        while True:
+            m = self.conn.receive(await asyncio.wait_for(self.ws.recv(), timeout))
+            if isinstance(m, cls):
+                return m
+
+
+async def _until(cond, what: str, timeout: float = 10.0):
+    for _ in range(int(timeout / 0.02)):
+        if cond():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def test_server_pause_busy_disconnect_and_shutdown_reach_the_engine(tiny):
+    """Through the server: pause/resume reach the scheduler, a full engine answers busy, a client
+    that disconnects frees its engine slot after the grace period, and stopping the server with a
+    session in flight ends it with `shutdown` and stops the busy loop."""
+    from aiohttp.test_utils import TestServer
+
+    from streamgen import protocol as P
+    from streamgen.engine.serving import EngineFactory, ModelLimits
+    from streamgen.server import app as app_module
+    from streamgen.server.app import ServerConfig, build_app
+
+    model, text, dec, _ = tiny
+    engine = Engine(Pipeline(model=model, text_encoder=text, decoder=dec),
+                    EngineSettings(max_sessions=1, local_frames=6, sink_frames=0))
+    factory = EngineFactory("tiny", engine, ModelLimits(64, 64, 256 * 256))
+    server = TestServer(build_app(ServerConfig(model="tiny", max_lead_s=None, grace_s=0.3), factory))
+    await server.start_server()
+    url = f"ws://127.0.0.1:{server.port}/v1/stream"
+    a = await _Ws.open(url)
+    await a.send(P.Start(prompt="paused soon"))
+    await a.until(P.Fragment)
+    # 1. pause / resume reach the engine's scheduler (not only the server's pacing)
+    await a.send(P.Pause())
+    await _until(lambda: [s.paused for s in engine.scheduler.slots.values()] == [True], "the engine to pause")
+    await a.send(P.Resume())
+    await _until(lambda: [s.paused for s in engine.scheduler.slots.values()] == [False], "the engine to resume")
+    await a.until(P.Fragment)
+    # 2. the engine's only slot is taken: a second start is refused with busy (no field)
+    b = await _Ws.open(url)
+    await b.send(P.Start(prompt="second"))
+    err = await b.until(P.Error)
+    assert (err.code, err.field, err.ref) == ("busy", None, "start") and "slots" in err.message
+    # 3. an abrupt disconnect: after the grace period the session and its engine slot are freed
+    a.ws.transport.abort()
+    await _until(lambda: not engine._streams and engine._open == 0, "the engine slot to be freed", 15)
+    assert not server.app[app_module.STATE].registry.sessions
+    # 4. the slot is usable again; stopping the server with that session in flight ends it cleanly
+    await b.send(P.Start(prompt="second, again"))
+    await b.until(P.Fragment)
+    closing = asyncio.ensure_future(server.close())
+    assert (await b.until(P.End)).reason == "shutdown"
+    await asyncio.wait_for(closing, 30)
+    assert engine._thread is None and not engine._streams and engine._stop.is_set()

@@ -2,7 +2,9 @@
 
 ``EngineFactory`` validates a ``start`` request against the served model and opens an engine
 session; ``EngineSource`` is the server's view of it (``next_chunk`` awaits the busy loop's next
-chunk; ``aclose`` cancels the session and frees its cache slot).
+chunk; ``set_prompt`` / ``pause`` / ``resume`` are commands to the busy loop; ``aclose`` cancels
+the session and frees its cache slot). A model generates at its native frame rate: ``start.fps``
+may only name that rate (or be left out), and ``interpolate`` multiplies it.
 """
 
 from __future__ import annotations
@@ -30,6 +32,12 @@ class EngineSource(FrameSource):
 
     def set_prompt(self, prompt: str) -> None:
         self._h.set_prompt(prompt)
+
+    def pause(self) -> None:
+        self._h.pause()
+
+    def resume(self) -> None:
+        self._h.resume()
 
     async def aclose(self) -> None:
         self._h.cancel()
@@ -63,11 +71,11 @@ class EngineFactory(SourceFactory):
         if request.image is not None:
             image = await asyncio.get_running_loop().run_in_executor(None, decode_image, request.image, w, h)
         req = GenRequest(prompt=request.prompt, width=w, height=h, seed=request.seed or 0,
-                         interpolate=request.interpolate, image=image)
+                         interpolate=request.interpolate or 1, image=image)
         try:
             handle = await self.engine.open(req)
         except EngineError as e:
-            raise SourceError(e.field or "start", str(e), "bad_field" if e.code == "bad_field" else e.code) from e
+            raise SourceError(e.field, str(e), e.code) from e
         return EngineSource(handle)
 
     async def aclose(self) -> None:

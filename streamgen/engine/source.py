@@ -2,11 +2,13 @@
 
 Contract
 --------
-A :class:`SourceFactory` validates a stream request and creates one :class:`FrameSource` per
-session. A source produces chunks of uint8 RGB frames ``(T, H, W, 3)`` (T >= 1, fixed H, W for
+A :class:`SourceFactory` validates a stream request (the protocol's ``start`` message,
+:class:`streamgen.protocol.Start`, already checked against the protocol limits; absent fields
+are None = the server's default) and creates one :class:`FrameSource` per session. A source produces chunks of uint8 RGB frames ``(T, H, W, 3)`` (T >= 1, fixed H, W for
 the life of the source) via ``await source.next_chunk()``; it must never block the event loop
 (CPU/GPU work runs in a thread or on the engine's busy loop, the coroutine only awaits it).
-``set_prompt(text)`` takes effect from the next chunk that has not started yet; ``aclose()``
+``set_prompt(text)`` takes effect from the next chunk that has not started yet; ``pause()`` /
+``resume()`` (optional) stop and restart generating ahead while the viewer is paused; ``aclose()``
 cancels any work in flight and frees the source's resources (a GPU cache slot for the engine).
 Errors that a user can fix are raised as :class:`SourceError` with the offending request field.
 
@@ -23,9 +25,10 @@ import asyncio
 import hashlib
 from abc import ABC, abstractmethod
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
 
 import numpy as np
+
+from streamgen.protocol import Start as StreamRequest
 
 __all__ = [
     "StreamRequest", "SourceError", "FrameSource", "SourceFactory",
@@ -33,27 +36,13 @@ __all__ = [
 ]
 
 
-@dataclass
-class StreamRequest:
-    """What a client asked for (fields of the protocol's ``start`` message; None = server default)."""
-
-    prompt: str
-    model: str | None = None
-    width: int | None = None
-    height: int | None = None
-    fps: int | None = None
-    seed: int | None = None
-    interpolate: int = 1
-    image: bytes | None = None
-    extra: dict = field(default_factory=dict)
-
-
 class SourceError(ValueError):
-    """A request the source cannot serve; ``field`` names the request field at fault, ``code`` is
-    the protocol error code: ``bad_field`` (a value outside what this model takes) or
-    ``unsupported`` (a valid request this server cannot honour)."""
+    """A request the source cannot serve; ``field`` names the request field at fault (None: the
+    request as a whole), ``code`` is the protocol error code: ``bad_field`` (a value outside what
+    this model takes), ``unsupported`` (a valid request this server cannot honour) or ``busy``
+    (no capacity now)."""
 
-    def __init__(self, field_name: str, message: str, code: str = "bad_field"):
+    def __init__(self, field_name: str | None, message: str, code: str = "bad_field"):
         super().__init__(message)
         self.field = field_name
         self.code = code
@@ -74,6 +63,13 @@ class FrameSource(ABC):
     @abstractmethod
     def set_prompt(self, prompt: str) -> None:
         """Switch the prompt from the next chunk on."""
+
+    def pause(self) -> None:  # noqa: B027 - optional hook
+        """The viewer paused: make no chunks beyond the one in progress (the caller also stops
+        pulling; a source without this hook is bounded by that alone)."""
+
+    def resume(self) -> None:  # noqa: B027 - optional hook
+        """Undo ``pause``."""
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Cancel work in flight and free resources. Idempotent."""
@@ -218,14 +214,15 @@ class TestPatternFactory(SourceFactory):
         base_fps = request.fps or self.fps
         if not (0 < base_fps <= self.max_fps):
             raise SourceError("fps", f"fps must be in (0, {self.max_fps}], got {base_fps}")
-        if request.interpolate not in (1, 2, 4):
-            raise SourceError("interpolate", f"interpolate must be 1, 2 or 4, got {request.interpolate}")
-        fps = base_fps * request.interpolate
+        factor = request.interpolate or 1
+        if factor not in (1, 2, 4):
+            raise SourceError("interpolate", f"interpolate must be 1, 2 or 4, got {factor}")
+        fps = base_fps * factor
         if fps > self.max_fps * 4:
             raise SourceError("interpolate", f"fps*interpolate must be <= {self.max_fps * 4}, got {fps}")
         image = None
         if request.image is not None:
             loop = asyncio.get_running_loop()
             image = await loop.run_in_executor(self.executor, decode_image, request.image, w // 4, h // 4)
-        return TestPatternSource(w, h, int(fps), self.frames_per_chunk * request.interpolate, request.prompt,
+        return TestPatternSource(w, h, int(fps), self.frames_per_chunk * factor, request.prompt,
                                  executor=self.executor, delay_s=self.delay_s, image=image)

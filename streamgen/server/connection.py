@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 from aiohttp import WSMsgType, web
 
 from streamgen import protocol as P
-from streamgen.engine.source import SourceError, StreamRequest
+from streamgen.engine.source import SourceError
 from streamgen.server.sessions import Session, SessionLimits, Subscriber
 
 if TYPE_CHECKING:
@@ -185,12 +185,10 @@ class Connection:
         reg.reserve(self.client)
         session = None
         try:
-            req = StreamRequest(prompt=msg.prompt, model=msg.model, width=msg.width, height=msg.height,
-                                fps=msg.fps, seed=msg.seed, interpolate=msg.interpolate or 1, image=msg.image)
             try:
-                source = await st.factory.create(req)
+                source = await st.factory.create(msg)
             except SourceError as e:
-                await self._error(e.code, f"start.{e.field}: {e}", ref="start", field=e.field)
+                await self._error(e.code, f"start.{e.field}: {e}" if e.field else str(e), ref="start", field=e.field)
                 return
             try:
                 from streamgen.media.encode import FMP4Encoder

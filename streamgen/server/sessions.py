@@ -261,6 +261,7 @@ class Session:
         if self.ended is None:
             self.state = "paused"
             self._resume.clear()
+            self.source.pause()
             if self._paused_at is None:
                 self._paused_at = time.monotonic()
             self._broadcast_status()
@@ -269,6 +270,7 @@ class Session:
         if self.ended is None:
             self.state = "generating"
             self._resume.set()
+            self.source.resume()
             if self._paused_at is not None:  # the wall-clock viewer did not move while paused
                 if self._t_first is not None:
                     self._t_first += time.monotonic() - self._paused_at
