@@ -24,6 +24,7 @@ import json
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -239,7 +240,10 @@ def main() -> int:
 
     rows = []
     for preset in args.presets.split(","):
-        rows += bench_preset(preset, args, device)
+        try:
+            rows += bench_preset(preset, args, device)
+        except Exception:  # report the other presets anyway
+            traceback.print_exc()
 
     print("\n| model | variant | ms / chunk | peak GiB | weights on GPU GiB | copy ms / fwd | copy GB/s | "
           "raw H2D GB/s | max abs diff |")
