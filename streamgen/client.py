@@ -180,7 +180,7 @@ class StreamClient:
                     self._connected.clear()  # the receive loop reconnects; then we send again
 
     async def _send_ack(self, seq: int) -> None:
-        if not self._connected.is_set() or self._conn.phase is not P.Phase.ACTIVE or self._conn.stopping:
+        if not self._connected.is_set() or self._conn.phase is not P.Phase.ACTIVE:
             return
         try:
             async with self._send_lock:

@@ -554,6 +554,35 @@ class _Connection:
                                 f"session {self.pending.session!r}", field="session", ref="ready")
         self.phase, self.session = Phase.ACTIVE, msg.session
 
+    def _check_client_order(self, t: str, *, received: bool) -> bool:
+        """The order rules for a client message of type ``t`` (raises out_of_order). For a message
+        a server ``received``, False means: ignore it silently (it crossed ``end``, or a repeated
+        stop); a client sending it gets the error instead."""
+        if t in ("start", "attach"):
+            if self.phase is not Phase.IDLE:
+                raise self._out_of_order(t)
+        elif self.phase is Phase.IDLE:
+            if received and self.had_session:
+                return False
+            raise self._out_of_order(t)
+        elif self.stopping and t != "ack":
+            if received and t == "stop":
+                return False
+            raise self._out_of_order(t, "stop was already sent")
+        return True
+
+    def _check_ack(self, seq: int) -> None:
+        if self.last_seq is None or seq > self.last_seq:
+            raise ProtocolError("bad_field", f"ack.seq: fragment {seq} was never sent on this connection "
+                                f"(highest: {self.last_seq})", field="seq", ref="ack")
+
+    def _client_message(self, msg: ClientMessage) -> None:
+        """Apply one (accepted) client -> server message to the state."""
+        if isinstance(msg, (Start, Attach)):
+            self._begin(msg)
+        elif isinstance(msg, Stop):
+            self.stopping = True
+
     def _fragment(self, msg: Fragment) -> None:
         if not self.init_done:
             raise self._out_of_order("fragment", "init must come first")
@@ -603,28 +632,15 @@ class ServerConnection(_Connection):
             return None
         t, obj = _unpack(data, "client", self.limits)
         try:
-            if t in ("start", "attach"):
-                if self.phase is not Phase.IDLE:
-                    raise self._out_of_order(t)
-            elif self.phase is Phase.IDLE:
-                if self.had_session:
-                    return None
-                raise self._out_of_order(t)
-            elif self.stopping and t != "ack":
-                if t == "stop":
-                    return None
-                raise self._out_of_order(t, "stop was already sent")
+            if not self._check_client_order(t, received=True):
+                return None
             msg = _build(t, obj, self.limits)
         except ProtocolError as e:
             e.ref = t
             raise
-        if t in ("start", "attach"):
-            self._begin(msg)
-        elif t == "stop":
-            self.stopping = True
-        elif t == "ack" and (self.last_seq is None or msg.seq > self.last_seq):
-            raise ProtocolError("bad_field", f"ack.seq: fragment {msg.seq} was never sent (highest sent: "
-                                f"{self.last_seq})", field="seq", ref="ack")
+        if isinstance(msg, Ack):
+            self._check_ack(msg.seq)
+        self._client_message(msg)
         return msg
 
     def send(self, msg: ServerMessage) -> bytes:
@@ -654,21 +670,11 @@ class ClientConnection(_Connection):
             raise TypeError(f"{t!r} is a server message")
         if self.phase is Phase.CLOSED:
             raise self._out_of_order(t, "the connection is closed")
-        if t in ("start", "attach"):
-            if self.phase is not Phase.IDLE:
-                raise self._out_of_order(t)
-        elif self.phase is Phase.IDLE:
-            raise self._out_of_order(t)
-        elif self.stopping:
-            raise self._out_of_order(t, "stop was already sent")
-        if t == "ack" and (self.last_seq is None or msg.seq > self.last_seq):
-            raise ProtocolError("bad_field", f"ack.seq: fragment {msg.seq} was not received (highest: "
-                                f"{self.last_seq})", field="seq", ref="ack")
+        self._check_client_order(t, received=False)
+        if isinstance(msg, Ack):
+            self._check_ack(msg.seq)
         data = encode(msg, self.limits)
-        if t in ("start", "attach"):
-            self._begin(msg)
-        elif t == "stop":
-            self.stopping = True
+        self._client_message(msg)
         return data
 
     def start(self, prompt: str, **kw: Any) -> bytes:

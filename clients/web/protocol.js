@@ -371,6 +371,35 @@ class Connection {
     this.pending = null;
   }
 
+  /** Order rules for a client message of type `t` (throws out_of_order). For a message a server
+   *  `received`, false means: ignore it silently (it crossed `end`, or a repeated stop). */
+  checkClientOrder(t, received) {
+    if (t === 'start' || t === 'attach') {
+      if (this.phase !== 'idle') throw this.outOfOrder(t);
+    } else if (this.phase === 'idle') {
+      if (received && this.hadSession) return false;
+      throw this.outOfOrder(t);
+    } else if (this.stopping && t !== 'ack') {
+      if (received && t === 'stop') return false;
+      throw this.outOfOrder(t, 'stop was already sent');
+    }
+    return true;
+  }
+
+  checkAck(seq) {
+    if (this.lastSeq === null || seq > this.lastSeq) {
+      throw new ProtocolError('bad_field',
+        `ack.seq: fragment ${seq} was never sent on this connection (highest: ${this.lastSeq})`,
+        { field: 'seq', ref: 'ack' });
+    }
+  }
+
+  /** Apply one accepted client -> server message (with defaults applied) to the state. */
+  clientMessage(msg) {
+    if (msg.type === 'start' || msg.type === 'attach') this.begin(msg);
+    else if (msg.type === 'stop') this.stopping = true;
+  }
+
   serverMessage(msg) {
     const t = msg.type;
     if (t === 'error') {
@@ -418,17 +447,10 @@ export class ClientConnection extends Connection {
     const t = msg.type;
     if (!CLIENT_TYPES.includes(t)) throw new TypeError(`"${t}" is not a client message`);
     if (this.phase === 'closed') throw this.outOfOrder(t, 'the connection is closed');
-    if (t === 'start' || t === 'attach') {
-      if (this.phase !== 'idle') throw this.outOfOrder(t);
-    } else if (this.phase === 'idle') throw this.outOfOrder(t);
-    else if (this.stopping) throw this.outOfOrder(t, 'stop was already sent');
-    if (t === 'ack' && (this.lastSeq === null || msg.seq > this.lastSeq)) {
-      throw new ProtocolError('bad_field', `ack.seq: fragment ${msg.seq} was not received (highest: ${this.lastSeq})`,
-        { field: 'seq', ref: 'ack' });
-    }
+    this.checkClientOrder(t, false);
+    if (t === 'ack') this.checkAck(msg.seq);
     const data = encode(msg, this.limits);
-    if (t === 'start' || t === 'attach') this.begin(fromMap(msg, this.limits));
-    else if (t === 'stop') this.stopping = true;
+    this.clientMessage(t === 'start' || t === 'attach' ? fromMap(msg, this.limits) : msg);
     return data;
   }
 
@@ -449,26 +471,14 @@ export class ServerConnection extends Connection {
     const [t, obj] = unpackFrame(data, 'client', this.limits);
     let msg;
     try {
-      if (t === 'start' || t === 'attach') {
-        if (this.phase !== 'idle') throw this.outOfOrder(t);
-      } else if (this.phase === 'idle') {
-        if (this.hadSession) return null;
-        throw this.outOfOrder(t);
-      } else if (this.stopping && t !== 'ack') {
-        if (t === 'stop') return null;
-        throw this.outOfOrder(t, 'stop was already sent');
-      }
+      if (!this.checkClientOrder(t, true)) return null;
       msg = build(t, obj, this.limits);
     } catch (e) {
       if (e instanceof ProtocolError) e.ref = t;
       throw e;
     }
-    if (t === 'start' || t === 'attach') this.begin(msg);
-    else if (t === 'stop') this.stopping = true;
-    else if (t === 'ack' && (this.lastSeq === null || msg.seq > this.lastSeq)) {
-      throw new ProtocolError('bad_field', `ack.seq: fragment ${msg.seq} was never sent (highest sent: ${this.lastSeq})`,
-        { field: 'seq', ref: 'ack' });
-    }
+    if (t === 'ack') this.checkAck(msg.seq);
+    this.clientMessage(msg);
     return msg;
   }
 
