@@ -61,6 +61,16 @@ class LogEntry:
         return self.fragment.pts + self.fragment.duration
 
 
+async def _cancel_and_wait(task: asyncio.Task | None) -> None:
+    """Cancel ``task`` and wait until it has finished (its result or error is not wanted; a
+    cancellation of the caller still propagates)."""
+    if task is not None and not task.done():
+        task.cancel()
+        await asyncio.wait([task])
+        if not task.cancelled():
+            task.exception()  # retrieved, so asyncio does not log it as unhandled
+
+
 class _Notifier:
     """Wake every waiter (level-triggered by the caller re-checking its condition)."""
 
@@ -196,12 +206,7 @@ class Subscriber:
             log.debug("sender %s/%s stopped: %r", s.id, self.conn_id, e)
 
     async def aclose(self) -> None:
-        if self.task is not None and not self.task.done():
-            self.task.cancel()
-            try:
-                await self.task
-            except (asyncio.CancelledError, Exception):
-                pass
+        await _cancel_and_wait(self.task)
 
 
 @dataclass
@@ -302,12 +307,7 @@ class Session:
         if self.ended is None:
             self.ended = "closed"
         self.state = "ended"
-        if self.producer is not None and not self.producer.done():
-            self.producer.cancel()
-            try:
-                await self.producer
-            except (asyncio.CancelledError, Exception):
-                pass
+        await _cancel_and_wait(self.producer)
         for sub in list(self.subscribers):
             await sub.aclose()
         self.subscribers.clear()
