@@ -372,3 +372,29 @@ async def test_server_pause_busy_disconnect_and_shutdown_reach_the_engine(tiny):
     assert (await b.until(P.End)).reason == "shutdown"
     await asyncio.wait_for(closing, 30)
     assert engine._thread is None and not engine._streams and engine._stop.is_set()
+
+
+async def test_generation_failure_through_the_server_is_reported_then_ends(tiny):
+    from aiohttp.test_utils import TestServer
+
+    from streamgen import protocol as P
+    from streamgen.engine.serving import EngineFactory, ModelLimits
+    from streamgen.server.app import ServerConfig, build_app
+
+    model, text, dec, _ = tiny
+    engine = Engine(Pipeline(model=model, text_encoder=text, decoder=_FailingDecoder(dec, 96 // 8)),
+                    EngineSettings(max_sessions=1, local_frames=6, sink_frames=0))
+    server = TestServer(build_app(ServerConfig(model="tiny", max_lead_s=None),
+                                  EngineFactory("tiny", engine, ModelLimits(64, 64, 256 * 256))))
+    await server.start_server()
+    try:
+        c = await _Ws.open(f"ws://127.0.0.1:{server.port}/v1/stream")
+        await c.send(P.Start(prompt="boom", width=96))
+        err = await c.until(P.Error)
+        assert (err.code, err.fatal, err.field) == ("generation_failed", False, None)
+        assert "decoder exploded" in err.message
+        assert (await c.until(P.End)).reason == "error"
+        await c.send(P.Start(prompt="fine"))  # the failed session gave its only engine slot back
+        assert (await c.until(P.Fragment)).frames == 9
+    finally:
+        await server.close()
