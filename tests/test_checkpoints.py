@@ -8,11 +8,13 @@ from safetensors.torch import save_file
 
 from streamgen.models.checkpoints import (
     CheckpointError,
+    check_keys,
     infer_wan_config,
     inspect_wan_checkpoint,
     load_wan_model,
     load_wan_state_dict,
     native_to_diffusers,
+    read_state_dict,
 )
 from streamgen.models.wan import WanConfig, WanModel
 
@@ -282,3 +284,37 @@ def test_quantized_weight_without_scale(tmp_path, sd):
     save_file(q, path)
     with pytest.raises(CheckpointError, match="blocks.0.ffn.0.weight is torch.int8 without a"):
         load_wan_model(path)
+
+
+def test_shared_loader_helpers(tmp_path):
+    """read_state_dict / check_keys, used by the VAE, TAEHV, RIFE and umT5 loaders."""
+    sd = {"a.weight": torch.arange(6.0).view(2, 3), "b.bias": torch.ones(2)}
+    legacy = tmp_path / "legacy.pth"  # the pre-zip torch.save format cannot be memory-mapped
+    torch.save({"state_dict": sd}, legacy, _use_new_zipfile_serialization=False)
+    (tmp_path / "sub").mkdir()
+    save_file(sd, tmp_path / "sub" / "w.safetensors")
+    for path, names in ((legacy, ()), (tmp_path, ("nope.pth", "sub/w.safetensors"))):
+        got = read_state_dict(path, what="Thing", names=names)
+        assert list(got) == list(sd) and all(torch.equal(got[k], sd[k]) for k in sd)
+    with pytest.raises(FileNotFoundError, match=r"no Thing weights in folder .*: expected one of x.pth, y.pth"):
+        read_state_dict(tmp_path, what="Thing", names=("x.pth", "y.pth"))
+    with pytest.raises(FileNotFoundError, match=r"Thing checkpoint not found: .*gone.pth \(pass thing.pth\)"):
+        read_state_dict(tmp_path / "gone.pth", what="Thing", hint="pass thing.pth")
+    (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(CheckpointError, match="bad.safetensors: not a readable safetensors file"):
+        read_state_dict(tmp_path / "bad.safetensors", what="Thing")
+
+    expected = {f"k{i:02d}": (2, 2) for i in range(12)}
+    got = {f"k{i:02d}": torch.zeros(2, 2) for i in range(1, 12)} | {"k05": torch.zeros(3, 2), "extra": torch.zeros(1)}
+    check_keys(expected, {k: torch.zeros(2, 2) for k in expected}, what="fine")
+    with pytest.raises(CheckpointError) as e:
+        check_keys(expected, got, what="Thing does not match:", unexpected=["raw.key"], notes=["  (a hint)"])
+    assert str(e.value).splitlines() == [
+        "Thing does not match:",
+        "  missing keys (1): k00",
+        "  unexpected keys (2): extra, raw.key",
+        "  shape mismatches (1): k05: checkpoint (3, 2) vs model (2, 2)",
+        "  (a hint)",
+    ]
+    with pytest.raises(CheckpointError, match=r"missing keys \(12\): k00, .*, k07, \.\.\. \(\+4 more\)"):
+        check_keys(expected, {}, what="empty")

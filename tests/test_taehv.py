@@ -101,7 +101,7 @@ def test_checkpoint_layout(dec, tmp_path):
 
     bad = dict(sd)
     bad.pop("decoder.3.conv.0.weight")
-    with pytest.raises(ValueError, match=r"missing 1 keys: decoder.3.conv.0.weight"):
+    with pytest.raises(ValueError, match=r"missing keys \(1\): decoder.3.conv.0.weight"):
         convert_taehv_state_dict(bad, CFG)
     with pytest.raises(ValueError, match="shape mismatches"):
         convert_taehv_state_dict(sd, TAEHVConfig.preset("taew2.1"))

@@ -183,7 +183,7 @@ def test_original_layout_errors(tok_dir):
     with pytest.raises(ValueError, match="unexpected keys in umT5 checkpoint: blocks.0.extra.weight"):
         convert_umt5_original_state_dict(bad)
     bad.pop("blocks.0.extra.weight")
-    with pytest.raises(ValueError, match=r"missing 1 keys: encoder.block.1.layer.1.DenseReluDense.wi_1.weight"):
+    with pytest.raises(ValueError, match=r"missing keys \(1\): encoder.block.1.layer.1.DenseReluDense.wi_1.weight"):
         UMT5TextEncoder.from_original(bad, tok_dir)
     with pytest.raises(ValueError, match="not a Wan2.1 umT5 encoder checkpoint"):
         convert_umt5_original_state_dict({"foo": torch.zeros(1)})

@@ -136,9 +136,9 @@ def test_key_maps_roundtrip_and_errors(ref, native_sd, tmp_path):
     bad = dict(native_sd)
     bad.pop("decoder.upsamples.3.time_conv.weight")
     bad["decoder.extra.weight"] = torch.zeros(1)
-    with pytest.raises(ValueError, match=r"missing 1 keys: decoder.upsamples.3.time_conv.weight") as e:
+    with pytest.raises(ValueError, match=r"missing keys \(1\): decoder.upsamples.3.time_conv.weight") as e:
         convert_wan_vae_state_dict(bad, CFG)
-    assert "unexpected 1 keys: decoder.extra.weight" in str(e.value)
+    assert "unexpected keys (1): decoder.extra.weight" in str(e.value)
 
     bad = dict(ref.state_dict())
     bad["decoder.conv_in.weight"] = torch.zeros(3, 3)

@@ -11,6 +11,11 @@ moved one at a time to ``device``/``dtype``, so loading never holds two copies o
 head_dim 128, as in every released Wan2.1 model).
 ``native_to_diffusers(sd)`` / ``diffusers_to_native(sd)`` and the per-key versions.
 
+Shared by every model's loader (VAE, TAEHV, RIFE, umT5): ``read_state_dict(path, what=...,
+names=...)`` (safetensors / memory-mapped torch file / folder), ``strip_prefixes(sd, prefixes)``,
+and ``check_keys(expected, got, what=...)`` / ``diff_keys`` (one report format: missing,
+unexpected and mis-shaped keys, first few and counts), raising ``CheckpointError`` (a ValueError).
+
 Formats read (detected, named in every error):
 - original Wan2.1: ``diffusion_pytorch_model.safetensors``, or shards listed by
   ``diffusion_pytorch_model.safetensors.index.json`` (pass the index, a shard's directory, or a
@@ -36,7 +41,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
@@ -44,6 +49,11 @@ from streamgen.models.wan import PRESETS, WanConfig, WanModel
 
 __all__ = [
     "CheckpointError",
+    "KeyDiff",
+    "diff_keys",
+    "check_keys",
+    "read_state_dict",
+    "strip_prefixes",
     "CheckpointInfo",
     "inspect_wan_checkpoint",
     "infer_wan_config",
@@ -59,6 +69,109 @@ __all__ = [
 
 class CheckpointError(ValueError):
     """A checkpoint could not be read or does not match the model; the message says why."""
+
+
+# ----------------------------------------------------------------------------- shared by every loader
+
+
+def _shape(v) -> tuple[int, ...]:
+    return tuple(v.shape) if hasattr(v, "shape") else tuple(v)
+
+
+def _first(items, n: int = 8, sep: str = ", ") -> str:
+    items = list(items)
+    return sep.join(items[:n]) + (f"{sep}... (+{len(items) - n} more)" if len(items) > n else "")
+
+
+@dataclass
+class KeyDiff:
+    """How a state dict differs from a model's: sorted missing and unexpected keys, and
+    ``(key, checkpoint shape, model shape)`` for every shape mismatch. False when they match."""
+
+    missing: list[str]
+    unexpected: list[str]
+    mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]]
+
+    def __bool__(self) -> bool:
+        return bool(self.missing or self.unexpected or self.mismatched)
+
+    def lines(self, show: Callable[[str], str] = str) -> list[str]:
+        """The report, one indented line per kind (first few keys and the counts); ``show`` renders
+        an unexpected key (e.g. with the raw name it was mapped from)."""
+        out = []
+        if self.missing:
+            out.append(f"  missing keys ({len(self.missing)}): {_first(self.missing)}")
+        if self.unexpected:
+            out.append(f"  unexpected keys ({len(self.unexpected)}): {_first(map(show, self.unexpected))}")
+        if self.mismatched:
+            shown = [f"{k}: checkpoint {got} vs model {want}" for k, got, want in self.mismatched]
+            out.append(f"  shape mismatches ({len(shown)}): {_first(shown, 6, '; ')}")
+        return out
+
+
+def diff_keys(expected: Mapping, got: Mapping, *, unexpected: Iterable[str] = ()) -> KeyDiff:
+    """Compare ``got`` with ``expected`` (both key -> tensor or shape). ``unexpected``: keys a
+    converter already set aside (no native name) to report with the rest."""
+    return KeyDiff(
+        missing=sorted(k for k in expected if k not in got),
+        unexpected=sorted({*unexpected, *(k for k in got if k not in expected)}),
+        mismatched=sorted(
+            (k, _shape(got[k]), _shape(v)) for k, v in expected.items() if k in got and _shape(got[k]) != _shape(v)
+        ),
+    )
+
+
+def check_keys(
+    expected: Mapping, got: Mapping, *, what: str, unexpected: Iterable[str] = (), notes: Iterable[str] = ()
+) -> None:
+    """Raise a CheckpointError ``what`` + the key report (:class:`KeyDiff`) + ``notes`` (hint lines)
+    unless ``got`` has exactly the keys and shapes of ``expected``."""
+    diff = diff_keys(expected, got, unexpected=unexpected)
+    if diff:
+        raise CheckpointError("\n".join([what, *diff.lines(), *notes]))
+
+
+def strip_prefixes(sd: Mapping[str, torch.Tensor], prefixes: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Remove each of ``prefixes`` in turn from every key, where *all* keys carry it (wrappers such
+    as ``module.`` from DataParallel); a new dict, tensors shared."""
+    sd = dict(sd)
+    for prefix in prefixes:
+        if sd and all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix) :]: v for k, v in sd.items()}
+    return sd
+
+
+def read_state_dict(
+    path: str | os.PathLike, *, what: str, names: Sequence[str] = (), hint: str = ""
+) -> dict[str, torch.Tensor]:
+    """One state dict, read to the CPU: a ``.safetensors`` file, a ``torch.save`` file (weights only,
+    memory-mapped when it is in the zip format; a top-level ``{"state_dict": {...}}`` is unwrapped),
+    or a folder holding one of ``names`` (paths relative to it, tried in order).
+
+    A missing file raises FileNotFoundError naming ``what`` (e.g. "Wan VAE") and ``hint``; an
+    unreadable one a CheckpointError naming the file."""
+    p = Path(path)
+    if p.is_dir():
+        found = next((p / n for n in names if (p / n).is_file()), None)
+        if found is None:
+            raise FileNotFoundError(f"no {what} weights in folder {p}: expected one of {', '.join(names)}")
+        p = found
+    if not p.is_file():
+        raise FileNotFoundError(f"{what} checkpoint not found: {p}" + (f" ({hint})" if hint else ""))
+    if p.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(p)
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{p}: not a readable safetensors file ({e})") from e
+    sd = _torch_load(p)
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{p}: holds a {type(sd).__name__}, not a state dict")
+    return sd
 
 
 # ----------------------------------------------------------------------------- key maps
@@ -245,20 +358,25 @@ def _resolve_safetensors(p: Path) -> tuple[list[Path], str]:
     return [p], "safetensors, 1 file"
 
 
-def _torch_entries(p: Path, state_key: str | None) -> tuple[dict[str, _Entry], str]:
+def _torch_load(p: Path):
+    """``torch.load`` on the CPU, weights only, memory-mapped (zip format) or read (legacy format)."""
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+        return torch.load(p, map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError as e:
         if "mmap" not in str(e):
             raise CheckpointError(f"{p}: not a readable torch checkpoint ({e})") from e
         try:  # legacy (non-zip) torch.save format cannot be memory-mapped
-            obj = torch.load(p, map_location="cpu", weights_only=True)
+            return torch.load(p, map_location="cpu", weights_only=True)
         except Exception as e2:  # noqa: BLE001
             raise CheckpointError(f"{p}: not a readable torch checkpoint ({e2})") from e2
     except Exception as e:  # noqa: BLE001 - pickle/zip errors of every kind
         raise CheckpointError(
             f"{p}: not a readable torch checkpoint ({type(e).__name__}: {e}); only weights_only=True loads are done"
         ) from e
+
+
+def _torch_entries(p: Path, state_key: str | None) -> tuple[dict[str, _Entry], str]:
+    obj = _torch_load(p)
     desc = "torch .pt"
     if state_key is not None:
         if not isinstance(obj, dict) or not isinstance(obj.get(state_key), dict):
@@ -437,35 +555,19 @@ def _expected_shapes(cfg: WanConfig) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def _first(items, n: int = 8) -> str:
-    items = list(items)
-    shown = ", ".join(items[:n])
-    return shown + (f", ... ({len(items) - n} more)" if len(items) > n else "")
-
-
 def _check(info: CheckpointInfo, cfg: WanConfig) -> None:
-    expected = _expected_shapes(cfg)
-    got = info.shapes
-    missing = sorted(k for k in expected if k not in got)
-    unexpected = sorted(k for k in got if k not in expected)
-    mismatched = sorted(k for k in expected if k in got and tuple(got[k]) != expected[k])
-    if not (missing or unexpected or mismatched):
+    diff = diff_keys(_expected_shapes(cfg), info.shapes)
+    if not diff:
         return
     lines = [f"{info.path}: checkpoint does not match the model", f"  detected format: {info.format}"]
     lines.append(
         f"  model config: dim={cfg.dim} ffn_dim={cfg.ffn_dim} num_heads={cfg.num_heads} "
         f"num_layers={cfg.num_layers} text_dim={cfg.text_dim}"
     )
-    if missing:
-        lines.append(f"  missing keys ({len(missing)}): {_first(missing)}")
-    if unexpected:
-        shown = [f"{k} (from {info.unmapped[k]})" if k in info.unmapped and info.unmapped[k] != k else k for k in unexpected]
-        lines.append(f"  unexpected keys ({len(unexpected)}): {_first(shown)}")
-        if any(w in k for k in shown for w in ("img", "add_k_proj", "add_v_proj", "image_embedder")):
-            lines.append("  (image-to-video keys: only text-to-video Wan2.1 checkpoints are supported)")
-    if mismatched:
-        shown = [f"{k}: checkpoint {tuple(got[k])} vs model {expected[k]}" for k in mismatched]
-        lines.append(f"  shape mismatches ({len(mismatched)}): {_first(shown, 5)}")
+    raw = info.unmapped
+    lines += diff.lines(lambda k: f"{k} (from {raw[k]})" if raw.get(k, k) != k else k)
+    if any(w in k for k in diff.unexpected for w in ("img", "add_k_proj", "add_v_proj", "image_embedder")):
+        lines.append("  (image-to-video keys: only text-to-video Wan2.1 checkpoints are supported)")
     raise CheckpointError("\n".join(lines))
 
 

@@ -38,6 +38,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from streamgen.models.checkpoints import check_keys, read_state_dict
+
 log = logging.getLogger(__name__)
 
 _TRAINING_ONLY_PREFIXES = ("teacher.", "caltime.")
@@ -293,31 +295,9 @@ def convert_rife_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 def load_rife(path: str | Path, cfg: RIFEConfig | None = None, *, device: str | torch.device = "cpu",
               dtype: torch.dtype = torch.float32) -> IFNet:
     """Build an IFNet and load ``flownet.pkl`` (v4.25/v4.26) into it, in eval mode."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"RIFE weights not found at {path}; pass the path of flownet.pkl from Practical-RIFE v4.25/v4.26"
-        )
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-        sd = sd["state_dict"]
+    sd = read_state_dict(path, what="RIFE", hint="pass the path of flownet.pkl from Practical-RIFE v4.25/v4.26")
     sd = convert_rife_state_dict(sd)
     model = IFNet(cfg or RIFEConfig.preset("v4.26"))
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    shape_err = sorted(k for k in set(sd) & set(expected) if sd[k].shape != expected[k].shape)
-    if missing or unexpected or shape_err:
-        def _fmt(keys: list[str]) -> str:
-            return ", ".join(keys[:12]) + (f" (+{len(keys) - 12} more)" if len(keys) > 12 else "")
-        lines = [f"{path} is not a RIFE v4.25/v4.26 IFNet checkpoint:"]
-        if missing:
-            lines.append(f"  missing keys ({len(missing)}): {_fmt(missing)}")
-        if unexpected:
-            lines.append(f"  unexpected keys ({len(unexpected)}): {_fmt(unexpected)}")
-        if shape_err:
-            lines.append("  wrong shapes: " + _fmt([f"{k} {tuple(sd[k].shape)} != {tuple(expected[k].shape)}"
-                                                    for k in shape_err]))
-        raise ValueError("\n".join(lines))
+    check_keys(model.state_dict(), sd, what=f"{path} is not a RIFE v4.25/v4.26 IFNet checkpoint:")
     model.load_state_dict(sd)
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)

@@ -34,6 +34,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from streamgen.models.checkpoints import check_keys, read_state_dict, strip_prefixes
+
 
 @dataclass(frozen=True)
 class TAEHVConfig:
@@ -231,10 +233,7 @@ class TAEHV(nn.Module):
 def convert_taehv_state_dict(sd: dict[str, torch.Tensor], cfg: TAEHVConfig | None = None) -> dict[str, torch.Tensor]:
     """TAEHV checkpoint (``taew2_1.pth`` / ``.safetensors``) -> this module's decoder state dict, checked."""
     cfg = cfg or TAEHVConfig()
-    sd = dict(sd)
-    for prefix in ("module.", "taehv."):
-        if sd and all(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix) :]: v for k, v in sd.items()}
+    sd = strip_prefixes(sd, ("module.", "taehv."))
     with torch.device("meta"):
         model = TAEHV(cfg)
     expected = {k: v.shape for k, v in model.state_dict().items()}
@@ -245,20 +244,9 @@ def convert_taehv_state_dict(sd: dict[str, torch.Tensor], cfg: TAEHVConfig | Non
         key = f"decoder.{i}.conv.weight"
         if isinstance(layer, TGrow) and key in out and out[key].shape[0] > expected[key][0]:
             out[key] = out[key][-expected[key][0] :]
-    missing = sorted(set(expected) - set(out))
-    unexpected = sorted(set(out) - set(expected))
-    bad = [f"{k}: checkpoint {tuple(out[k].shape)} vs model {tuple(expected[k])}"
-           for k in expected if k in out and out[k].shape != expected[k]]  # fmt: skip
-    if missing or unexpected or bad:
-        msg = [f"TAEHV checkpoint does not match config (latent_channels={cfg.latent_channels}, channels={cfg.channels}):"]
-        if missing:
-            msg.append(f"  missing {len(missing)} keys: {', '.join(missing[:8])}")
-        if unexpected:
-            msg.append(f"  unexpected {len(unexpected)} keys: {', '.join(unexpected[:8])}")
-        if bad:
-            msg.append(f"  {len(bad)} shape mismatches: {'; '.join(bad[:6])}")
-        msg.append("  (Wan2.1 needs taew2_1.pth; taew2_2 / taehv1_5 are other latent spaces)")
-        raise ValueError("\n".join(msg))
+    check_keys(expected, out,
+               what=f"TAEHV checkpoint does not match config (latent_channels={cfg.latent_channels}, channels={cfg.channels}):",
+               notes=["  (Wan2.1 needs taew2_1.pth; taew2_2 / taehv1_5 are other latent spaces)"])  # fmt: skip
     return out
 
 
@@ -269,22 +257,11 @@ def load_taehv(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float16,
 ) -> TAEHV:
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        for name in ("taew2_1.pth", "taew2_1.safetensors"):
-            if os.path.isfile(os.path.join(path, name)):
-                path = os.path.join(path, name)
-                break
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"TAEHV checkpoint not found: {path} (expected taew2_1.pth or .safetensors)")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        sd = load_file(path)
-    else:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+    sd = read_state_dict(path, what="TAEHV", names=("taew2_1.pth", "taew2_1.safetensors"),
+                         hint="expected taew2_1.pth or .safetensors")
     cfg = cfg or TAEHVConfig()
     sd = convert_taehv_state_dict(sd, cfg)
-    model = TAEHV(cfg)
-    model.load_state_dict(sd, strict=True)
+    with torch.device("meta"):
+        model = TAEHV(cfg)
+    model.load_state_dict(sd, strict=True, assign=True)
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)

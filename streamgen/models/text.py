@@ -37,6 +37,8 @@ from typing import Protocol
 
 import torch
 
+from streamgen.models.checkpoints import check_keys, read_state_dict, strip_prefixes
+
 TEXT_LEN = 512
 
 
@@ -72,10 +74,7 @@ def _check_prompts(prompts) -> list[str]:
 
 def convert_umt5_original_state_dict(sd: dict[str, torch.Tensor], config=None) -> dict[str, torch.Tensor]:
     """Wan2.1 ``T5Encoder`` state dict -> ``UMT5EncoderModel`` state dict (checked against ``config`` if given)."""
-    sd = dict(sd)
-    for prefix in ("module.", "model.", "encoder."):
-        if sd and all(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix) :]: v for k, v in sd.items()}
+    sd = strip_prefixes(sd, ("module.", "model.", "encoder."))
     if "token_embedding.weight" not in sd or not any(k.startswith("blocks.") for k in sd):
         raise ValueError(
             "not a Wan2.1 umT5 encoder checkpoint (models_t5_umt5-xxl-enc-bf16.pth): expected token_embedding.weight "
@@ -109,19 +108,7 @@ def convert_umt5_original_state_dict(sd: dict[str, torch.Tensor], config=None) -
 
         with torch.device("meta"):
             expected = {k: v.shape for k, v in UMT5EncoderModel(config).state_dict().items()}
-        missing = sorted(set(expected) - set(out))
-        unexpected += sorted(set(out) - set(expected))
-        bad = [f"{k}: checkpoint {tuple(out[k].shape)} vs model {tuple(expected[k])}"
-               for k in expected if k in out and out[k].shape != expected[k]]  # fmt: skip
-        if missing or unexpected or bad:
-            msg = ["umT5 checkpoint does not match the UMT5 config:"]
-            if missing:
-                msg.append(f"  missing {len(missing)} keys: {', '.join(missing[:8])}")
-            if unexpected:
-                msg.append(f"  unexpected {len(unexpected)} keys: {', '.join(unexpected[:8])}")
-            if bad:
-                msg.append(f"  {len(bad)} shape mismatches: {'; '.join(bad[:6])}")
-            raise ValueError("\n".join(msg))
+        check_keys(expected, out, unexpected=unexpected, what="umT5 checkpoint does not match the UMT5 config:")
     elif unexpected:
         raise ValueError(f"unexpected keys in umT5 checkpoint: {', '.join(sorted(unexpected)[:8])}")
     return out
@@ -199,9 +186,7 @@ class UMT5TextEncoder:
         if isinstance(checkpoint, dict):
             sd = checkpoint
         else:
-            if not os.path.isfile(checkpoint):
-                raise FileNotFoundError(f"umT5 checkpoint not found: {checkpoint}")
-            sd = torch.load(os.fspath(checkpoint), map_location="cpu", weights_only=True, mmap=True)
+            sd = read_state_dict(checkpoint, what="umT5")
         config = umt5_config_from_original(sd)
         hf = convert_umt5_original_state_dict(sd, config)
         with torch.device("meta"):

@@ -42,11 +42,13 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from streamgen.models.checkpoints import check_keys, read_state_dict, strip_prefixes
 
 # Published per-channel statistics of Wan2.1 VAE latents (Wan2.1 vae.py / diffusers AutoencoderKLWan).
 WAN21_LATENTS_MEAN = (
@@ -462,23 +464,10 @@ def key_table(cfg: WanVAEConfig) -> dict[str, str]:
     return {k: _native_to_diffusers_key(k, cfg) for k in _expected(cfg)}
 
 
-def _strip_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    for prefix in ("module.", "vae.", "model."):
-        if sd and all(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix) :]: v for k, v in sd.items()}
-    return sd
-
-
-def _describe(keys, limit: int = 8) -> str:
-    keys = sorted(keys)
-    more = f" ... (+{len(keys) - limit} more)" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
-
-
 def convert_wan_vae_state_dict(sd: dict[str, torch.Tensor], cfg: WanVAEConfig | None = None) -> dict[str, torch.Tensor]:
     """Wan2.1_VAE.pth or diffusers AutoencoderKLWan state dict -> native keys, checked against ``cfg``."""
     cfg = cfg or WanVAEConfig()
-    sd = _strip_prefixes(dict(sd))
+    sd = strip_prefixes(sd, ("module.", "vae.", "model."))
     expected = _expected(cfg)
     if any(k.startswith(("decoder.up_blocks.", "encoder.down_blocks.", "quant_conv.", "post_quant_conv.")) for k in sd):
         inverse = {d: n for n, d in key_table(cfg).items()}
@@ -493,22 +482,12 @@ def convert_wan_vae_state_dict(sd: dict[str, torch.Tensor], cfg: WanVAEConfig | 
     else:
         raise ValueError(
             "not a Wan2.1 VAE state dict: expected Wan2.1_VAE.pth keys (decoder.upsamples.*, encoder.downsamples.*) "
-            f"or diffusers AutoencoderKLWan keys (decoder.up_blocks.*, quant_conv.*); got e.g. {_describe(sd, 5)}"
+            f"or diffusers AutoencoderKLWan keys (decoder.up_blocks.*, quant_conv.*); got e.g. {sorted(sd)[:5]}"
         )
-    missing = [k for k in expected if k not in out]
-    bad_shape = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k])}"
-                 for k, v in out.items() if v.shape != expected[k]]  # fmt: skip
-    if missing or unexpected or bad_shape:
-        lines = [f"Wan VAE checkpoint ({layout} layout) does not match config {cfg.base_dim=} {cfg.z_dim=} "
-                 f"{cfg.dim_mult=} {cfg.num_res_blocks=}:"]  # fmt: skip
-        if missing:
-            lines.append(f"  missing {len(missing)} keys: {_describe(missing)}")
-        if unexpected:
-            lines.append(f"  unexpected {len(unexpected)} keys: {_describe(unexpected)}")
-        if bad_shape:
-            lines.append(f"  {len(bad_shape)} shape mismatches: {'; '.join(bad_shape[:6])}")
-        lines.append("  (is this the Wan2.1 VAE, and the right preset? Wan2.2's 48-channel VAE is not supported)")
-        raise ValueError("\n".join(lines))
+    check_keys(expected, out, unexpected=unexpected,
+               what=f"Wan VAE checkpoint ({layout} layout) does not match config {cfg.base_dim=} {cfg.z_dim=} "
+                    f"{cfg.dim_mult=} {cfg.num_res_blocks=}:",
+               notes=["  (is this the Wan2.1 VAE, and the right preset? Wan2.2's 48-channel VAE is not supported)"])  # fmt: skip
     return out
 
 
@@ -520,31 +499,6 @@ def to_diffusers_state_dict(native: dict[str, torch.Tensor], cfg: WanVAEConfig |
     return {table[k]: v for k, v in native.items()}
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Load a ``.pth``/``.pt``/``.safetensors`` file, or a diffusers folder (``vae/`` or the VAE folder)."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        for sub in ("vae", "."):
-            for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin", "Wan2.1_VAE.pth"):
-                cand = os.path.join(path, sub, name)
-                if os.path.isfile(cand):
-                    return read_state_dict(cand)
-        raise FileNotFoundError(
-            f"no Wan VAE weights in folder {path}: expected Wan2.1_VAE.pth or "
-            "[vae/]diffusion_pytorch_model.safetensors"
-        )
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"Wan VAE checkpoint not found: {path}")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-        sd = sd["state_dict"]
-    return sd
-
-
 def load_wan_vae(
     path: str | os.PathLike,
     cfg: WanVAEConfig | None = None,
@@ -554,7 +508,9 @@ def load_wan_vae(
 ) -> WanVAE:
     """Build a WanVAE and load ``Wan2.1_VAE.pth`` or a diffusers ``AutoencoderKLWan`` checkpoint into it."""
     cfg = cfg or WanVAEConfig()
-    sd = convert_wan_vae_state_dict(read_state_dict(path), cfg)
+    sd = read_state_dict(path, what="Wan VAE", names=[f"{sub}{name}" for sub in ("vae/", "") for name in (
+        "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin", "Wan2.1_VAE.pth")])
+    sd = convert_wan_vae_state_dict(sd, cfg)
     with torch.device("meta"):
         vae = WanVAE(cfg)
     vae.load_state_dict(sd, strict=True, assign=True)
