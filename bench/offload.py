@@ -161,17 +161,17 @@ def bench_preset(preset: str, args, device: torch.device) -> list[dict]:
     h, w = args.hw
     f, ctx_frames = args.frames, args.context
     g = torch.Generator(device=device).manual_seed(1)
-    x = torch.randn(1, cfg.in_dim, f, h, w, generator=g, device=device)
-    t = torch.full((1,), 700.0, device=device)
-    ctx = torch.randn(1, cfg.text_len, cfg.text_dim, generator=g, device=device)
-    cache = model.new_cache(1, (h, w), max_frames=ctx_frames + f)
+    x = torch.randn(args.batch, cfg.in_dim, f, h, w, generator=g, device=device)
+    t = torch.full((args.batch,), 700.0, device=device)
+    ctx = torch.randn(args.batch, cfg.text_len, cfg.text_dim, generator=g, device=device)
+    cache = model.new_cache(args.batch, (h, w), max_frames=ctx_frames + f)
     with torch.no_grad():
         model.set_prompt(cache, ctx)
         for s in range(0, ctx_frames, f):
-            xs = torch.randn(1, cfg.in_dim, min(f, ctx_frames - s), h, w, generator=g, device=device)
+            xs = torch.randn(args.batch, cfg.in_dim, min(f, ctx_frames - s), h, w, generator=g, device=device)
             model.forward_chunk(xs, 0.0, cache, start_frame=s, update_cache=True)
     tokens = f * (h // cfg.patch_size[1]) * (w // cfg.patch_size[2])
-    common = {"preset": preset, "tokens": tokens, "context_frames": ctx_frames, "blocks": cfg.num_layers,
+    common = {"preset": preset, "batch": args.batch, "tokens": tokens, "context_frames": ctx_frames, "blocks": cfg.num_layers,
               "block_MiB": block_bytes / 2**20}
 
     rows = []
@@ -226,6 +226,7 @@ def main() -> int:
     ap.add_argument("--frames", type=int, default=3, help="latent frames in the chunk")
     ap.add_argument("--context", type=int, default=6, help="committed latent frames before the chunk")
     ap.add_argument("--hw", default="60,104", help="latent h,w (60,104 = 480x832 video)")
+    ap.add_argument("--batch", type=int, default=1, help="sessions batched in one call")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--device", default="cuda")
@@ -245,12 +246,12 @@ def main() -> int:
         except Exception:  # report the other presets anyway
             traceback.print_exc()
 
-    print("\n| model | variant | ms / chunk | peak GiB | weights on GPU GiB | copy ms / fwd | copy GB/s | "
+    print("\n| model | batch | variant | ms / chunk | peak GiB | weights on GPU GiB | copy ms / fwd | copy GB/s | "
           "raw H2D GB/s | max abs diff |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         c = lambda k, fmt: format(r[k], fmt) if k in r else "-"  # noqa: E731
-        print(f"| {r['preset']} | {r['variant']} | {r['ms']:.1f} | {r['peak_GiB']:.2f} | {r['weights_gpu_GiB']:.2f} "
+        print(f"| {r['preset']} | {r['batch']} | {r['variant']} | {r['ms']:.1f} | {r['peak_GiB']:.2f} | {r['weights_gpu_GiB']:.2f} "
               f"| {c('copy_ms_per_forward', '.1f')} | {c('copy_GBps', '.1f')} | {c('raw_h2d_GBps', '.1f')} "
               f"| {r['max_abs_diff']:.3g} |")
     if args.json:
