@@ -61,7 +61,7 @@ def source_time(out_index: int, factor: int) -> Fraction:
 class InterpolationState:
     """Per-stream state: the previous chunk's last frame and exact frame counters."""
 
-    prev: "torch.Tensor | None" = None  # (3, H, W) fp32 on the model's device
+    prev: "torch.Tensor | None" = None  # (3, H, W) fp32 on the model's device, allocated once, then overwritten
     frames_in: int = 0
     frames_out: int = 0
     cut_pending: bool = False
@@ -141,7 +141,10 @@ class Interpolator:
                 mids = torch.where(cut.view(-1, 1, 1, 1, 1), self._fallback(seq), mids)
             out = torch.cat([mids.clamp_(0, 1), x[:, None]], 1).flatten(0, 1)  # (T*factor, 3, H, W)
         self._advance(state, frames, forced)
-        state.prev = x[-1].clone()
+        if first:
+            state.prev = x[-1].clone()
+        else:
+            state.prev.copy_(x[-1])
         return out.to(device=frames.device, dtype=frames.dtype)
 
     # ---- internals ----------------------------------------------------------------------------
@@ -180,10 +183,9 @@ class Interpolator:
         if self.scene_threshold is not None:
             cut = scene_scores(seq) > self.scene_threshold
         if forced or first:
-            hard = torch.zeros(n_pairs, dtype=torch.bool)
-            hard[forced] = True
-            hard[0] |= first
-            hard = hard.to(seq.device, non_blocking=True)
+            hard = torch.zeros(n_pairs, dtype=torch.bool, device=seq.device)
+            for i in forced + [0] * first:
+                hard[i] = True  # a fill on the device: no host-to-device copy, no sync
             cut = hard if cut is None else cut | hard
         return cut
 

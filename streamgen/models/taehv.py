@@ -102,7 +102,7 @@ class TGrow(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         nt, c, h, w = x.shape
-        return self.conv(x).reshape(nt * self.stride, c, h, w)
+        return self.conv(x).reshape(nt * self.stride, c, h, w)  # (nt, stride*c, ..) -> stride frames per frame
 
 
 class TAEHVState:
@@ -196,9 +196,9 @@ class TAEHV(nn.Module):
         for i in self._order:
             layer = self.decoder[i]
             if isinstance(layer, MemBlock):
-                xs = x.reshape(b, t, *x.shape[1:])
-                mem = state.buffer(i, xs[:, 0])
-                past = torch.cat([mem.unsqueeze(1), xs[:, :-1]], dim=1).flatten(0, 1)
+                xs = x.reshape(b, t, *x.shape[1:])  # (B, t, C, H, W)
+                mem = state.buffer(i, xs[:, 0])  # (B, C, H, W): the previous chunk's last frame
+                past = torch.cat([mem.unsqueeze(1), xs[:, :-1]], dim=1).flatten(0, 1)  # (B*t, C, H, W), one frame back
                 mem.copy_(xs[:, -1])
                 x = layer(x, past)
             else:
@@ -220,9 +220,9 @@ class TAEHV(nn.Module):
             layer = self.decoder[i]
             if isinstance(layer, MemBlock):
                 past = F.pad(x, (0, 0, 0, 0, 0, 0, 1, 0))[:, :-1]  # shift by one frame, zeros first
-                x = layer(x.flatten(0, 1), past.flatten(0, 1)).reshape(b, -1, *x.shape[2:])
+                x = layer(x.flatten(0, 1), past.flatten(0, 1)).reshape(b, -1, *x.shape[2:])  # (B, T, C, H, W)
             else:
-                y = layer(x.flatten(0, 1))
+                y = layer(x.flatten(0, 1))  # (B*T', C', H', W'); T' = stride*T after a TGrow
                 x = y.reshape(b, -1, *y.shape[1:])
         return self._finish(x.flatten(0, 1), b, self.cfg.frames_to_trim)
 

@@ -201,13 +201,13 @@ class AttentionBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, t, h, w = x.shape
         identity = x
-        x = x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
+        x = x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)  # frames as images
         qkv = self.to_qkv(self.norm(x)).reshape(b * t, 1, 3 * c, h * w).transpose(-1, -2)  # (bt, 1, hw, 3c)
         q, k, v = qkv.chunk(3, dim=-1)
         x = F.scaled_dot_product_attention(q, k, v)  # (bt, 1, hw, c)
-        x = x.squeeze(1).transpose(1, 2).reshape(b * t, c, h, w)
+        x = x.squeeze(1).transpose(1, 2).reshape(b * t, c, h, w)  # (bt, c, h, w)
         x = self.proj(x)
-        return x.reshape(b, t, c, h, w).permute(0, 2, 1, 3, 4) + identity
+        return x.reshape(b, t, c, h, w).permute(0, 2, 1, 3, 4) + identity  # (b, c, t, h, w)
 
 
 class _Upsample(nn.Upsample):
@@ -237,7 +237,7 @@ class Resample(nn.Module):
     def _spatial(self, x: torch.Tensor) -> torch.Tensor:
         b, c, t, h, w = x.shape
         x = self.resample(x.transpose(1, 2).reshape(b * t, c, h, w))  # (bt, c', h', w')
-        return x.reshape(b, t, *x.shape[1:]).transpose(1, 2)
+        return x.reshape(b, t, *x.shape[1:]).transpose(1, 2)  # (b, c', t, h', w')
 
     def forward(self, x: torch.Tensor, state: WanVAEState, first: bool) -> torch.Tensor:
         if self.mode == "upsample3d":
