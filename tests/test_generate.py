@@ -99,3 +99,23 @@ def test_bad_arguments_name_the_problem(tmp_path, capsys):
     _rc(base + ["--image", str(tmp_path / "missing.png")], capsys, "--image", "missing.png")
     _rc(base + ["--frames-per-chunk", "4", "--local-frames", "3", "--width", "32", "--height", "32"], capsys,
         "frames_per_chunk=4", "local_frames")
+
+
+def test_build_components_leaves_the_global_rng_alone():
+    import torch
+
+    from streamgen.sampling.generate import MODELS, build_components
+
+    def build(decoder):
+        model, _, dec, _ = build_components(MODELS["tiny"], torch.device("cpu"), torch.float32, decoder=decoder)
+        return {**model.state_dict(), **{f"dec.{k}": v for k, v in dec.state_dict().items()}}
+
+    torch.manual_seed(123)
+    want = torch.rand(4)
+    torch.manual_seed(123)
+    first = {d: build(d) for d in ("taehv", "wan")}
+    assert torch.equal(torch.rand(4), want)  # the caller's random stream continues as if nothing ran
+    torch.rand(100)  # a different global RNG state: the built-in weights stay the same
+    for d, sd in first.items():
+        again = build(d)
+        assert all(torch.equal(again[k], v) for k, v in sd.items()), d

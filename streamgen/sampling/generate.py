@@ -232,10 +232,11 @@ def build_components(preset: ModelPreset, device, dtype, *, decoder: str, checkp
         from streamgen.models.text import load_text_encoder
 
         cfg = wan.WanConfig.preset(preset.wan)
-        torch.manual_seed(0)  # the built-in tiny model: fixed random weights
-        model = wan.WanModel(cfg)
+        with torch.random.fork_rng(devices=[]):  # fixed random weights; the caller's global RNG is left alone
+            torch.manual_seed(0)
+            model = wan.WanModel(cfg)
+            dec, vae_model = _tiny_decoder(decoder)
         text_encoder = load_text_encoder(None, dim=cfg.text_dim, device=device, dtype=torch.float32)
-        dec, vae_model = _tiny_decoder(decoder)
     else:
         from streamgen.models.checkpoints import load_wan_model
 
@@ -250,6 +251,7 @@ def build_components(preset: ModelPreset, device, dtype, *, decoder: str, checkp
 
 
 def _tiny_decoder(kind: str):
+    """Random-initialised tiny decoder with fixed weights (seeds the global RNG: call under fork_rng)."""
     import torch
 
     if kind == "taehv":
