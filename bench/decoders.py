@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python bench/decoders.py                          # 832x480, 21 latent frames in chunks of 3
     PYTHONPATH=. python bench/decoders.py --json $OUT/decoders.json
+    PYTHONPATH=. python bench/decoders.py --check --vae-variants bf16,fp16,bf16+fpp1   # + error vs fp32
 
 One stream = a fresh ``new_state()`` and ``--chunks`` calls of ``decode_chunk`` on chunks of ``--fpc``
 normalized latent frames (random normal, what the DiT emits); frames out = 1 + 4(F-1) (81 for 21
@@ -47,18 +48,20 @@ def channels_last_(module: torch.nn.Module) -> None:
             prm.data = prm.data.contiguous(memory_format=fmt)
 
 
-def stream(dec, latents: torch.Tensor, fpc: int, **kw) -> tuple[float, int, torch.Tensor]:
-    """Decode latents chunk by chunk; returns (wall s, frames out, last chunk's frames)."""
+def stream(dec, latents: torch.Tensor, fpc: int, keep: bool = False, **kw) -> tuple[float, int, torch.Tensor]:
+    """Decode latents chunk by chunk; returns (wall s, frames out, last chunk's frames or, with keep,
+    all frames concatenated in float32)."""
     state = dec.new_state()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     frames = 0
-    out = None
+    outs = []
     for s in range(0, latents.shape[2], fpc):
         out = dec.decode_chunk(latents[:, :, s:s + fpc], state, **kw)
         frames += out.shape[2]
+        outs.append(out.float() if keep else out)
     torch.cuda.synchronize()
-    return time.perf_counter() - t0, frames, out
+    return time.perf_counter() - t0, frames, torch.cat(outs, dim=2) if keep else outs[-1]
 
 
 def bench(name: str, dec, latents, args, reps: int, **kw) -> dict:
@@ -85,6 +88,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--vae-variants", default="bf16,bf16+bench,fp16+bench,bf16+bench+cl,bf16+bench+fpp1")
     p.add_argument("--taehv-variants", default="bf16,fp16+bench")
+    p.add_argument("--check", action="store_true",
+                   help="compare every variant's whole stream with an fp32 stream of the same weights")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
 
@@ -97,6 +102,8 @@ def main(argv=None) -> int:
     def save():
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=1))
+
+    refs: dict[str, torch.Tensor] = {}  # fp32 reference stream per decoder kind (--check)
 
     def run(kind: str, variant: str, make, reps: int):
         parts = variant.split("+")
@@ -112,9 +119,21 @@ def main(argv=None) -> int:
             r = bench(f"{kind} {variant}", dec, latents, args, reps, **kw)
             if "fpp1" in parts:
                 # same stream, whole-chunk passes vs one latent frame per pass
-                _, _, a = stream(dec, latents, args.fpc)
-                _, _, b = stream(dec, latents, args.fpc, frames_per_pass=1)
+                _, _, a = stream(dec, latents, args.fpc, keep=True)
+                _, _, b = stream(dec, latents, args.fpc, keep=True, frames_per_pass=1)
                 r["fpp1_vs_chunk_rel_err"] = rel_err(b, a)
+                del a, b
+            if args.check:
+                ref = refs.get(kind)
+                if ref is None:
+                    torch.manual_seed(0)
+                    with torch.device(DEVICE):
+                        ref32 = make().float().eval()
+                    ref = refs[kind] = stream(ref32, latents, args.fpc, keep=True)[2]
+                    del ref32
+                out = stream(dec, latents, args.fpc, keep=True, **kw)[2]
+                r["vs_fp32_rel_err"] = rel_err(out, ref)
+                del out
             del dec
         except Exception as exc:  # noqa: BLE001 - reported
             traceback.print_exc()
@@ -131,13 +150,14 @@ def main(argv=None) -> int:
     torch.backends.cudnn.benchmark = False
 
     print(f"\nDecoders, {args.width}x{args.height}, {n_lat} latent frames in chunks of {args.fpc}, {dev.name}")
-    print(f"{'decoder':<28}{'frames':>7}{'wall s':>9}{'fps':>9}{'peak GiB':>10}")
+    print(f"{'decoder':<28}{'frames':>7}{'wall s':>9}{'fps':>9}{'peak GiB':>10}{'vs fp32':>12}")
     for r in results["runs"]:
         if "error" in r:
             print(f"{r['name']:<28} ERROR {r['error'][:90]}")
             continue
+        err = r.get("vs_fp32_rel_err")
         print(f"{r['name']:<28}{r['frames']:>7}{r['wall_median_s']:>9.3f}{r['fps']:>9.1f}{r['peak_gib']:>10.2f}"
-              + ("" if r["finite"] else "  (non-finite output)"))
+              + (f"{err:>12.2e}" if err is not None else f"{'-':>12}") + ("" if r["finite"] else "  (non-finite output)"))
     save()
     return 0
 

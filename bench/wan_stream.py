@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python bench/wan_stream.py                      # 1.3B, 832x480, 7 chunks of 3 frames
     PYTHONPATH=. python bench/wan_stream.py --backends sdpa,cudnn,fa4 --check --json $OUT/wan.json
-    PYTHONPATH=. python bench/wan_stream.py --backends cudnn --compile
+    PYTHONPATH=. python bench/wan_stream.py --backends cudnn,fa4 --compile cudnn,fa4 --profile cudnn
 
 What one stream pays: ``StreamSession.next_chunk()`` (4 denoising ``forward_chunk`` calls + 1 cache
 pass at t=0) for ``--chunks`` chunks of ``--fpc`` latent frames, random bf16 weights, a fresh cache
@@ -45,6 +45,8 @@ from streamgen.sampling.stream import StreamConfig, StreamSession  # noqa: E402
 BACKENDS = ("sdpa", "cudnn", "flash", "fa4")
 DEVICE = "cuda"  # the benches time CUDA; a CPU smoke run may rebind it
 _ORIG_ATTENTION = attn_ops.attention
+_COMPILED = False  # set by compile_blocks: attention then runs eager, outside the compiled graphs
+_DISABLED: dict = {}
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -65,6 +67,8 @@ def attention_backend(name: str):
         fn = functools.partial(_ORIG_ATTENTION, backend="sdpa")
         kernels = {"sdpa": None, "cudnn": [SDPBackend.CUDNN_ATTENTION], "flash": [SDPBackend.FLASH_ATTENTION]}[name]
         ctx = sdpa_kernel(kernels) if kernels else contextlib.nullcontext()
+    if _COMPILED:
+        fn = _DISABLED.setdefault(name, torch.compiler.disable(fn))  # one object per backend: one recompile
     wan_mod.attention = fn
     try:
         with ctx:
@@ -216,18 +220,34 @@ def correctness(model: WanModel, backends: list[str], args) -> dict:
     return out
 
 
-def compile_blocks(model: WanModel) -> None:
-    """torch.compile every block's pointwise/linear work; attention stays eager (graph breaks)."""
-    attn = wan_mod.attention
-
-    @torch.compiler.disable
-    def eager_attention(*a, **kw):
-        return attn(*a, **kw)
-
-    wan_mod.attention = eager_attention
+def compile_blocks(model: WanModel, mode: str | None) -> None:
+    """torch.compile every block's pointwise/linear work; attention stays eager (graph breaks), so
+    attention_backend() keeps choosing the kernel. The per-layer lambda in forward_chunk is also seen by
+    dynamo; it recompiles up to the recompile limit and then runs eager (harmless: it only calls
+    the disabled ``WanCache._attend``)."""
+    global _COMPILED
+    _COMPILED = True
     WanCache._attend = torch.compiler.disable(WanCache._attend)
     for block in model.blocks:
-        block.forward = torch.compile(block.forward, dynamic=False)
+        block.forward = torch.compile(block.forward, dynamic=False, mode=mode)
+
+
+def profile_stream(model: WanModel, ctx: torch.Tensor, name: str, args, path: str | None) -> str:
+    """One stream under torch.profiler; returns the top GPU kernels table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with attention_backend(name):
+        timer = StepTimer(model)
+        try:
+            run_stream(model, ctx, args, timer)
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                run_stream(model, ctx, args, timer)
+        finally:
+            timer.remove()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70)
+    if path:
+        Path(path).write_text(table)
+    return table
 
 
 def main(argv=None) -> int:
@@ -243,11 +263,13 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--check", action="store_true")
     p.add_argument("--full", action="store_true", help="also time one bidirectional full forward")
-    p.add_argument("--compile", action="store_true", help="also run the first backend with compiled blocks")
+    p.add_argument("--compile", default="", help="backends to run again with compiled blocks (after the eager runs)")
+    p.add_argument("--compile-mode", default=None, help="torch.compile mode (default: inductor default)")
+    p.add_argument("--profile", default="", help="backend to profile one eager stream of (top kernels table)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     backends = [b for b in args.backends.split(",") if b]
-    for b in backends:
+    for b in backends + [b for b in (args.compile + "," + args.profile).split(",") if b]:
         if b not in BACKENDS:
             p.error(f"--backends: {b!r} not in {BACKENDS}")
 
@@ -286,18 +308,26 @@ def main(argv=None) -> int:
         print(json.dumps({k: v for k, v in r.items() if k != "chunks"}), flush=True)
         save()
 
-    if args.compile:
-        name = backends[0]
-        t0 = time.perf_counter()
+    if args.profile:
         try:
-            with attention_backend(name):
-                compile_blocks(model)
+            prof_path = str(Path(args.json).with_suffix(".profile.txt")) if args.json else None
+            print(profile_stream(model, ctx, args.profile, args, prof_path), flush=True)
+        except Exception:  # noqa: BLE001 - reported
+            traceback.print_exc()
+
+    compiled = [b for b in args.compile.split(",") if b]
+    if compiled:
+        compile_blocks(model, args.compile_mode)
+    for name in compiled:
+        t0 = time.perf_counter()
+        label = f"{name}+compile" + (f"({args.compile_mode})" if args.compile_mode else "")
+        try:
             r = bench_backend(model, ctx, name, args)
-            r["backend"] = f"{name}+compile"
+            r["backend"] = label
             r["compile_and_bench_s"] = time.perf_counter() - t0
         except Exception as exc:  # noqa: BLE001 - reported
             traceback.print_exc()
-            r = {"backend": f"{name}+compile", "error": f"{type(exc).__name__}: {exc}"[:500]}
+            r = {"backend": label, "error": f"{type(exc).__name__}: {exc}"[:500]}
         results["runs"].append(r)
         print(json.dumps({k: v for k, v in r.items() if k != "chunks"}), flush=True)
         save()
