@@ -1,6 +1,7 @@
 """`streamgen generate` end to end with the built-in tiny model, and its argument errors."""
 
 from fractions import Fraction
+from pathlib import Path
 
 import av
 import numpy as np
@@ -119,3 +120,36 @@ def test_build_components_leaves_the_global_rng_alone():
     for d, sd in first.items():
         again = build(d)
         assert all(torch.equal(again[k], v) for k, v in sd.items()), d
+
+
+RIFE_WEIGHTS = Path(__file__).resolve().parents[2] / "shared/weights/rife-v4.26/flownet.pkl"
+
+
+@pytest.mark.skipif(not RIFE_WEIGHTS.is_file(), reason=f"real RIFE v4.26 weights not found at {RIFE_WEIGHTS}")
+@pytest.mark.parametrize("factor", [2, 4])
+def test_interpolate_multiplies_frames_and_fps(tmp_path, capsys, factor):
+    out = tmp_path / f"x{factor}.mp4"
+    rc = main(["generate", "--prompt", "a red fox", "--chunks", "2", "--width", "64", "--height", "48",
+               "--fps", "12", "--prompt-at", "1:a blue whale", "--interpolate", str(factor),
+               "--rife", str(RIFE_WEIGHTS), "--out", str(out)])
+    assert rc == 0
+    _, _, rate, frames = _probe(out)
+    assert rate == Fraction(12 * factor)
+    assert len(frames) == factor * frames_for_chunks(2, 3) == factor * 21
+    assert frames[0].shape == (48, 64, 3)
+    assert f"RIFE {factor}x" in capsys.readouterr().err
+
+
+def test_interpolate_argument_errors(tmp_path, capsys, monkeypatch):
+    out = str(tmp_path / "o.mp4")
+    base = ["--prompt", "p", "--out", out]
+    _fails(base + ["--interpolate", "3"], capsys, "--interpolate", "1, 2, 4")
+    missing = str(tmp_path / "nope" / "flownet.pkl")
+    _rc(base + ["--interpolate", "2", "--rife", missing], capsys, "--rife", missing)
+    monkeypatch.setenv("STREAMGEN_RIFE_WEIGHTS", missing)  # the default comes from here first
+    _rc(base + ["--interpolate", "2"], capsys, "--rife", missing)
+    bad = tmp_path / "bad.pkl"
+    import torch
+
+    torch.save({"not.rife": torch.zeros(1)}, bad)
+    _rc(base + ["--interpolate", "2", "--rife", str(bad)], capsys, "--rife", "not a RIFE", "not.rife")

@@ -13,6 +13,10 @@ video and exists to exercise the whole path on a CPU in seconds. The others need
 chunk loop of ``stream.py``; bidirectional presets (``wan2.1-*``) sample the whole clip with
 UniPC + CFG and decode it chunk by chunk.
 
+``--interpolate 2|4`` runs RIFE (``--rife flownet.pkl``) between the decoder and the file, which
+then has 2x / 4x the frames at 2x / 4x ``--fps`` (media/interpolate.py: no in-betweens across a
+prompt switch).
+
 The output is H.264 (libx264, yuv420p) in MP4 via PyAV, playable anywhere.
 """
 
@@ -130,6 +134,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="model dtype (default: bfloat16 on cuda, float32 on cpu)")
     p.add_argument("--crf", type=int, default=18, help="x264 quality, 0-51, lower is better (default: 18)")
+    p.add_argument("--interpolate", type=int, choices=(1, 2, 4), default=1,
+                   help="RIFE frame interpolation between the decoder and the file: N times the frames, "
+                        "written at N times --fps (default: 1, off)")
+    p.add_argument("--rife", default=None, metavar="PATH",
+                   help="RIFE v4.25/v4.26 flownet.pkl for --interpolate (default: $STREAMGEN_RIFE_WEIGHTS, "
+                        "else weights/rife-v4.26/flownet.pkl)")
     p.add_argument("--out", required=True, help="output .mp4 path")
 
 
@@ -174,6 +184,25 @@ def to_uint8(frames):
     """(B,3,T,H,W) float in [-1,1] (batch item 0) -> (T,H,W,3) uint8 numpy."""
     x = frames[0].float().add(1.0).mul(127.5).round().clamp(0, 255).to("cpu", dtype=__import__("torch").uint8)
     return x.permute(1, 2, 3, 0).contiguous().numpy()  # (T, H, W, 3)
+
+
+class FrameOutput:
+    """Decoded chunks -> RIFE (``interp`` with factor > 1, one stream state) -> uint8 frames for the writer."""
+
+    def __init__(self, interp=None):
+        self.interp = interp
+        self.state = interp.new_state() if interp is not None else None
+
+    def __call__(self, frames, *, cut: bool = False):
+        """(B,3,T,H,W) in [-1,1] (batch item 0) -> (factor*T, H, W, 3) uint8 numpy. ``cut``: no
+        in-betweens across the boundary before this chunk (a prompt switch)."""
+        if self.interp is None:
+            return to_uint8(frames)
+        x = frames[0].transpose(0, 1).float().add(1.0).mul_(0.5).clamp_(0.0, 1.0)  # (T, 3, H, W) in [0, 1]
+        if cut:
+            self.state.cut()
+        y = self.interp.process(x, self.state)  # (factor*T, 3, H, W) in [0, 1]
+        return to_uint8(y.transpose(0, 1).mul(2.0).sub(1.0)[None])
 
 
 def read_image(path: str, width: int, height: int):
@@ -265,6 +294,20 @@ def _tiny_decoder(kind: str):
     return vae, vae
 
 
+def _load_rife(path: str, device):
+    """RIFE for --interpolate: fp16 + channels_last on CUDA, fp32 on the CPU."""
+    import torch
+
+    from streamgen.models.checkpoints import CheckpointError
+    from streamgen.models.rife import load_rife
+
+    try:
+        model = load_rife(path, device=device, dtype=torch.float16 if device.type == "cuda" else torch.float32)
+    except CheckpointError as e:
+        raise UsageError(f"--rife {path}: {e}") from e
+    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
+
+
 def _load_decoder(kind: str, path: str, device, dtype):
     if kind == "taehv":
         from streamgen.models.taehv import TAEHVConfig, load_taehv
@@ -332,6 +375,14 @@ def _plan(args, preset: ModelPreset):
         _require_file("--text-encoder", args.text_encoder, "umT5-XXL encoder")
     if not 0 <= args.crf <= 51:
         raise UsageError(f"--crf {args.crf}: allowed 0..51")
+    if args.interpolate > 1:
+        from streamgen.media.interpolate import WEIGHTS_ENV, default_weights_path
+
+        args.rife = args.rife or default_weights_path()
+        if args.rife is None:
+            raise UsageError(f"--interpolate {args.interpolate} needs RIFE weights: pass --rife PATH/flownet.pkl "
+                             f"(Practical-RIFE v4.25/v4.26) or set ${WEIGHTS_ENV}; allowed without weights: --interpolate 1")
+        _require_file("--rife", str(args.rife), "RIFE v4.25/v4.26 flownet.pkl")
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir):
         raise UsageError(f"--out {args.out}: folder {out_dir} does not exist")
@@ -352,16 +403,23 @@ def _run(args: argparse.Namespace) -> int:
                                                        checkpoint=args.checkpoint, vae=args.vae,
                                                        text_encoder=args.text_encoder)
     negative = args.negative_prompt if args.negative_prompt is not None else (DEFAULT_NEGATIVE_PROMPT if not preset.builtin else "")
+    interp = None
+    if args.interpolate > 1:
+        from streamgen.media.interpolate import Interpolator
+
+        interp = Interpolator(_load_rife(args.rife, device), args.interpolate)
+    output = FrameOutput(interp)
+    fps = args.fps * args.interpolate
 
     print(f"streamgen generate: {args.model} {width}x{height} {args.chunks} chunks, sampler {sampler} "
-          f"{steps} steps shift {shift}" + (f" cfg {guidance}" if guidance != 1.0 else "") + f", {device} {str(dtype).replace('torch.', '')}",
-          file=sys.stderr)
+          f"{steps} steps shift {shift}" + (f" cfg {guidance}" if guidance != 1.0 else "") + f", {device} {str(dtype).replace('torch.', '')}"
+          + (f", RIFE {args.interpolate}x" if interp is not None else ""), file=sys.stderr)
     t_start = time.perf_counter()
     total = 0
-    with Mp4Writer(args.out, width, height, args.fps, crf=args.crf) as writer:
+    with Mp4Writer(args.out, width, height, fps, crf=args.crf) as writer:
         if preset.mode == "full":
-            total = _run_full(args, model, text_encoder, decoder, writer, width, height, sampler, steps, shift, guidance,
-                              negative, device, dtype)
+            total = _run_full(args, model, text_encoder, decoder, writer, output, width, height, sampler, steps, shift,
+                              guidance, negative, device, dtype)
         else:
             cfg = StreamConfig(frames_per_chunk=args.frames_per_chunk, num_steps=steps, shift=shift, sampler=sampler,
                                guidance_scale=guidance, local_frames=args.local_frames, seed=args.seed)
@@ -384,7 +442,7 @@ def _run(args: argparse.Namespace) -> int:
                     session.set_prompt(switches[i])
                 t0 = time.perf_counter()
                 chunk = session.next_chunk()
-                frames = to_uint8(chunk.frames)  # includes the device sync
+                frames = output(chunk.frames, cut=chunk.switched)  # includes the device sync
                 dt = time.perf_counter() - t0
                 writer.write(frames)
                 total += len(frames)
@@ -392,13 +450,13 @@ def _run(args: argparse.Namespace) -> int:
                 print(f"chunk {i + 1}/{args.chunks}: {len(frames)} frames in {dt:.2f} s ({len(frames) / dt:.1f} frames/s)"
                       f", {total} total{note}", file=sys.stderr)
     elapsed = time.perf_counter() - t_start
-    print(f"wrote {args.out}: {total} frames {width}x{height} at {args.fps:g} fps "
-          f"({total / args.fps:.2f} s of video) in {elapsed:.1f} s ({total / elapsed:.1f} frames/s)", file=sys.stderr)
+    print(f"wrote {args.out}: {total} frames {width}x{height} at {fps:g} fps "
+          f"({total / fps:.2f} s of video) in {elapsed:.1f} s ({total / elapsed:.1f} frames/s)", file=sys.stderr)
     return 0
 
 
-def _run_full(args, model, text_encoder, decoder, writer, width, height, sampler, steps, shift, guidance, negative,
-              device, dtype) -> int:
+def _run_full(args, model, text_encoder, decoder, writer, output, width, height, sampler, steps, shift, guidance,
+              negative, device, dtype) -> int:
     """Bidirectional checkpoints: sample all latent frames at once (CFG), decode chunk by chunk."""
     import torch
 
@@ -428,7 +486,7 @@ def _run_full(args, model, text_encoder, decoder, writer, width, height, sampler
     for i in range(args.chunks):
         t0 = time.perf_counter()
         with torch.no_grad():
-            frames = to_uint8(decoder.decode_chunk(x0[:, :, i * fpc:(i + 1) * fpc], state))
+            frames = output(decoder.decode_chunk(x0[:, :, i * fpc:(i + 1) * fpc], state))
         dt = time.perf_counter() - t0
         writer.write(frames)
         total += len(frames)
