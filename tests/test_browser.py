@@ -127,6 +127,8 @@ STATE_JS = """(() => {
   return {t: v.currentTime, frames: q.totalVideoFrames, error: v.error ? v.error.code + ' ' + v.error.message : null,
           state: s.state, session: s.session, gaps: s.gaps, fragments: s.fragments, appended: s.appended,
           lastError: s.lastError, endReason: s.endReason, mime: s.mime, message: document.getElementById('message').textContent,
+          bufStart: v.buffered.length ? v.buffered.start(0) : null, quotaDrops: s.quotaDrops,
+          gapJumps: s.gapJumps, ranges: Array.from({length: v.buffered.length}, (_, i) => [v.buffered.start(i), v.buffered.end(i)]),
           overlay: document.getElementById('overlay').textContent,
           supported: window.MediaSource ? MediaSource.isTypeSupported(s.mime || 'video/mp4; codecs="avc1.42C01E"') : false};
 })()"""
@@ -179,13 +181,17 @@ async def test_browser_plays_switches_prompt_reconnects_and_stops():
             await cdp.call("Runtime.enable", session=session)
             await cdp.call("Page.enable", session=session)
             p1, p2 = "a red fox in the snow", "a blue whale at dusk"
-            await cdp.call("Page.navigate", {"url": f"http://127.0.0.1:{port}/?autostart=1&prompt={quote(p1)}"},
-                           session)
+            page = f"http://127.0.0.1:{port}/?autostart=1&keep=1&prompt={quote(p1)}"  # keep 1 s behind
+            await cdp.call("Page.navigate", {"url": page}, session)
 
             # 1. playback starts and advances
             s = await wait_for(cdp, session, lambda s: s["t"] > 1.0 and s["frames"] > 0, "playback to start")
             assert s["supported"], f"chromium cannot play {s['mime']}"
+            assert s["mime"].startswith('video/mp4; codecs="avc1.64'), s  # preset veryfast: High profile
             assert s["state"] == "playing" and s["lastError"] is None, s
+            overlay = re.search(r"latency (\d+\.\d+) s .* generated (\d+\.\d) fps .* buffered (\d+\.\d+) s",
+                                s["overlay"])
+            assert overlay and float(overlay[2]) > 0, s["overlay"]
             assert close_color(await cdp.eval(session, COLOR_JS), p1)
             t1 = s["t"]
 
@@ -203,7 +209,27 @@ async def test_browser_plays_switches_prompt_reconnects_and_stops():
             else:
                 raise AssertionError(f"new prompt never shown: {await cdp.eval(session, COLOR_JS)} vs {prompt_color(p2)}")
 
-            # 3. the server drops the connection: the player re-attaches and misses nothing
+            # 3. old media behind the playhead is trimmed (keep=1: at most ~1.5 s stays behind)
+            s = await wait_for(cdp, session, lambda s: s["bufStart"] is not None and s["t"] > 3.0
+                               and 0.5 < s["bufStart"] and s["t"] - s["bufStart"] < 2.5, "old media to be trimmed")
+
+            # 4. the SourceBuffer reports QuotaExceededError (injected twice into the real one): the
+            #    player frees space or drops a fragment, and playback goes on without an error
+            await cdp.eval(session, """(() => {
+                const sb = window.streamgen.sb, append = sb.appendBuffer.bind(sb);
+                window.quotaThrown = 0;
+                sb.appendBuffer = (data) => {
+                  if (window.quotaThrown < 2) { window.quotaThrown += 1; throw new DOMException('injected', 'QuotaExceededError'); }
+                  return append(data);
+                };
+            })()""")
+            t3 = s["t"]
+            s = await wait_for(cdp, session, lambda s: s["t"] > t3 + 2.5, "playback after QuotaExceededError")
+            assert await cdp.eval(session, "window.quotaThrown") == 2
+            assert s["state"] == "playing" and s["lastError"] is None, s
+            assert s["quotaDrops"] == 0 or s["gapJumps"] >= 1, s  # a dropped fragment's gap was jumped
+
+            # 5. the server drops the connection: the player re-attaches and misses nothing
             t2 = s["t"]
             for conn in list(state.sockets):
                 conn.request.transport.abort()
@@ -211,7 +237,7 @@ async def test_browser_plays_switches_prompt_reconnects_and_stops():
                                and s["fragments"] > 0 and len(state.sockets) == 1, "playback after a reconnect")
             assert s["session"] == sess.id and s["gaps"] == 0, s
 
-            # 4. stop
+            # 6. stop
             await cdp.eval(session, "document.getElementById('stop').click()")
             s = await wait_for(cdp, session, lambda s: s["state"] == "ended", "the stream to end")
             assert s["endReason"] == "stopped" and s["error"] is None, s

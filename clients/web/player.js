@@ -1,6 +1,6 @@
 // streamgen browser player: WebSocket (protocol v1) -> Media Source Extensions, plain ES module.
 //
-//   const player = new Player(videoElement, { url, token, onStats, onMessage });
+//   const player = new Player(videoElement, { url, token, keepBehindS, onStats, onMessage });
 //   player.start({ prompt, width?, height?, fps?, seed?, chunks?, interpolate? });
 //   player.setPrompt('...');  player.pause();  player.resume();  player.stop();
 //
@@ -14,22 +14,24 @@
 //
 // mountUI(document) wires the controls of index.html; URL parameters: prompt, autostart=1,
 // token, width, height, fps, seed, chunks, interpolate, server (ws:// URL; default: this page's
-// host + /v1/stream).
+// host + /v1/stream), keep (seconds of media kept behind the playhead).
 
 import { ClientConnection, ENDPOINT, ProtocolError } from './protocol.js';
 
 const ACK_INTERVAL_MS = 250;
 const TICK_MS = 250;
-const KEEP_BEHIND_S = 8; // media kept behind the playhead (removed beyond that)
+const KEEP_BEHIND_S = 8; // default media kept behind the playhead (removed beyond 1.5x that)
 const MAX_BEHIND_LIVE_S = 6; // further than this behind the newest media: jump forward
 const LIVE_TARGET_S = 1.0; // ... to this far behind it
 const RECONNECT_DELAYS_MS = [250, 500, 1000, 2000, 4000, 8000];
 
 export class Player {
-  constructor(video, { url = null, token = null, onStats = () => {}, onMessage = () => {} } = {}) {
+  constructor(video, { url = null, token = null, keepBehindS = KEEP_BEHIND_S, onStats = () => {},
+    onMessage = () => {} } = {}) {
     this.video = video;
     this.url = url || defaultUrl();
     this.token = token;
+    this.keepBehindS = keepBehindS;
     this.onStats = onStats;
     this.onMessage = onMessage;
     this.ws = null;
@@ -318,8 +320,8 @@ export class Player {
     const b = v.buffered;
     if (!b.length) return;
     if (!inRange(b, v.currentTime)) {
-      const i = rangeAfter(b, v.currentTime);
-      if (i >= 0 && b.start(i) > v.currentTime) v.currentTime = b.start(i);
+      const i = rangeStartingAfter(b, v.currentTime);
+      if (i >= 0) v.currentTime = b.start(i);
     }
     if (v.paused) {
       v.play().catch((e) => this.message('warn', `autoplay was blocked (${e.name}); press play`));
@@ -329,7 +331,7 @@ export class Player {
   freeSpace(aggressive = false) {
     const v = this.video, b = this.sb?.buffered;
     if (!b || !b.length) return false;
-    const keep = aggressive ? 1 : KEEP_BEHIND_S;
+    const keep = aggressive ? Math.min(1, this.keepBehindS) : this.keepBehindS;
     const end = v.currentTime - keep;
     if (end <= b.start(0) + 0.1) return false;
     if (!this.queue.some((o) => o.kind === 'remove')) this.queue.unshift({ kind: 'remove', start: 0, end });
@@ -342,10 +344,16 @@ export class Player {
     const b = v.buffered;
     if (b && b.length && this.state !== 'idle') {
       const liveEnd = b.end(b.length - 1);
-      // 1. jump over gaps (fragments the server dropped for us) and stalls before the first range
-      if (!inRange(b, v.currentTime) || (v.readyState < 3 && !v.paused && bufferedAhead(b, v.currentTime) < 0.05)) {
-        const next = rangeAfter(b, v.currentTime);
-        if (next >= 0 && b.start(next) > v.currentTime) v.currentTime = b.start(next) + 0.001;
+      // 1. jump over gaps (fragments dropped by the server or on QuotaExceededError): the video
+      //    stalls up to a frame before the end of the range it plays, or sits before the first one
+      const frame = 1 / (this.stats.fps || 16);
+      const stalled = v.readyState < 3 && !v.paused && bufferedAhead(b, v.currentTime) < Math.max(0.1, 1.5 * frame);
+      if (!inRange(b, v.currentTime) || stalled) {
+        const next = rangeStartingAfter(b, v.currentTime);
+        if (next >= 0) {
+          v.currentTime = b.start(next) + 0.001;
+          this.stats.gapJumps += 1;
+        }
       }
       // 2. stay near the live edge
       if (liveEnd - v.currentTime > MAX_BEHIND_LIVE_S) {
@@ -353,7 +361,7 @@ export class Player {
         this.stats.liveJumps += 1;
       }
       // 3. trim what is far behind
-      if (v.currentTime - b.start(0) > KEEP_BEHIND_S * 1.5) this.freeSpace();
+      if (v.currentTime - b.start(0) > this.keepBehindS * 1.5) this.freeSpace();
       if (v.paused && this.state === 'playing' && !v.ended) this.startPlaybackIfNeeded();
     }
     this.updateStats();
@@ -430,7 +438,7 @@ export class Player {
 function freshStats() {
   return { state: 'idle', session: null, fragments: 0, appended: 0, bytes: 0, gaps: 0, dropped: 0, errors: 0,
     lastError: null, genFps: 0, leadS: 0, latencyS: null, bufferedS: 0, currentTime: 0, decodedFrames: 0,
-    droppedFrames: 0, liveJumps: 0, quotaDrops: 0, promptSwitches: 0, endReason: null, mediaError: null };
+    droppedFrames: 0, liveJumps: 0, gapJumps: 0, quotaDrops: 0, promptSwitches: 0, endReason: null, mediaError: null };
 }
 
 function defaultUrl() {
@@ -460,8 +468,8 @@ function inRange(b, t) {
   return false;
 }
 
-function rangeAfter(b, t) {
-  for (let i = 0; i < b.length; i++) if (b.end(i) > t) return i;
+function rangeStartingAfter(b, t) {
+  for (let i = 0; i < b.length; i++) if (b.start(i) > t) return i;
   return -1;
 }
 
@@ -484,6 +492,7 @@ export function mountUI(doc = document) {
   const player = new Player(video, {
     url: params.get('server') || null,
     token: params.get('token'),
+    keepBehindS: Number(params.get('keep')) > 0 ? Number(params.get('keep')) : KEEP_BEHIND_S,
     onMessage: (level, text) => {
       msgBox.textContent = text;
       msgBox.className = level;
