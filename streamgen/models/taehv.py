@@ -35,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from streamgen.models.checkpoints import check_keys, read_state_dict, strip_prefixes
+from streamgen.models.wan_vae import DecoderState
 
 
 @dataclass(frozen=True)
@@ -105,29 +106,10 @@ class TGrow(nn.Module):
         return self.conv(x).reshape(nt * self.stride, c, h, w)  # (nt, stride*c, ..) -> stride frames per frame
 
 
-class TAEHVState:
+class TAEHVState(DecoderState):
     """Per-stream memory: the last input frame of every MemBlock, (B, C, H, W) each, written in place."""
 
-    def __init__(self):
-        self.memory: dict[int, torch.Tensor] = {}
-        self.started = False
-
-    def buffer(self, index: int, like: torch.Tensor) -> torch.Tensor:
-        buf = self.memory.get(index)
-        if buf is None:
-            buf = self.memory[index] = torch.zeros_like(like)
-        elif buf.shape != like.shape or buf.dtype != like.dtype or buf.device != like.device:
-            raise ValueError(
-                f"TAEHV stream state was built for {tuple(buf.shape)} {buf.dtype} on {buf.device}, got "
-                f"{tuple(like.shape)} {like.dtype} on {like.device}: one state serves one stream of fixed "
-                "batch, size, dtype and device; use dec.new_state() for a new stream"
-            )
-        return buf
-
-    def reset(self) -> None:
-        for b in self.memory.values():
-            b.zero_()
-        self.started = False
+    name = "TAEHV"
 
 
 class TAEHV(nn.Module):
@@ -197,7 +179,7 @@ class TAEHV(nn.Module):
             layer = self.decoder[i]
             if isinstance(layer, MemBlock):
                 xs = x.reshape(b, t, *x.shape[1:])  # (B, t, C, H, W)
-                mem = state.buffer(i, xs[:, 0])  # (B, C, H, W): the previous chunk's last frame
+                mem = state.buffer(i, xs[:, 0].shape, xs)  # (B, C, H, W): the previous chunk's last frame
                 past = torch.cat([mem.unsqueeze(1), xs[:, :-1]], dim=1).flatten(0, 1)  # (B*t, C, H, W), one frame back
                 mem.copy_(xs[:, -1])
                 x = layer(x, past)

@@ -101,28 +101,28 @@ class WanVAEConfig:
         return 2 ** sum(bool(t) for t in self.temporal_downsample)
 
 
-class WanVAEState:
-    """Per-stream decode (or encode) cache: one fixed-shape buffer per causal temporal conv.
+class DecoderState:
+    """Per-stream state of a streaming decoder (this VAE, TAEHV): one fixed-shape buffer per slot,
+    created (zeros) the first time it is asked for, then overwritten in place. ``started`` is False
+    until the first chunk has been decoded. ``reset()`` zeros the buffers for a new stream of the
+    same shape; a stream of another batch, size, dtype or device needs a new state."""
 
-    Buffers are created (zeros) the first time their conv runs, then overwritten in place.
-    ``started`` is False until the first chunk has been decoded (that chunk's first latent
-    frame is the stream's first frame, decoded to a single video frame).
-    """
+    name = "decoder"
 
     def __init__(self):
         self.buffers: dict[int, torch.Tensor] = {}
         self.started = False
-        self.frames_in = 0  # latent frames consumed so far
 
     def buffer(self, slot: int, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """The buffer of ``slot``: ``shape``, with ``like``'s dtype and device."""
         buf = self.buffers.get(slot)
         if buf is None:
             buf = self.buffers[slot] = like.new_zeros(shape)
         elif buf.shape != shape or buf.dtype != like.dtype or buf.device != like.device:
             raise ValueError(
-                f"VAE stream state was built for {tuple(buf.shape)} {buf.dtype} on {buf.device}, "
-                f"got {shape} {like.dtype} on {like.device}: a state serves one stream of fixed "
-                "batch, size, dtype and device; use vae.new_state() for a new stream"
+                f"{self.name} stream state was built for {tuple(buf.shape)} {buf.dtype} on {buf.device}, "
+                f"got {tuple(shape)} {like.dtype} on {like.device}: a state serves one stream of fixed "
+                "batch, size, dtype and device; use .new_state() for a new stream"
             )
         return buf
 
@@ -130,6 +130,20 @@ class WanVAEState:
         for b in self.buffers.values():
             b.zero_()
         self.started = False
+
+
+class WanVAEState(DecoderState):
+    """Decode (or encode) cache of the Wan VAE: one buffer per causal temporal conv. The first
+    chunk's first latent frame is the stream's first frame, decoded to a single video frame."""
+
+    name = "VAE"
+
+    def __init__(self):
+        super().__init__()
+        self.frames_in = 0  # latent frames consumed so far
+
+    def reset(self) -> None:
+        super().reset()
         self.frames_in = 0
 
 
