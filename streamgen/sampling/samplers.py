@@ -93,10 +93,11 @@ class UniPCSampler:
         return math.inf if s == 0.0 else math.log(1.0 - s) - math.log(s)
 
     def _coeffs(self, t_idx: int, s0_idx: int, prev_idx: list[int], corrector: bool):
-        """rhos and the scalars of the B(h) update from sigma[s0_idx] to sigma[t_idx].
+        """rks, rhos and the scalars of the B(h) update from sigma[s0_idx] to sigma[t_idx].
 
         prev_idx: step indices of older x0 predictions (newest first), one per extra order.
-        Returns (rhos, a, b_h, hphi1) where x_t = a * x - alpha_t * hphi1 * m0 - alpha_t * b_h * (...).
+        Returns (rks, rhos, h_phi_1, b_h): x_t = (sigma_t / sigma_s0) * x - alpha_t * h_phi_1 * m0
+        - alpha_t * b_h * sum_k rho_k * D_k (see ``_update``). Host floats only.
         """
         lam_t, lam_s0 = self._lambda(t_idx), self._lambda(s0_idx)
         h = lam_t - lam_s0
