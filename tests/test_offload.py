@@ -209,3 +209,68 @@ def test_bad_arguments_name_the_argument():
     with pytest.raises(ValueError, match="share a tensor"):
         offload(tied, device="cpu", blocks_attr="layers")
     assert not hasattr(model, "_streamgen_offload")  # failed calls leave the model untouched
+
+
+def _run_all(model, x, t, ctx):
+    with torch.no_grad():
+        out = [model(x, t, ctx)]
+        cache = model.new_cache(B, (H, W), max_frames=6)
+        model.set_prompt(cache, ctx)
+        out += _stream(model, [cache], x, t, steps=1)[0]
+    return out
+
+
+@pytest.mark.parametrize("file_dtype", [torch.float32, torch.float64])
+def test_disk_source_equals_resident(resident, tmp_path, file_dtype):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.to(file_dtype).contiguous() for k, v in resident.state_dict().items()}, str(path))
+    x, t, ctx = _inputs(4, seed=5)
+    ref = _run_all(resident, x, t, ctx)
+
+    # blocks never materialized: built on meta, only the resident part loaded
+    with torch.device("meta"):
+        model = WanModel(resident.cfg).eval()
+    outside = {k: v for k, v in resident.state_dict().items() if not k.startswith("blocks.")}
+    model.load_state_dict(outside, strict=False, assign=True)
+    handle = offload(model, device="cpu", prefetch=1, source="disk", path=path)
+    st = handle.stats()
+    assert st["source"] == "disk" and st["host_bytes"] == 2 * st["max_block_bytes"]
+    _assert_offloaded(model, handle)
+    for a, b in zip(_run_all(model, x, t, ctx), ref, strict=True):
+        assert torch.equal(a, b)
+    assert handle.stats()["misses"] == 1
+    host = handle.host_state_dict()
+    for k, v in resident.state_dict().items():
+        assert torch.equal(host[k], v), k
+    handle.remove()
+    assert not any(p.is_meta for p in model.parameters())
+    for a, b in zip(_run_all(model, x, t, ctx), ref, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_disk_source_errors(resident, tmp_path):
+    from safetensors.torch import save_file
+
+    sd = {k: v.contiguous() for k, v in resident.state_dict().items()}
+    model = copy.deepcopy(resident)
+    with pytest.raises(ValueError, match="path"):
+        offload(model, device="cpu", source="disk")
+    with pytest.raises(ValueError, match="path"):
+        offload(model, device="cpu", path=tmp_path / "x.safetensors")
+    with pytest.raises(ValueError, match="source"):
+        offload(model, device="cpu", source="tape", path=tmp_path / "x.safetensors")
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        offload(model, device="cpu", source="disk", path=tmp_path / "nope.safetensors")
+    broken = dict(sd)
+    del broken["blocks.1.ffn.0.weight"]
+    broken["blocks.2.self_attn.q.weight"] = torch.zeros(3, 3)
+    save_file(broken, str(tmp_path / "broken.safetensors"))
+    with pytest.raises(ValueError, match=r"blocks\.1\.ffn\.0\.weight.*blocks\.2\.self_attn\.q\.weight: shape"):
+        offload(model, device="cpu", source="disk", path=tmp_path / "broken.safetensors")
+    with torch.device("meta"):
+        meta_model = WanModel(resident.cfg)
+    with pytest.raises(ValueError, match="meta"):
+        offload(meta_model, device="cpu")
+    assert not hasattr(model, "_streamgen_offload")

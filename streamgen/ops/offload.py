@@ -36,6 +36,15 @@ block's parameters point into a slot and hold whatever was copied there last: re
 ``handle.host_state_dict()``. Apply other rewrites (quantization, attention backends) before
 offload; CUDA graphs and torch.compile over the block loop are not supported.
 
+``source="disk", path="model.safetensors"``: block tensors are read from a safetensors file
+(the model's own state_dict keys, ``<blocks_attr>.N.<name>``, any dtype castable to the model's)
+instead of from the model, which may then hold its blocks on the ``meta`` device. A background
+thread fills two page-locked staging buffers from the memory-mapped file and issues each block's
+device copy itself; the model thread waits (on the host, only when the reader is behind) until the
+copy it needs has been issued, then orders the compute stream after it with the same events. Host
+memory: two blocks of staging plus the OS page cache. Throughput is that of reading the file (page
+cache or disk), usually far below the pinned path's.
+
 On a CPU device the same code runs with plain copies and no streams or events (for tests).
 
 ``handle.remove()`` restores a resident model on ``device``; ``handle.stats()`` reports sizes
@@ -44,6 +53,11 @@ and copy counters.
 
 from __future__ import annotations
 
+import json
+import mmap
+import os
+import queue
+import threading
 import weakref
 from dataclasses import dataclass
 
@@ -61,6 +75,7 @@ class _Entry:
     """One tensor of a block: a parameter (re-pointed via ``.data``) or a buffer (re-bound in every
     owner's ``_buffers``), at ``offset`` bytes in the block's flat region."""
 
+    name: str  # within the block, as in its state_dict
     param: nn.Parameter | None
     owners: tuple[tuple[nn.Module, str], ...]  # buffers only
     offset: int
@@ -82,27 +97,30 @@ def _block_entries(block: nn.Module) -> tuple[list[_Entry], int]:
     entries: list[_Entry] = []
     offset = 0
 
-    def add(t: torch.Tensor, param, owners) -> None:
+    def add(name: str, t: torch.Tensor, param, owners) -> None:
         nonlocal offset
         nbytes = t.numel() * t.element_size()
-        entries.append(_Entry(param, tuple(owners), offset, nbytes, t.shape, t.dtype))
+        entries.append(_Entry(name, param, tuple(owners), offset, nbytes, t.shape, t.dtype))
         offset = _round_up(offset + nbytes)
 
-    for p in block.parameters():
-        add(p, p, ())
-    buffers: dict[int, tuple[torch.Tensor, list]] = {}
-    for mod in block.modules():
+    for name, p in block.named_parameters():
+        add(name, p, p, ())
+    buffers: dict[int, tuple[str, torch.Tensor, list]] = {}
+    for path, mod in block.named_modules():
         for name, buf in mod._buffers.items():
             if buf is not None:
-                buffers.setdefault(id(buf), (buf, []))[1].append((mod, name))
-    for buf, owners in buffers.values():
-        add(buf, None, owners)
+                key = f"{path}.{name}" if path else name
+                buffers.setdefault(id(buf), (key, buf, []))[2].append((mod, name))
+    for key, buf, owners in buffers.values():
+        add(key, buf, None, owners)
     return entries, max(offset, _ALIGN)
 
 
 def _bind(entries: list[_Entry], tensors: list[torch.Tensor]) -> None:
     for e, t in zip(entries, tensors):
-        if e.param is not None:
+        if e.param is not None and e.param.is_meta:  # .data cannot leave the meta device
+            torch.utils.swap_tensors(e.param, nn.Parameter(t, requires_grad=e.param.requires_grad))
+        elif e.param is not None:
             e.param.data = t
         else:
             for mod, name in e.owners:
@@ -131,6 +149,61 @@ def _check_device(device) -> torch.device:
     return dev
 
 
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}  # fmt: skip
+
+
+class _SafetensorsFile:
+    """A memory-mapped safetensors file: ``raw(key)`` is a uint8 view of a tensor's bytes (no copy)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        try:
+            with open(self.path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(n))
+                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # private: never written back
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"path={self.path!r}: not a readable safetensors file ({exc})") from exc
+        header.pop("__metadata__", None)
+        self.header = header
+        self._base = 8 + n
+        self._data = torch.frombuffer(self._mm, dtype=torch.uint8)
+
+    def dtype(self, key: str) -> torch.dtype:
+        code = self.header[key]["dtype"]
+        if code not in _ST_DTYPES:
+            raise ValueError(f"{self.path}: tensor {key!r} has dtype {code}, which offload cannot read")
+        return _ST_DTYPES[code]
+
+    def raw(self, key: str) -> torch.Tensor:
+        a, b = self.header[key]["data_offsets"]
+        return self._data[self._base + a : self._base + b]
+
+    def read_into(self, dst: torch.Tensor, key: str) -> None:
+        """Copy tensor ``key`` into ``dst`` (same shape), casting if the dtypes differ."""
+        raw = self.raw(key)
+        dtype = self.dtype(key)
+        if dtype == dst.dtype:
+            dst.view(torch.uint8).view(-1).copy_(raw)
+        else:  # .clone(): the bytes need not be aligned for a typed view
+            dst.copy_(raw.clone().view(dtype).view(dst.shape))
+
+    def check(self, key: str, shape: torch.Size, dtype: torch.dtype) -> str | None:
+        if key not in self.header:
+            return None
+        got = torch.Size(self.header[key]["shape"])
+        src = self.dtype(key)
+        if got != shape:
+            return f"{key}: shape {tuple(got)} in the file, {tuple(shape)} in the model"
+        if src.is_floating_point != dtype.is_floating_point and dtype != torch.bool and src != torch.bool:
+            return f"{key}: dtype {src} in the file cannot be cast to the model's {dtype}"
+        return ""
+
+
 def offload(
     model: nn.Module,
     *,
@@ -138,13 +211,16 @@ def offload(
     blocks_attr: str = "blocks",
     prefetch: int = 1,
     pin: bool = True,
+    source: str = "memory",
+    path: str | os.PathLike | None = None,
 ) -> "OffloadHandle":
     """Offload ``getattr(model, blocks_attr)``'s blocks to host memory; see the module docstring.
 
     ``prefetch``: blocks copied ahead of the one computing (``0 <= prefetch < number of blocks``);
     the device holds ``prefetch + 1`` block slots. ``pin``: page-lock the host copy (CUDA only;
-    without it copies are staged by the driver and block the host). Returns the handle that
-    undoes it (``remove()``)."""
+    without it copies are staged by the driver and block the host). ``source``: ``"memory"`` (the
+    model's own block tensors, packed into host memory) or ``"disk"`` (read from the safetensors
+    file ``path``). Returns the handle that undoes it (``remove()``)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     dev = _check_device(device)
@@ -160,19 +236,35 @@ def offload(
         raise ValueError(f"prefetch={prefetch!r} must be an int in [0, {len(blocks) - 1}] (number of blocks - 1)")
     if not isinstance(pin, bool):
         raise ValueError(f"pin={pin!r} must be a bool")
+    if source not in ("memory", "disk"):
+        raise ValueError(f"source={source!r} must be 'memory' or 'disk'")
+    if (source == "disk") != (path is not None):
+        raise ValueError(f"path={path!r}: give a safetensors path exactly when source='disk' (source={source!r})")
     if getattr(model, _ATTR, None) is not None:
         raise ValueError("model is already offloaded: call its handle's remove() first")
-    return OffloadHandle(model, blocks, dev, prefetch, pin and dev.type == "cuda")
+    file = _SafetensorsFile(path) if source == "disk" else None
+    return OffloadHandle(model, blocks, blocks_attr, dev, prefetch, pin and dev.type == "cuda", file)
 
 
 class OffloadHandle:
     """The state of one offloaded model (created by :func:`offload`)."""
 
-    def __init__(self, model: nn.Module, blocks: nn.Module, device: torch.device, prefetch: int, pin: bool):
+    def __init__(
+        self,
+        model: nn.Module,
+        blocks: nn.Module,
+        blocks_attr: str,
+        device: torch.device,
+        prefetch: int,
+        pin: bool,
+        file: _SafetensorsFile | None,
+    ):
         self.device = device
         self.prefetch = prefetch
+        self.source = "memory" if file is None else "disk"
         self._model = model
         self._blocks = list(blocks)
+        self._file = file
         n_blocks = len(self._blocks)
         self._cuda = device.type == "cuda"
 
@@ -192,21 +284,32 @@ class OffloadHandle:
             for t in (*m._parameters.values(), *m._buffers.values()):
                 if t is not None and id(t) in owner:
                     raise ValueError(f"a tensor {tuple(t.shape)} of block {owner[id(t)]} is also used outside the blocks")
+        if any(t.is_meta for m in resident for t in (*m._parameters.values(), *m._buffers.values()) if t is not None):
+            raise ValueError("tensors outside the blocks are on the meta device: load them before offload")
+        if file is None and any(_entry_tensor(e).is_meta for entries in self._entries for e in entries):
+            raise ValueError("the blocks hold meta tensors (no data): use source='disk' with a safetensors path")
+        if file is not None:
+            self._keys = [[f"{blocks_attr}.{i}.{e.name}" for e in entries] for i, entries in enumerate(self._entries)]
+            self._check_file()
 
-        # 2. one host buffer for all blocks, page-locked in place (exact size, no allocator rounding)
-        self._host_offsets = [0]
-        for size in self.block_bytes:
-            self._host_offsets.append(self._host_offsets[-1] + size)
-        self._host = torch.empty(self._host_offsets[-1], dtype=torch.uint8)
+        # 2. host memory, page-locked in place (exact size, no allocator rounding): every block
+        #    (memory source) or two staging buffers (disk source)
+        self.max_block_bytes = max(self.block_bytes)
+        sizes = self.block_bytes if file is None else [self.max_block_bytes] * 2
+        offsets = [0]
+        for size in sizes:
+            offsets.append(offsets[-1] + size)
+        self._host = torch.empty(offsets[-1], dtype=torch.uint8)
         self.pinned = False
         self._unpin = None
         if pin:
             self._pin_host()
-        self._host_blocks = [self._host[a:b] for a, b in zip(self._host_offsets, self._host_offsets[1:])]
+        host_regions = [self._host[a:b] for a, b in zip(offsets, offsets[1:])]
+        self._host_blocks = host_regions if file is None else []
+        self._staging = host_regions if file is not None else []
 
         # 3. device slots and the views of every block into every slot
         self.num_slots = prefetch + 1
-        self.max_block_bytes = max(self.block_bytes)
         self.slots = [torch.empty(self.max_block_bytes, dtype=torch.uint8, device=device) for _ in range(self.num_slots)]
         self._views = [[[_typed_view(s, e) for e in entries] for s in self.slots] for entries in self._entries]
 
@@ -215,8 +318,9 @@ class OffloadHandle:
         self._bound = [-1] * n_blocks  # slot whose views each block's tensors point at
         with torch.no_grad():
             for i, entries in enumerate(self._entries):
-                for e in entries:
-                    _typed_view(self._host_blocks[i], e).copy_(_entry_tensor(e).detach())
+                if file is None:
+                    for e in entries:
+                        _typed_view(self._host_blocks[i], e).copy_(_entry_tensor(e).detach())
                 self._rebind(i, i % self.num_slots)
 
         # 5. the resident part goes to the device
@@ -229,11 +333,12 @@ class OffloadHandle:
                     if buf is not None:
                         m._buffers[name] = buf.to(device)
 
-        # 6. streams, events, counters, hooks
+        # 6. streams, events, counters, the reader thread, hooks
         if self._cuda:
             self._copy_stream = torch.cuda.Stream(device)
             self._ready = [torch.cuda.Event() for _ in self.slots]
             self._free = [torch.cuda.Event() for _ in self.slots]
+            self._staging_free = [torch.cuda.Event() for _ in self._staging]
             for s in self.slots:
                 s.record_stream(self._copy_stream)
         self._current = -1  # block entered last (its tensors may still be in use)
@@ -242,6 +347,14 @@ class OffloadHandle:
         self.copies = 0
         self.bytes_copied = 0
         self.misses = 0  # copies issued at entry (not prefetched)
+        self._pending: list[threading.Event | None] = [None] * self.num_slots
+        self._reader_error: BaseException | None = None
+        self._requests: queue.SimpleQueue | None = None
+        self._reader = None
+        if file is not None:
+            self._requests = queue.SimpleQueue()
+            self._reader = threading.Thread(target=self._read_loop, name="offload-reader", daemon=True)
+            self._reader.start()
         self._hooks = []
         for i, block in enumerate(self._blocks):
             hook = self._make_hook(i)
@@ -251,6 +364,25 @@ class OffloadHandle:
         setattr(model, _ATTR, self)
 
     # -- setup helpers
+
+    def _check_file(self) -> None:
+        missing, bad = [], []
+        for keys, entries in zip(self._keys, self._entries):
+            for key, e in zip(keys, entries):
+                problem = self._file.check(key, e.shape, e.dtype)
+                if problem is None:
+                    missing.append(key)
+                elif problem:
+                    bad.append(problem)
+        if missing or bad:
+            more = lambda xs: f"{xs[:5]}" + (f" and {len(xs) - 5} more" if len(xs) > 5 else "")  # noqa: E731
+            raise ValueError(
+                f"path={self._file.path!r} does not match the model's blocks: "
+                + (f"missing keys {more(missing)}" if missing else "")
+                + ("; " if missing and bad else "")
+                + (f"mismatched {more(bad)}" if bad else "")
+                + " (convert other checkpoint layouts to native keys first)"
+            )
 
     def _pin_host(self) -> None:
         n = self._host.numel()
@@ -275,11 +407,20 @@ class OffloadHandle:
         _bind(self._entries[block], self._views[block][slot])
         self._bound[block] = slot
 
+    def _fill(self, flat: torch.Tensor, block: int) -> None:
+        """Disk source: block ``block``'s tensors from the file into the flat region ``flat``."""
+        for key, e in zip(self._keys[block], self._entries[block]):
+            self._file.read_into(_typed_view(flat, e), key)
+
     # -- the hot path (no host syncs)
 
     def _copy(self, block: int, slot: int) -> None:
         n = self.block_bytes[block]
-        if self._cuda:
+        if self._requests is not None:  # disk: the reader thread reads and issues the copy
+            done = threading.Event()
+            self._pending[slot] = done
+            self._requests.put((block, slot, done))
+        elif self._cuda:
             with torch.cuda.stream(self._copy_stream):
                 self._copy_stream.wait_event(self._free[slot])
                 self.slots[slot][:n].copy_(self._host_blocks[block], non_blocking=True)
@@ -307,23 +448,61 @@ class OffloadHandle:
             nb, ns = (block + j) % n_blocks, (slot + j) % n_slots
             if self._slot_block[ns] != nb:
                 self._copy(nb, ns)
-        # 4. compute waits for the copy; parameters point at the slot
+        # 4. compute waits for the copy (disk: first for the reader to have issued it)
+        pending = self._pending[slot]
+        if pending is not None:
+            pending.wait()
+            self._pending[slot] = None
+            if self._reader_error is not None:
+                self._slot_block[slot] = -1
+                raise RuntimeError(f"offload: reading blocks from {self._file.path} failed") from self._reader_error
         if self._cuda:
             compute.wait_event(self._ready[slot])
         if self._bound[block] != slot:
             self._rebind(block, slot)
         self._current, self._current_slot = block, slot
 
+    def _read_loop(self) -> None:
+        """Disk source, on its own thread: fill a staging buffer, then issue its copy into the slot.
+        A staging buffer is refilled only after its previous copy finished (a sync of this thread)."""
+        k = 0
+        while True:
+            req = self._requests.get()
+            if req is None:
+                return
+            block, slot, done = req
+            try:
+                if self._reader_error is None:
+                    n, stage = self.block_bytes[block], self._staging[k]
+                    if self._cuda:
+                        self._staging_free[k].synchronize()
+                    self._fill(stage, block)
+                    if self._cuda:
+                        with torch.cuda.device(self.device), torch.cuda.stream(self._copy_stream):
+                            self._copy_stream.wait_event(self._free[slot])
+                            self.slots[slot][:n].copy_(stage[:n], non_blocking=True)
+                            self._ready[slot].record(self._copy_stream)
+                            self._staging_free[k].record(self._copy_stream)
+                    else:
+                        self.slots[slot][:n].copy_(stage[:n])
+                    k = (k + 1) % len(self._staging)
+            except BaseException as exc:  # handed to the model thread, raised at the block's entry
+                self._reader_error = exc
+            finally:
+                done.set()
+
     # -- public
 
     def stats(self) -> dict:
         """Sizes (bytes) and counters. ``gpu_bytes`` = slots + the resident (non-block) tensors;
-        ``copies``/``bytes_copied`` count host-to-device block copies issued so far, ``misses``
-        those issued when the block was already needed (not prefetched)."""
+        ``host_bytes`` = the (pinned) host buffer: all blocks, or the staging of the disk source;
+        ``copies``/``bytes_copied`` count block copies issued so far, ``misses`` those issued when
+        the block was already needed (not prefetched)."""
         resident = sum(t.numel() * t.element_size() for t in self._resident_tensors())
         slot_bytes = self.num_slots * self.max_block_bytes
         return {
             "device": str(self.device),
+            "source": self.source,
             "blocks": len(self._blocks),
             "prefetch": self.prefetch,
             "num_slots": self.num_slots,
@@ -348,27 +527,43 @@ class OffloadHandle:
                 seen.add(id(t))
                 yield t
 
+    def _host_block_tensors(self, block: int) -> list[torch.Tensor]:
+        """Block ``block``'s tensors on the host: views of the host buffer, or read from the file."""
+        if self._file is None:
+            return [_typed_view(self._host_blocks[block], e) for e in self._entries[block]]
+        out = []
+        for key, e in zip(self._keys[block], self._entries[block]):
+            t = torch.empty(e.shape, dtype=e.dtype)
+            self._file.read_into(t, key)
+            out.append(t)
+        return out
+
     def host_state_dict(self) -> dict[str, torch.Tensor]:
-        """``model.state_dict()`` with every block tensor replaced by its host copy (read-only use)."""
+        """``model.state_dict()`` with every block tensor replaced by its host copy (read-only use;
+        the disk source reads the file)."""
         host = {}
         for i, entries in enumerate(self._entries):
-            for e in entries:
-                host[id(_entry_tensor(e))] = _typed_view(self._host_blocks[i], e)
+            for e, t in zip(entries, self._host_block_tensors(i)):
+                host[id(_entry_tensor(e))] = t
         sd = self._model.state_dict(keep_vars=True)
         return {k: host.get(id(v), v).detach() for k, v in sd.items()}
 
     def remove(self) -> None:
         """Undo the offload: every block tensor gets its own storage on ``device`` again, hooks go,
-        slots and the host buffer are released. Synchronizes (not for the hot path)."""
+        the reader thread stops, slots and host buffers are released. Synchronizes (not for the
+        hot path)."""
         if self._model is None:
             raise RuntimeError("this offload was already removed")
         for h in self._hooks:
             h.remove()
+        if self._reader is not None:
+            self._requests.put(None)
+            self._reader.join()
         if self._cuda:
             torch.cuda.current_stream(self.device).wait_stream(self._copy_stream)
         with torch.no_grad():
             for i, entries in enumerate(self._entries):
-                _bind(entries, [_typed_view(self._host_blocks[i], e).to(self.device, copy=True) for e in entries])
+                _bind(entries, [t.to(self.device, copy=True) for t in self._host_block_tensors(i)])
         if self._cuda:
             torch.cuda.synchronize(self.device)
         if self._unpin is not None:
@@ -376,4 +571,5 @@ class OffloadHandle:
         delattr(self._model, _ATTR)
         self._model = None
         self._hooks, self._entries, self._views, self.slots = [], [], [], []
-        self._host_blocks, self._host = [], torch.empty(0, dtype=torch.uint8)
+        self._host_blocks, self._staging, self._host = [], [], torch.empty(0, dtype=torch.uint8)
+        self._file = None
