@@ -15,6 +15,8 @@ Per offloaded variant also: the block copies are bracketed with events on the co
 (after the wait for a free slot), giving the copy-engine busy time per forward and the achieved
 host-to-device bandwidth while the model runs; ``raw H2D`` is one block copied alone.
 ``max|diff|`` compares with the resident output (the same kernels on the same data: 0 expected).
+``--source disk`` writes the model to a safetensors file first and offloads from it (the reader
+thread's throughput: page cache or disk -> pinned staging -> GPU).
 """
 
 from __future__ import annotations
@@ -50,6 +52,26 @@ def build(preset: str, device: torch.device, dtype: torch.dtype, seed: int = 0) 
             else:  # norm weights
                 p.normal_(1.0, 0.1, generator=g)
     return model
+
+
+_ST_CODES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+def save_safetensors(model: torch.nn.Module, path: str) -> None:
+    """Write the state_dict tensor by tensor (never the whole model in host memory at once)."""
+    sd = model.state_dict()
+    header, offset = {}, 0
+    for k, v in sd.items():
+        n = v.numel() * v.element_size()
+        header[k] = {"dtype": _ST_CODES[v.dtype], "shape": list(v.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for v in sd.values():
+            f.write(v.detach().contiguous().view(-1).view(torch.uint8).cpu().numpy().tobytes())
 
 
 class Clock:
@@ -182,19 +204,28 @@ def bench_preset(preset: str, args, device: torch.device) -> list[dict]:
         rows[-1]["sync_free"] = sync_free(model, x, t, cache, ctx_frames)
     print(f"[{preset}] resident {ms:.1f} ms, peak {peak:.2f} GiB, sync_free={rows[-1].get('sync_free')}", flush=True)
 
+    disk = {}
+    if args.source == "disk":
+        t0 = time.perf_counter()
+        save_safetensors(model, args.disk_path)
+        disk = {"source": "disk", "path": args.disk_path}
+        print(f"[{preset}] wrote {args.disk_path} in {time.perf_counter() - t0:.1f} s", flush=True)
     for pf in args.prefetch:
         t0 = time.perf_counter()
-        handle = offload(model, device=device, prefetch=pf)
+        handle = offload(model, device=device, prefetch=pf, **disk)
         t_offload = time.perf_counter() - t0
         if cuda:
             torch.cuda.empty_cache()
         spans = instrument_copies(handle)
         out, ms, peak = run_chunks(model, x, t, cache, ctx_frames, args, cuda)
         st = handle.stats()
-        row = {**common, "variant": f"offload p={pf}", "ms": ms, "peak_GiB": peak,
+        row = {**common, "variant": f"offload p={pf}" + (" disk" if disk else ""), "ms": ms, "peak_GiB": peak,
                "weights_gpu_GiB": st["gpu_bytes"] / 2**30, "max_abs_diff": (out - ref).abs().max().item(),
                "offload_s": t_offload, "pinned": st["pinned"]}
-        if cuda:
+        if cuda and not spans:  # disk source: the reader thread issues the copies
+            # (no sync check: the reader thread waits on its staging events by design)
+            row.update(effective_GBps=st["bytes_per_block"][0] * cfg.num_layers / ms / 1e6)
+        elif cuda:
             timed = spans[-args.reps * cfg.num_layers :]
             copy_ms = sum(a.elapsed_time(b) for a, b, _ in timed) / args.reps
             copy_bytes = sum(n for _, _, n in timed) / args.reps
@@ -205,7 +236,7 @@ def bench_preset(preset: str, args, device: torch.device) -> list[dict]:
         rows.append(row)
         print(f"[{preset}] {row['variant']}: {ms:.1f} ms, peak {peak:.2f} GiB, diff {row['max_abs_diff']:.3g}, "
               + (f"copy {row['copy_ms_per_forward']:.1f} ms/fwd at {row['copy_GBps']:.1f} GB/s "
-                 f"(raw {row['raw_h2d_GBps']:.1f}), sync_free={row['sync_free']}, " if cuda else "")
+                 f"(raw {row['raw_h2d_GBps']:.1f}), sync_free={row['sync_free']}, " if spans else "")
               + f"offload() {t_offload:.1f} s", flush=True)
         t0 = time.perf_counter()
         handle.remove()
@@ -213,6 +244,8 @@ def bench_preset(preset: str, args, device: torch.device) -> list[dict]:
         with torch.no_grad():
             again = model.forward_chunk(x, t, cache, start_frame=ctx_frames)
         assert torch.equal(again, ref), "remove() did not restore the resident model"
+    if disk:
+        Path(args.disk_path).unlink()
     del model, cache
     if cuda:
         torch.cuda.empty_cache()
@@ -230,6 +263,9 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--source", choices=("memory", "disk"), default="memory",
+                    help="disk: write the model to --disk-path and offload from that file")
+    ap.add_argument("--disk-path", default="/tmp/streamgen_offload_bench.safetensors")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     args.prefetch = [int(p) for p in args.prefetch.split(",")]
