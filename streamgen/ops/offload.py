@@ -29,8 +29,9 @@ device one step ahead of use.
     in which blocks are entered, so ``forward``, ``forward_chunk`` and ``set_prompt`` of many
     interleaved sessions all work; a different order only costs copies, never correctness.
 
-Contract: blocks are entered in a fixed order and their tensors are only read from inside
-forward calls of the block or its submodules, on the thread and stream that run the model.
+Contract: a block's tensors are only read from inside forward calls of the block or its
+submodules, on the thread and stream that run the model. Blocks entered in list order get the
+prefetch; any other order is still correct, with copies issued on demand.
 Inference only (no backward: a slot is overwritten once its block is left). Outside a forward a
 block's parameters point into a slot and hold whatever was copied there last: read weights with
 ``handle.host_state_dict()``. Apply other rewrites (quantization, attention backends) before
