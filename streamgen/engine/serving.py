@@ -93,11 +93,11 @@ def make_source_factory(args: argparse.Namespace) -> EngineFactory:
     decoder = args.decoder or preset.decoder
     try:
         if not preset.builtin:
-            g._require_file("--checkpoint", args.checkpoint, f"DiT weights for {args.model}")
-            g._require_file("--vae", args.vae, f"{decoder} decoder weights")
-            g._require_file("--text-encoder", args.text_encoder, "umT5-XXL encoder")
-        device = g._pick_device(args.device)
-        dtype = g._pick_dtype(args.dtype, device)
+            g.require_file("--checkpoint", args.checkpoint, f"DiT weights for {args.model}")
+            g.require_file("--vae", args.vae, f"{decoder} decoder weights")
+            g.require_file("--text-encoder", args.text_encoder, "umT5-XXL encoder")
+        device = g.pick_device(args.device)
+        dtype = g.pick_dtype(args.dtype, device)
     except g.UsageError as e:
         raise SystemExit(f"streamgen serve: {e}") from e
     model, text_encoder, dec, vae = g.build_components(preset, device, dtype, decoder=decoder,
@@ -116,10 +116,9 @@ def make_source_factory(args: argparse.Namespace) -> EngineFactory:
 
 
 def _load_rife(spec: str, device):
-    import torch
-
+    """--rife: 'none', 'auto' (the default search path; absent weights leave interpolate at 1), or a path."""
     from streamgen.media.interpolate import default_weights_path
-    from streamgen.models.rife import load_rife
+    from streamgen.sampling import generate as g
 
     if spec == "none":
         return None
@@ -127,5 +126,8 @@ def _load_rife(spec: str, device):
     if path is None:
         log.info("RIFE weights not found (set --rife PATH or $STREAMGEN_RIFE_WEIGHTS); interpolate stays 1")
         return None
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
-    return load_rife(path, device=device, dtype=dtype)
+    try:
+        g.require_file("--rife", str(path), "RIFE v4.25/v4.26 flownet.pkl")
+        return g.load_rife_model(str(path), device)
+    except g.UsageError as e:
+        raise SystemExit(f"streamgen serve: {e}") from e

@@ -220,7 +220,7 @@ def read_image(path: str, width: int, height: int):
 # -- model assembly ----------------------------------------------------------------------------------
 
 
-def _pick_device(name: str):
+def pick_device(name: str):
     import torch
 
     if name == "auto":
@@ -230,7 +230,7 @@ def _pick_device(name: str):
     return torch.device(name)
 
 
-def _pick_dtype(name: str, device):
+def pick_dtype(name: str, device):
     import torch
 
     if name == "auto":
@@ -238,7 +238,7 @@ def _pick_dtype(name: str, device):
     return getattr(torch, name)
 
 
-def _require_file(flag: str, path: str | None, what: str) -> str:
+def require_file(flag: str, path: str | None, what: str) -> str:
     import os
 
     if path is None:
@@ -294,7 +294,7 @@ def _tiny_decoder(kind: str):
     return vae, vae
 
 
-def _load_rife(path: str, device):
+def load_rife_model(path: str, device):
     """RIFE for --interpolate: fp16 + channels_last on CUDA, fp32 on the CPU."""
     import torch
 
@@ -370,9 +370,9 @@ def _plan(args, preset: ModelPreset):
         if preset.mode == "full":
             raise UsageError(f"--image needs a streaming model; {args.model} is text-to-video only")
     if not preset.builtin:
-        _require_file("--checkpoint", args.checkpoint, f"DiT weights for {args.model}; only 'tiny' is built in")
-        _require_file("--vae", args.vae, f"{args.decoder} decoder weights")
-        _require_file("--text-encoder", args.text_encoder, "umT5-XXL encoder")
+        require_file("--checkpoint", args.checkpoint, f"DiT weights for {args.model}; only 'tiny' is built in")
+        require_file("--vae", args.vae, f"{args.decoder} decoder weights")
+        require_file("--text-encoder", args.text_encoder, "umT5-XXL encoder")
     if not 0 <= args.crf <= 51:
         raise UsageError(f"--crf {args.crf}: allowed 0..51")
     if args.interpolate > 1:
@@ -382,7 +382,7 @@ def _plan(args, preset: ModelPreset):
         if args.rife is None:
             raise UsageError(f"--interpolate {args.interpolate} needs RIFE weights: pass --rife PATH/flownet.pkl "
                              f"(Practical-RIFE v4.25/v4.26) or set ${WEIGHTS_ENV}; allowed without weights: --interpolate 1")
-        _require_file("--rife", str(args.rife), "RIFE v4.25/v4.26 flownet.pkl")
+        require_file("--rife", str(args.rife), "RIFE v4.25/v4.26 flownet.pkl")
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir):
         raise UsageError(f"--out {args.out}: folder {out_dir} does not exist")
@@ -397,8 +397,8 @@ def _run(args: argparse.Namespace) -> int:
 
     from streamgen.sampling.stream import StreamConfig, StreamSession
 
-    device = _pick_device(args.device)
-    dtype = _pick_dtype(args.dtype, device)
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
     model, text_encoder, decoder, vae = build_components(preset, device, dtype, decoder=args.decoder,
                                                        checkpoint=args.checkpoint, vae=args.vae,
                                                        text_encoder=args.text_encoder)
@@ -407,7 +407,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.interpolate > 1:
         from streamgen.media.interpolate import Interpolator
 
-        interp = Interpolator(_load_rife(args.rife, device), args.interpolate)
+        interp = Interpolator(load_rife_model(args.rife, device), args.interpolate)
     output = FrameOutput(interp)
     fps = args.fps * args.interpolate
 
