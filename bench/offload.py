@@ -103,7 +103,7 @@ def instrument_copies(handle) -> list:
     """Wrap the handle's block copy so that each copy is bracketed with timing events on the copy
     stream, after its wait for a free slot (bench only: reaches into the handle)."""
     spans: list = []
-    if not handle._cuda:
+    if not handle._cuda or handle.source == "disk":
         return spans
     cs = handle._copy_stream
 
