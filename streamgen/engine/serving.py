@@ -103,6 +103,10 @@ def make_source_factory(args: argparse.Namespace) -> EngineFactory:
     model, text_encoder, dec, vae = g.build_components(preset, device, dtype, decoder=decoder,
                                                        checkpoint=args.checkpoint, vae=args.vae,
                                                        text_encoder=args.text_encoder)
+    if args.compile:
+        from streamgen.ops.compile import compile_blocks
+
+        compile_blocks(model)
     rife = _load_rife(args.rife, device)
     pipeline = Pipeline(model=model, text_encoder=text_encoder, decoder=dec, vae=vae, rife=rife,
                         device=device, dtype=dtype)

@@ -485,6 +485,7 @@ class WanCache:
             mask = torch.cat([mask, torch.ones(n_chunk, dtype=torch.bool, device=self.device)])
         return mask.view(1, 1, 1, -1)
 
+    @torch.compiler.disable  # cache writes + the attention kernel stay eager under a compiled block
     def _attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _ChunkPlan, mask):
         kb, vb = self.k[layer], self.v[layer]  # (B, capacity*T, H, D)
         for dst, src, n in plan.write:

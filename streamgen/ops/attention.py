@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -43,13 +44,21 @@ def _flash_fn():
             fn = getattr(mod, fn_name)
         except Exception:  # noqa: BLE001 - any import failure means "not available"
             continue
-        version = None
-        try:
-            version = importlib.import_module(mod_name.split(".")[0]).__version__
-        except Exception:  # noqa: BLE001
-            pass
-        return fn, f"{mod_name}.{fn_name}", version
+        return fn, f"{mod_name}.{fn_name}", _dist_version(mod_name)
     return None, None, None
+
+
+def _dist_version(mod_name: str) -> str | None:
+    """Version of the installed distribution that provides ``mod_name`` (flash-attn-4 has no __version__)."""
+    from importlib import metadata
+
+    top = mod_name.split(".")[0]
+    for dist in metadata.packages_distributions().get(top, []):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return getattr(sys.modules.get(top), "__version__", None)
 
 
 @functools.lru_cache(maxsize=1)
