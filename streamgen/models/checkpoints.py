@@ -27,7 +27,9 @@ Formats read (detected, named in every error):
 - prefixes ``model.diffusion_model.`` (ComfyUI), ``model.``, ``module.``, and
   ``_fsdp_wrapped_module.`` / ``_orig_mod.`` anywhere in a key;
 - LightX2V quantized files: int8 / float8 ``X.weight`` with a per-output-channel
-  ``X.weight_scale`` ``[out, 1]``, dequantized on load (``weight.float() * scale``) to ``dtype``.
+  ``X.weight_scale`` ``[out, 1]``, dequantized on load (``weight.float() * scale``) to ``dtype``,
+  or kept as stored with ``load_wan_state_dict(..., keep_quantized=True)`` (used by
+  ``streamgen.ops.quant.from_lightx2v``, which loads them into fp8/int8 linear layers).
 
 ``dtype=None`` keeps the checkpoint's float dtype (of ``blocks.0.self_attn.q.weight``), or bfloat16
 for quantized files; every tensor is cast to that one dtype.
@@ -583,16 +585,21 @@ def _target_dtype(info: CheckpointInfo, dtype: torch.dtype | None) -> torch.dtyp
     return probe.dtype if probe.dtype.is_floating_point else torch.float32
 
 
+def _load_scale(info: CheckpointInfo, key: str, t: torch.Tensor) -> torch.Tensor:
+    s = info.scales[key].load()
+    if s.shape not in ((t.shape[0], 1), (t.shape[0],)):
+        raise CheckpointError(
+            f"{info.path} (detected format: {info.format}): {key}_scale has shape {tuple(s.shape)}, "
+            f"expected ({t.shape[0]}, 1)"
+        )
+    return s
+
+
 def _materialize(info: CheckpointInfo, key: str, device, dtype: torch.dtype) -> torch.Tensor:
     t = info.entries[key].load()
     scale = info.scales.get(key)
     if scale is not None:
-        s = scale.load()
-        if s.shape not in ((t.shape[0], 1), (t.shape[0],)):
-            raise CheckpointError(
-                f"{info.path} (detected format: {info.format}): {key}_scale has shape {tuple(s.shape)}, "
-                f"expected ({t.shape[0]}, 1)"
-            )
+        s = _load_scale(info, key, t)
         t = t.to(device)
         w = t.float() * s.to(device).float().reshape(t.shape[0], *([1] * (t.ndim - 1)))
         return w.to(dtype)
@@ -611,10 +618,14 @@ def load_wan_state_dict(
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
     state_key: str | None = None,
+    keep_quantized: bool = False,
 ) -> tuple[dict[str, torch.Tensor], WanConfig, CheckpointInfo]:
     """Read and validate a checkpoint -> (native state dict on device/dtype, config, info).
 
-    ``cfg=None`` infers the config from the tensor shapes. Tensors are moved one at a time."""
+    ``cfg=None`` infers the config from the tensor shapes. Tensors are moved one at a time.
+    ``keep_quantized=True``: LightX2V quantized weights are returned as stored (only moved to
+    ``device``), each with its scale as ``X.weight_scale`` float32 ``[out, 1]``
+    (for ``streamgen.ops.quant.from_lightx2v``)."""
     info = inspect_wan_checkpoint(path, state_key=state_key)
     try:
         if cfg is None:
@@ -624,7 +635,15 @@ def load_wan_state_dict(
                 raise CheckpointError(f"{info.path} (detected format: {info.format}): {e}") from e
         _check(info, cfg)
         target = _target_dtype(info, dtype)
-        sd = {k: _materialize(info, k, device, target) for k in info.entries}
+        sd = {}
+        for k in info.entries:
+            if keep_quantized and k in info.scales:
+                t = info.entries[k].load()
+                s = _load_scale(info, k, t)
+                sd[k] = t.to(device)
+                sd[k + "_scale"] = s.to(device=device, dtype=torch.float32).reshape(-1, 1)
+            else:
+                sd[k] = _materialize(info, k, device, target)
     finally:
         info.close()
     return sd, cfg, info
