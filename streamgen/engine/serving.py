@@ -96,13 +96,16 @@ def make_source_factory(args: argparse.Namespace) -> EngineFactory:
             g.require_file("--checkpoint", args.checkpoint, f"DiT weights for {args.model}")
             g.require_file("--vae", args.vae, f"{decoder} decoder weights")
             g.require_file("--text-encoder", args.text_encoder, "umT5-XXL encoder")
+        if args.offload is not None and (args.compile or args.offload < 0):
+            raise g.UsageError("--offload PREFETCH must be >= 0 and cannot be combined with --compile")
         device = g.pick_device(args.device)
         dtype = g.pick_dtype(args.dtype, device)
     except g.UsageError as e:
         raise SystemExit(f"streamgen serve: {e}") from e
     model, text_encoder, dec, vae = g.build_components(preset, device, dtype, decoder=decoder,
                                                        checkpoint=args.checkpoint, vae=args.vae,
-                                                       text_encoder=args.text_encoder)
+                                                       text_encoder=args.text_encoder,
+                                                       offload_prefetch=args.offload)
     if args.compile:
         from streamgen.ops.compile import compile_blocks
 

@@ -388,6 +388,10 @@ def _plan(args, preset: ModelPreset):
         require_file("--checkpoint", args.checkpoint, f"DiT weights for {args.model}; only 'tiny' is built in")
         require_file("--vae", args.vae, f"{args.decoder} decoder weights")
         require_file("--text-encoder", args.text_encoder, "umT5-XXL encoder")
+    if args.offload is not None and args.compile:
+        raise UsageError("--offload and --compile cannot be combined (offload hooks every block call); pick one")
+    if args.offload is not None and args.offload < 0:
+        raise UsageError(f"--offload {args.offload}: PREFETCH must be >= 0")
     if not 0 <= args.crf <= 51:
         raise UsageError(f"--crf {args.crf}: allowed 0..51")
     if args.interpolate > 1:

@@ -99,6 +99,8 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the DiT blocks (static shapes; ~1.5x on an H100, falls back to eager)")
+    g.add_argument("--offload", type=int, default=None, metavar="PREFETCH",
+                   help="keep the DiT blocks in pinned host memory and stream them onto the GPU PREFETCH blocks ahead")
     g.add_argument("--local-frames", type=int, default=12,
                    help="attention window in latent frames (sink included); streams are endless, so one is needed")
     g.add_argument("--sink-frames", type=int, default=3, help="latent frames kept at the window's front")
