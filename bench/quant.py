@@ -8,12 +8,14 @@ Part 1, one linear layer at a time (every distinct (K, N) of the Wan blocks of e
   bf16           F.linear in bf16 (cuBLAS)
   fp8 mm         torch._scaled_mm alone, row-wise scales, activations already quantized
   fp8 mm fast    the same with use_fast_accum=True (not used by Fp8Linear)
-  act quant      the activation quantizer alone (torch.compile'd quantize_rows_fp8)
-  Fp8Linear      the module's forward: quantizer + fp8 mm (what the model runs)
+  act quant      the activation quantizer alone (the Triton kernel, triton_quantize_rows_fp8)
+  Fp8Linear      the module's forward: quantizer + fp8 mm with fast accumulation (what the model runs)
   eager quant    the quantizer without torch.compile + fp8 mm (why the fast path needs it)
   int8-weight    Int8WeightLinear's forward (int8 -> bf16 weight at each call, bf16 matmul)
 TFLOP/s = 2 M K N / time for every row (the quantizer's own time included where it runs).
-Rel err = ||y - y_fp32|| / ||y_fp32|| against the float32 product of the bf16 inputs.
+Rel err = ||y - y_fp32|| / ||y_fp32|| against the float32 product of the bf16 inputs; fp8 rows
+also against their float32 emulation (fp8_rowwise_reference: same quantized operands). "host us"
+is the time the host needs to enqueue one call.
 Each timed sample is ``--inner`` back-to-back calls between CUDA events (launch gaps amortized);
 the median of ``--reps`` samples is reported.
 
@@ -76,6 +78,20 @@ def timed(fn, cuda: bool, reps: int, inner: int, warmup: int = 3) -> float:
     return statistics.median(samples)
 
 
+def host_us(fn, cuda: bool, n: int = 20) -> float:
+    """Host time per call to enqueue ``fn()`` (no sync inside): when it reaches the GPU time, the
+    op is launch-bound."""
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    dt = (time.perf_counter() - t0) / n * 1e6
+    if cuda:
+        torch.cuda.synchronize()
+    return dt
+
+
 def rel(y, ref) -> float:
     return ((y.float() - ref).norm() / ref.norm()).item()
 
@@ -117,7 +133,7 @@ def bench_linears(preset: str, args, device) -> list[dict]:
             "fp8 mm fast": lambda: mm(True),
             "act quant": lambda: quant_c(x),
             "Fp8Linear": lambda: f8(x),
-            "eager quant": lambda: fp8_scaled_mm_linear(x, f8.weight, f8.weight_scale, f8.bias),
+            "eager quant": lambda: fp8_scaled_mm_linear(x, f8.weight, f8.weight_scale, f8.bias, fast_accum=True),
             "int8-weight": lambda: i8(x),
         }
         base = None
@@ -125,20 +141,21 @@ def bench_linears(preset: str, args, device) -> list[dict]:
             try:
                 with torch.no_grad():
                     ms = timed(fn, cuda, args.reps, args.inner)
+                    hus = host_us(fn, cuda)
                     y = fn()
                 err = rel(y, exact) if vname != "act quant" else rel(y[0].float() * y[1], x.float())
-                emu = rel(y, fp8_rowwise_reference(x, f8.weight, f8.weight_scale, f8.bias)) if vname == "Fp8Linear" else None
+                emu = rel(y, fp8_rowwise_reference(x, f8.weight, f8.weight_scale, f8.bias)) if "fp8" in vname or vname == "Fp8Linear" else None
             except Exception as exc:  # noqa: BLE001 - report the rest
                 print(f"[{preset} {name}] {vname}: {type(exc).__name__}: {exc}", flush=True)
                 continue
             base = ms if vname == "bf16" else base
             row = {"preset": preset, "layer": name, "M": m, "K": k, "N": n, "variant": vname, "ms": ms,
-                   "TFLOPs": flop / ms / 1e9, "speedup_vs_bf16": base / ms if base else float("nan"), "rel_err": err}
+                   "TFLOPs": flop / ms / 1e9, "speedup_vs_bf16": base / ms if base else float("nan"), "rel_err": err, "host_us": hus}
             if emu is not None:
                 row["rel_err_vs_emulation"] = emu
             rows.append(row)
             print(f"[{preset} {name} {m}x{k}x{n}] {vname}: {ms * 1e3:.1f} us, {row['TFLOPs']:.0f} TFLOP/s, "
-                  f"x{row['speedup_vs_bf16']:.2f}, rel err {err:.2e}"
+                  f"x{row['speedup_vs_bf16']:.2f}, host {hus:.0f} us/call, rel err {err:.2e}"
                   + (f" ({emu:.1e} vs its float32 emulation)" if emu is not None else ""), flush=True)
         del x, lin, f8, i8, a, exact
     return rows
@@ -180,9 +197,19 @@ def sync_free(model, x, t, cache, start) -> bool | str:
         torch.cuda.set_sync_debug_mode("default")
 
 
+CHUNK_VARIANTS = {
+    "bf16": None,
+    "fp8": dict(mode="fp8"),
+    "fp8 exact accum": dict(mode="fp8", fast_accum=False),
+    "fp8 FFN only": dict(mode="fp8", skip=("*.self_attn.*", "*.cross_attn.*")),
+    "int8-weight": dict(mode="int8-weight"),
+}
+
+
 def bench_chunk(preset: str, args, device) -> list[dict]:
     cuda = device.type == "cuda"
     model = build(preset, device, torch.bfloat16 if cuda else torch.float32)
+    bf16_bytes = weight_bytes(model)
     cfg = model.cfg
     h, w = args.hw
     f, ctx_frames = args.frames, args.context
@@ -195,47 +222,47 @@ def bench_chunk(preset: str, args, device) -> list[dict]:
     cache = model.new_cache(1, (h, w), max_frames=ctx_frames + f)
     tokens = f * (h // cfg.patch_size[1]) * (w // cfg.patch_size[2])
     rows, ref = [], None
-    for variant in ("bf16", "fp8", "int8-weight"):
+    for variant, kw in CHUNK_VARIANTS.items():
         t0 = time.perf_counter()
-        m = model if variant == "bf16" else quantize(copy.deepcopy(model), variant)
+        m = model if kw is None else quantize(copy.deepcopy(model), **kw)
         t_quant = time.perf_counter() - t0
         prime(model, cache, ctx, past)  # the bf16 model's cache: every variant sees the same inputs
-        t0 = time.perf_counter()
-        out = m.forward_chunk(x, t, cache, start_frame=ctx_frames)  # first call (fp8: probe + compile)
+        step = lambda: m.forward_chunk(x, t, cache, start_frame=ctx_frames)  # noqa: E731
+        out = step()
         if cuda:
             torch.cuda.synchronize()
-        first_s = time.perf_counter() - t0
-        if cuda:
             torch.cuda.reset_peak_memory_stats()
-        ms = timed(lambda: m.forward_chunk(x, t, cache, start_frame=ctx_frames), cuda, args.reps, 1, args.warmup)
-        peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
-        if variant == "bf16":
+        ms = timed(step, cuda, args.reps, 1, args.warmup)
+        # the bf16 model stays resident beside a quantized copy: count only the variant's own bytes
+        peak = (torch.cuda.max_memory_allocated() - (0 if kw is None else bf16_bytes)) / 2**30 if cuda else float("nan")
+        hms = host_us(step, cuda, 5) / 1e3
+        if kw is None:
             ref, err_same, err_own = out.float(), 0.0, 0.0
+            own = out
         else:
             err_same = rel(out, ref)
             prime(m, cache, ctx, past)
-            own = m.forward_chunk(x, t, cache, start_frame=ctx_frames)
+            own = step()
             err_own = rel(own, ref)
         sf = sync_free(m, x, t, cache, ctx_frames) if cuda else "-"
-        off = {}
-        if variant == "fp8":  # quantize, then offload: the order quant.py asks for
-            handle = offload(m, device=device, prefetch=1)
-            out_off = m.forward_chunk(x, t, cache, start_frame=ctx_frames)
-            off = {"offload_p1_ms": timed(lambda: m.forward_chunk(x, t, cache, start_frame=ctx_frames), cuda,
-                                          args.reps, 1, args.warmup),
-                   "offload_p1_max_abs_diff": (out_off.float() - own.float()).abs().max().item()}
-            handle.remove()
-            print(f"[{preset} chunk] fp8 + offload p=1: {off['offload_p1_ms']:.2f} ms, max |diff| vs resident fp8 "
-                  f"{off['offload_p1_max_abs_diff']:.3g}", flush=True)
         row = {"preset": preset, "tokens": tokens, "context_frames": ctx_frames, "variant": variant, "ms": ms,
-               "peak_GiB": peak, "weights_GiB": weight_bytes(m) / 2**30, "rel_err_same_cache": err_same,
-               "rel_err_own_cache": err_own, "first_call_s": first_s, "quantize_s": t_quant, "sync_free": sf, **off}
+               "host_ms": hms, "peak_GiB": peak, "weights_GiB": weight_bytes(m) / 2**30, "rel_err_same_cache": err_same,
+               "rel_err_own_cache": err_own, "quantize_s": t_quant, "sync_free": sf}  # fmt: skip
+        if variant in ("bf16", "fp8"):  # quantize, then offload: the order quant.py asks for
+            handle = offload(m, device=device, prefetch=1)
+            out_off = step()
+            row["offload_p1_ms"] = timed(step, cuda, args.reps, 1, args.warmup)
+            row["offload_p1_max_abs_diff"] = (out_off.float() - own.float()).abs().max().item()
+            handle.remove()
+            del handle
         rows.append(row)
-        print(f"[{preset} chunk] {variant}: {ms:.2f} ms, peak {peak:.2f} GiB, weights {row['weights_GiB']:.2f} GiB, "
-              f"rel err {err_same:.2e} (same cache) {err_own:.2e} (own cache), first call {first_s:.1f} s, "
-              f"quantize() {t_quant:.1f} s, sync_free={sf}", flush=True)
+        print(f"[{preset} chunk] {variant}: {ms:.2f} ms (host {hms:.1f} ms to enqueue), peak {peak:.2f} GiB, weights "
+              f"{row['weights_GiB']:.2f} GiB, rel err {err_same:.2e} (same cache) {err_own:.2e} (own cache), "
+              f"quantize() {t_quant:.1f} s, sync_free={sf}"
+              + (f", offload p=1 {row['offload_p1_ms']:.2f} ms (max |diff| {row['offload_p1_max_abs_diff']:.3g})"
+                 if "offload_p1_ms" in row else ""), flush=True)  # fmt: skip
         if m is not model:
-            del m
+            del m, step
             if cuda:
                 torch.cuda.empty_cache()
     return rows
@@ -263,7 +290,7 @@ def main() -> int:
         t0 = time.perf_counter()
         sup = fp8_support(device)
         info.update(card=torch.cuda.get_device_name(), fp8_ok=sup.ok, reason=sup.reason, fused_bias=sup.fused_bias,
-                    quant_compiled=sup.quant_compiled, probe_s=time.perf_counter() - t0)
+                    probe_s=time.perf_counter() - t0)
     print(info, flush=True)
 
     lin_rows, chunk_rows = [], []
@@ -278,17 +305,20 @@ def main() -> int:
         except Exception:  # noqa: BLE001
             traceback.print_exc()
 
-    print("\n| model | layer | M x K x N | variant | us | TFLOP/s | vs bf16 | rel err |")
-    print("| --- | --- | --- | --- | ---: | ---: | ---: | ---: |")
+    print("\n| model | layer | M x K x N | variant | us | TFLOP/s | vs bf16 | host us | rel err | vs emulation |")
+    print("| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in lin_rows:
         print(f"| {r['preset']} | {r['layer']} | {r['M']}x{r['K']}x{r['N']} | {r['variant']} | {r['ms'] * 1e3:.1f} "
-              f"| {r['TFLOPs']:.0f} | {r['speedup_vs_bf16']:.2f} | {r['rel_err']:.1e} |")
-    print("\n| model | variant | ms / chunk | vs bf16 | peak GiB | weights GiB | rel err (same cache) | rel err (own cache) |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+              f"| {r['TFLOPs']:.0f} | {r['speedup_vs_bf16']:.2f} | {r['host_us']:.0f} | {r['rel_err']:.1e} "
+              f"| {format(r['rel_err_vs_emulation'], '.1e') if 'rel_err_vs_emulation' in r else '-'} |")
+    print("\n| model | variant | ms / chunk | vs bf16 | host ms | peak GiB | weights GiB | rel err (same cache) "
+          "| rel err (own cache) | offload p=1 ms |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     base = {r["preset"]: r["ms"] for r in chunk_rows if r["variant"] == "bf16"}
     for r in chunk_rows:
         print(f"| {r['preset']} | {r['variant']} | {r['ms']:.2f} | {base.get(r['preset'], float('nan')) / r['ms']:.2f} "
-              f"| {r['peak_GiB']:.2f} | {r['weights_GiB']:.2f} | {r['rel_err_same_cache']:.1e} | {r['rel_err_own_cache']:.1e} |")
+              f"| {r['host_ms']:.1f} | {r['peak_GiB']:.2f} | {r['weights_GiB']:.2f} | {r['rel_err_same_cache']:.1e} "
+              f"| {r['rel_err_own_cache']:.1e} | {r.get('offload_p1_ms', float('nan')):.1f} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"info": info, "linears": lin_rows, "chunks": chunk_rows}, indent=1))
     return 0

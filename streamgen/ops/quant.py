@@ -1,6 +1,6 @@
 """Weight quantization of a built model's DiT blocks: fp8 (weights and activations) or int8 weights.
 
-``quantize(model, mode="fp8" | "int8-weight", *, skip=(), blocks_attr="blocks") -> model``
+``quantize(model, mode="fp8" | "int8-weight", *, skip=(), blocks_attr="blocks", fast_accum=True) -> model``
     Rewrites ``model`` in place (house style 4: ``models/wan.py`` knows nothing of this) and returns
     it. Every ``nn.Linear`` inside ``model.<blocks_attr>`` (Wan: self/cross-attention q, k, v, o and
     the two FFN layers) whose qualified name matches none of the ``fnmatch`` patterns in ``skip``
@@ -43,6 +43,7 @@ Building blocks (tests, benchmarks): ``quantize_weight(w, qdtype)``, ``quantize_
 from __future__ import annotations
 
 import fnmatch
+import functools
 import logging
 import os
 import threading
@@ -164,11 +165,10 @@ class Fp8Support:
     ok: bool
     reason: str  # why not, or "" when ok
     fused_bias: bool = False  # torch._scaled_mm accepted a bias with row-wise scales
-    quant: QuantFn | None = None  # the activation quantizer (torch.compile'd when that worked)
-    quant_compiled: bool = False
+    quant: QuantFn | None = None  # the fused activation quantizer (Triton)
 
 
-_support: dict[str, Fp8Support] = {}
+_support: dict[torch.device, Fp8Support] = {}
 _support_lock = threading.Lock()
 
 
@@ -177,18 +177,72 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
 
 
-def _compiled_quant(x: torch.Tensor) -> tuple[QuantFn | None, str]:
-    """torch.compile of :func:`quantize_rows_fp8` (one fused kernel instead of ~6 passes over the
-    activations), checked against the eager version; (None, why) where it does not work."""
-    try:
-        fn = torch.compile(quantize_rows_fp8, dynamic=None)
-        a, s = fn(x)
+_ONE_PASS_MAX = 8192  # widest row quantized from registers in one read; wider rows are read twice
+
+
+@functools.lru_cache(maxsize=1)
+def triton_quantize_rows_fp8() -> QuantFn:
+    """:func:`quantize_rows_fp8` as one Triton kernel (one program per row: amax, scale, e4m3
+    store), so a linear layer costs one extra launch instead of ~6 passes over its input.
+    Raises ImportError where Triton is absent."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _kernel(x_ptr, a_ptr, s_ptr, K, stride_x, stride_a, BLOCK: tl.constexpr, ONE_PASS: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        x_row = x_ptr + row * stride_x
+        a_row = a_ptr + row * stride_a
+        if ONE_PASS:
+            offs = tl.arange(0, BLOCK)
+            v = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
+            scale = tl.maximum(tl.max(tl.abs(v), axis=0) / 448.0, 1e-12)
+            q = tl.minimum(tl.maximum(tl.math.div_rn(v, scale), -448.0), 448.0)
+            tl.store(a_row + offs, q.to(a_ptr.dtype.element_ty), mask=offs < K)
+        else:
+            acc = tl.zeros([BLOCK], dtype=tl.float32)
+            for k in range(0, K, BLOCK):
+                offs = k + tl.arange(0, BLOCK)
+                v = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
+                acc = tl.maximum(acc, tl.abs(v))
+            scale = tl.maximum(tl.max(acc, axis=0) / 448.0, 1e-12)
+            for k in range(0, K, BLOCK):
+                offs = k + tl.arange(0, BLOCK)
+                v = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
+                q = tl.minimum(tl.maximum(tl.math.div_rn(v, scale), -448.0), 448.0)
+                tl.store(a_row + offs, q.to(a_ptr.dtype.element_ty), mask=offs < K)
+        tl.store(s_ptr + row, scale)
+
+    def quant(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        m, k = x2.shape
+        if x2.stride(1) != 1:
+            x2 = x2.contiguous()
+        a = torch.empty((m, k), dtype=FP8, device=x2.device)
+        s = torch.empty((m, 1), dtype=torch.float32, device=x2.device)
+        one = k <= _ONE_PASS_MAX
+        block = triton.next_power_of_2(k) if one else 4096
+        _kernel[(m,)](x2, a, s, k, x2.stride(0), a.stride(0), BLOCK=block, ONE_PASS=one,
+                      num_warps=8 if block >= 4096 else 4)  # fmt: skip
+        return a, s
+
+    return quant
+
+
+def _check_quantizer(quant: QuantFn, device: torch.device) -> str:
+    """"" if ``quant`` agrees with :func:`quantize_rows_fp8` on both kernel variants, else why not."""
+    g = torch.Generator(device=device).manual_seed(1)
+    for k in (96, _ONE_PASS_MAX + 80):
+        x = (torch.randn(33, k, generator=g, device=device) * torch.logspace(-2, 2, 33, device=device)[:, None])
+        x = x.to(torch.bfloat16)
+        x[3] = 0
+        a, s = quant(x)
         a0, s0 = quantize_rows_fp8(x)
-        if not (torch.equal(a.float(), a0.float()) and torch.allclose(s, s0, rtol=1e-6, atol=0)):
-            return None, "compiled activation quantizer disagrees with eager"
-        return fn, ""
-    except Exception as exc:  # noqa: BLE001 - any compile failure means "use eager"
-        return None, f"torch.compile failed ({type(exc).__name__}: {_first_line(exc)})"
+        if a.dtype != FP8 or a.shape != a0.shape or s.shape != s0.shape:
+            return f"quantizer returned {a.dtype} {tuple(a.shape)}, scale {tuple(s.shape)}"
+        err = _rel_err(a.float() * s, a0.float() * s0)
+        if not torch.allclose(s, s0, rtol=1e-6, atol=0) or err > 1e-3:
+            return f"quantizer disagrees with quantize_rows_fp8 at K={k} (rel err {err:.3g})"
+    return ""
 
 
 def _probe_scaled_mm(device: torch.device) -> tuple[bool | None, str]:
@@ -229,31 +283,34 @@ def _probe(device: torch.device) -> Fp8Support:
     fused, why = _probe_scaled_mm(device)
     if fused is None:
         return Fp8Support(False, why)
-    x = torch.randn(64, 96, device=device).to(torch.bfloat16)
-    quant, why = _compiled_quant(x)
-    if quant is None:
-        # eager quantization makes ~6 passes over the activations: slower than the bf16 matmul it saves
-        return Fp8Support(False, f"no fused activation quantizer: {why}")
-    return Fp8Support(True, "", fused_bias=fused, quant=quant, quant_compiled=True)
+    # without a fused quantizer the ~6 eager passes over the activations cost more than fp8 saves
+    try:
+        quant = triton_quantize_rows_fp8()
+        why = _check_quantizer(quant, device)
+    except Exception as exc:  # noqa: BLE001 - Triton is optional: missing, or failing to compile
+        why = f"Triton activation quantizer unavailable ({type(exc).__name__}: {_first_line(exc)})"
+    if why:
+        return Fp8Support(False, why)
+    return Fp8Support(True, "", fused_bias=fused, quant=quant)
 
 
 def fp8_support(device: torch.device | str) -> Fp8Support:
-    """Detected once per device (a probe call and, on CUDA, a torch.compile of the activation
-    quantizer: a few seconds, one host sync); a failure is logged once, as a warning."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    key = str(device)
-    sup = _support.get(key)
-    if sup is None:
-        with _support_lock:
-            sup = _support.get(key)
-            if sup is None:
-                sup = _probe(device)
-                if not sup.ok:
-                    log.warning("fp8 fast path unavailable on %s (%s): Fp8Linear layers use dequantized weights "
-                                "and matmuls in the activation dtype", key, sup.reason)
-                _support[key] = sup
+    """Detected once per device (a probe matmul and the Triton quantizer's first compile: about a
+    second, with host syncs); a failure is logged once, as a warning."""
+    sup = _support.get(device)  # type: ignore[call-overload]  # the hot path: x.device, a hit
+    if sup is not None:
+        return sup
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    with _support_lock:
+        sup = _support.get(dev)
+        if sup is None:
+            sup = _probe(dev)
+            if not sup.ok:
+                log.warning("fp8 fast path unavailable on %s (%s): Fp8Linear layers use dequantized weights "
+                            "and matmuls in the activation dtype", dev, sup.reason)
+            _support[dev] = sup
     return sup
 
 
@@ -337,24 +394,22 @@ class QuantLinear(nn.Module):
 
 class Fp8Linear(QuantLinear):
     """float8_e4m3fn weight with per-output-channel scales; fp8 x fp8 matmul with per-token
-    activation scales where :func:`fp8_support` says so, else the dequantized reference path."""
+    activation scales where :func:`fp8_support` says so, else the dequantized reference path.
+    ``fast_accum``: ``torch._scaled_mm(use_fast_accum=...)`` (Hopper's faster fp8 accumulation)."""
 
     qdtype = FP8
+    fast_accum = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (
-            x.is_cuda
-            and x.dtype == torch.bfloat16
-            and self.in_features % 16 == 0
-            and self.out_features % 16 == 0
-            and x.numel() > 0
-        ):
-            sup = fp8_support(x.device)
-            if sup.ok:
-                return fp8_scaled_mm_linear(
-                    x, self.weight, self.weight_scale, self.bias, quant=sup.quant, fuse_bias=sup.fused_bias
-                )
+        if x.is_cuda and x.dtype == torch.bfloat16 and not (self.in_features % 16 or self.out_features % 16):
+            sup = _support.get(x.device) or fp8_support(x.device)
+            if sup.ok and x.numel():
+                return fp8_scaled_mm_linear(x, self.weight, self.weight_scale, self.bias, quant=sup.quant,
+                                            fuse_bias=sup.fused_bias, fast_accum=self.fast_accum)  # fmt: skip
         return self._reference(x)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", fast_accum={self.fast_accum}"
 
 
 class Int8WeightLinear(QuantLinear):
@@ -387,7 +442,12 @@ def _parent(root: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 
 def quantize(
-    model: nn.Module, mode: str = "fp8", *, skip: Iterable[str] | str = (), blocks_attr: str = "blocks"
+    model: nn.Module,
+    mode: str = "fp8",
+    *,
+    skip: Iterable[str] | str = (),
+    blocks_attr: str = "blocks",
+    fast_accum: bool = True,
 ) -> nn.Module:
     """Replace the ``nn.Linear`` layers inside ``model.<blocks_attr>`` with quantized ones; see the
     module docstring. Returns ``model`` (modified in place)."""
@@ -413,7 +473,10 @@ def quantize(
             if any(fnmatch.fnmatchcase(name, p) for p in patterns):
                 continue
             parent, child = _parent(model, name)
-            setattr(parent, child, cls.from_linear(getattr(parent, child)))
+            layer = cls.from_linear(getattr(parent, child))
+            if isinstance(layer, Fp8Linear):
+                layer.fast_accum = bool(fast_accum)
+            setattr(parent, child, layer)
     return model
 
 
