@@ -206,6 +206,23 @@ CHUNK_VARIANTS = {
 }
 
 
+def graph_ms(step, args) -> tuple[float, torch.Tensor]:
+    """Median ms of replaying ``step`` captured in a CUDA graph (no host launch cost), and its output."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    ms = timed(graph.replay, True, args.reps, 1, args.warmup)
+    out = out.clone()
+    del graph
+    return ms, out
+
+
 def bench_chunk(preset: str, args, device) -> list[dict]:
     cuda = device.type == "cuda"
     model = build(preset, device, torch.bfloat16 if cuda else torch.float32)
@@ -222,11 +239,14 @@ def bench_chunk(preset: str, args, device) -> list[dict]:
     cache = model.new_cache(1, (h, w), max_frames=ctx_frames + f)
     tokens = f * (h // cfg.patch_size[1]) * (w // cfg.patch_size[2])
     rows, ref = [], None
-    for variant, kw in CHUNK_VARIANTS.items():
+    inplace = preset in args.inplace_presets.split(",")  # too large for a second copy: bf16, then fp8 in place
+    variants = {k: v for k, v in CHUNK_VARIANTS.items() if not inplace or k in ("bf16", "fp8")}
+    for variant, kw in variants.items():
         t0 = time.perf_counter()
-        m = model if kw is None else quantize(copy.deepcopy(model), **kw)
+        m = model if kw is None else quantize(model if inplace else copy.deepcopy(model), **kw)
         t_quant = time.perf_counter() - t0
-        prime(model, cache, ctx, past)  # the bf16 model's cache: every variant sees the same inputs
+        if not inplace or kw is None:  # the bf16 model's cache: every variant sees the same inputs
+            prime(model, cache, ctx, past)
         step = lambda: m.forward_chunk(x, t, cache, start_frame=ctx_frames)  # noqa: E731
         out = step()
         if cuda:
@@ -234,7 +254,7 @@ def bench_chunk(preset: str, args, device) -> list[dict]:
             torch.cuda.reset_peak_memory_stats()
         ms = timed(step, cuda, args.reps, 1, args.warmup)
         # the bf16 model stays resident beside a quantized copy: count only the variant's own bytes
-        peak = (torch.cuda.max_memory_allocated() - (0 if kw is None else bf16_bytes)) / 2**30 if cuda else float("nan")
+        peak = (torch.cuda.max_memory_allocated() - (0 if kw is None or inplace else bf16_bytes)) / 2**30 if cuda else float("nan")
         hms = host_us(step, cuda, 5) / 1e3
         if kw is None:
             ref, err_same, err_own = out.float(), 0.0, 0.0
@@ -245,10 +265,17 @@ def bench_chunk(preset: str, args, device) -> list[dict]:
             own = step()
             err_own = rel(own, ref)
         sf = sync_free(m, x, t, cache, ctx_frames) if cuda else "-"
+        if cuda:
+            try:
+                gms, gout = graph_ms(step, args)
+                graph = {"graph_ms": gms, "graph_max_abs_diff": (gout.float() - own.float()).abs().max().item()}
+            except Exception as exc:  # noqa: BLE001
+                graph = {"graph_error": f"{type(exc).__name__}: {exc}"[:300]}
+                print(f"[{preset} chunk] {variant}: CUDA graph failed: {graph['graph_error']}", flush=True)
         row = {"preset": preset, "tokens": tokens, "context_frames": ctx_frames, "variant": variant, "ms": ms,
                "host_ms": hms, "peak_GiB": peak, "weights_GiB": weight_bytes(m) / 2**30, "rel_err_same_cache": err_same,
-               "rel_err_own_cache": err_own, "quantize_s": t_quant, "sync_free": sf}  # fmt: skip
-        if variant in ("bf16", "fp8"):  # quantize, then offload: the order quant.py asks for
+               "rel_err_own_cache": err_own, "quantize_s": t_quant, "sync_free": sf, **(graph if cuda else {})}  # fmt: skip
+        if variant in ("bf16", "fp8") and not inplace:  # quantize, then offload: the order quant.py asks for
             handle = offload(m, device=device, prefetch=1)
             out_off = step()
             row["offload_p1_ms"] = timed(step, cuda, args.reps, 1, args.warmup)
@@ -258,11 +285,16 @@ def bench_chunk(preset: str, args, device) -> list[dict]:
         rows.append(row)
         print(f"[{preset} chunk] {variant}: {ms:.2f} ms (host {hms:.1f} ms to enqueue), peak {peak:.2f} GiB, weights "
               f"{row['weights_GiB']:.2f} GiB, rel err {err_same:.2e} (same cache) {err_own:.2e} (own cache), "
-              f"quantize() {t_quant:.1f} s, sync_free={sf}"
+              f"quantize() {t_quant:.1f} s, sync_free={sf}, CUDA graph {row.get('graph_ms', float('nan')):.2f} ms "
+              f"(max |diff| {row.get('graph_max_abs_diff', float('nan')):.3g})"
               + (f", offload p=1 {row['offload_p1_ms']:.2f} ms (max |diff| {row['offload_p1_max_abs_diff']:.3g})"
                  if "offload_p1_ms" in row else ""), flush=True)  # fmt: skip
         if m is not model:
             del m, step
+            if cuda:
+                torch.cuda.empty_cache()
+        elif inplace and kw is not None:
+            del step
             if cuda:
                 torch.cuda.empty_cache()
     return rows
@@ -272,6 +304,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--linear-presets", default="wan2.1-t2v-1.3b,wan2.1-t2v-14b")
     ap.add_argument("--chunk-presets", default="wan2.1-t2v-1.3b")
+    ap.add_argument("--inplace-presets", default="wan2.1-t2v-14b",
+                    help="presets measured bf16 then fp8 quantized in place (no second copy)")
     ap.add_argument("--tokens", type=int, default=4680, help="rows M of the per-linear products")
     ap.add_argument("--frames", type=int, default=3)
     ap.add_argument("--context", type=int, default=6)
@@ -312,13 +346,14 @@ def main() -> int:
               f"| {r['TFLOPs']:.0f} | {r['speedup_vs_bf16']:.2f} | {r['host_us']:.0f} | {r['rel_err']:.1e} "
               f"| {format(r['rel_err_vs_emulation'], '.1e') if 'rel_err_vs_emulation' in r else '-'} |")
     print("\n| model | variant | ms / chunk | vs bf16 | host ms | peak GiB | weights GiB | rel err (same cache) "
-          "| rel err (own cache) | offload p=1 ms |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "| rel err (own cache) | offload p=1 ms | CUDA graph ms |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     base = {r["preset"]: r["ms"] for r in chunk_rows if r["variant"] == "bf16"}
     for r in chunk_rows:
         print(f"| {r['preset']} | {r['variant']} | {r['ms']:.2f} | {base.get(r['preset'], float('nan')) / r['ms']:.2f} "
               f"| {r['host_ms']:.1f} | {r['peak_GiB']:.2f} | {r['weights_GiB']:.2f} | {r['rel_err_same_cache']:.1e} "
-              f"| {r['rel_err_own_cache']:.1e} | {r.get('offload_p1_ms', float('nan')):.1f} |")
+              f"| {r['rel_err_own_cache']:.1e} | {r.get('offload_p1_ms', float('nan')):.1f} "
+              f"| {r.get('graph_ms', float('nan')):.2f} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"info": info, "linears": lin_rows, "chunks": chunk_rows}, indent=1))
     return 0

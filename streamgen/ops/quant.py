@@ -177,7 +177,7 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
 
 
-_ONE_PASS_MAX = 8192  # widest row quantized from registers in one read; wider rows are read twice
+_ONE_PASS_MAX = 16384  # widest row quantized from registers in one read; wider rows are read twice
 
 
 @functools.lru_cache(maxsize=1)
@@ -221,8 +221,8 @@ def triton_quantize_rows_fp8() -> QuantFn:
         s = torch.empty((m, 1), dtype=torch.float32, device=x2.device)
         one = k <= _ONE_PASS_MAX
         block = triton.next_power_of_2(k) if one else 4096
-        _kernel[(m,)](x2, a, s, k, x2.stride(0), a.stride(0), BLOCK=block, ONE_PASS=one,
-                      num_warps=8 if block >= 4096 else 4)  # fmt: skip
+        warps = 4 if block <= 2048 else 8 if block <= 8192 else 16
+        _kernel[(m,)](x2, a, s, k, x2.stride(0), a.stride(0), BLOCK=block, ONE_PASS=one, num_warps=warps)
         return a, s
 
     return quant
