@@ -168,3 +168,16 @@ def test_offloaded_dit_writes_the_same_video(tmp_path, capsys):
         np.testing.assert_array_equal(a, b)
     _rc(["--model", "tiny", "--prompt", "p", "--out", str(tmp_path / "x.mp4"), "--offload", "1",
          "--compile"], capsys, "--offload", "--compile")
+
+
+def test_quantized_dit_stays_close_to_full_precision(tmp_path):
+    """--quant int8-weight: the same stream within quantization noise (8-bit video, mean abs diff)."""
+    out = {}
+    for name, extra in (("fp32", []), ("int8", ["--quant", "int8-weight"])):
+        path = tmp_path / f"{name}.mp4"
+        assert main(["generate", "--model", "tiny", "--prompt", "a fox", "--chunks", "2", "--out", str(path)] + extra) == 0
+        with av.open(str(path)) as c:
+            out[name] = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)]).astype(np.float32)
+    assert out["int8"].shape == out["fp32"].shape
+    diff = np.abs(out["int8"] - out["fp32"]).mean()
+    assert 0 < diff < 8.0, diff  # changed (really quantized), by noise (a wrong scale gives ~50+)

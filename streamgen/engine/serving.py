@@ -105,7 +105,7 @@ def make_source_factory(args: argparse.Namespace) -> EngineFactory:
     model, text_encoder, dec, vae = g.build_components(preset, device, dtype, decoder=decoder,
                                                        checkpoint=args.checkpoint, vae=args.vae,
                                                        text_encoder=args.text_encoder,
-                                                       offload_prefetch=args.offload)
+                                                       offload_prefetch=args.offload, quant=args.quant)
     if args.compile:
         from streamgen.ops.compile import compile_blocks
 

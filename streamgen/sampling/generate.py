@@ -133,6 +133,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the DiT blocks (static shapes; ~1.5x on an H100, falls back to eager)")
+    p.add_argument("--quant", choices=("fp8", "int8-weight"), default=None,
+                   help="quantize the DiT blocks' linear layers (fp8: 1.1x on 14B, half the weight memory)")
     p.add_argument("--offload", type=int, default=None, metavar="PREFETCH",
                    help="keep the DiT blocks in pinned host memory and stream them onto the GPU PREFETCH "
                         "blocks ahead (1 is enough for 1.3B; 14B in ~16 GiB)")
@@ -254,12 +256,15 @@ def require_file(flag: str, path: str | None, what: str) -> str:
 
 
 def build_components(preset: ModelPreset, device, dtype, *, decoder: str, checkpoint: str | None = None,
-                     vae: str | None = None, text_encoder: str | None = None, offload_prefetch: int | None = None):
+                     vae: str | None = None, text_encoder: str | None = None, offload_prefetch: int | None = None,
+                     quant: str | None = None):
     """(model, text_encoder, decoder, vae or None) for the preset on device/dtype.
 
     decoder: "wan" | "taehv"; checkpoint / vae / text_encoder: weight paths (unused for built-in presets).
     offload_prefetch: None keeps the DiT resident on ``device``; N >= 0 loads it into host memory and
-    streams its blocks onto ``device`` N blocks ahead of use (streamgen.ops.offload)."""
+    streams its blocks onto ``device`` N blocks ahead of use (streamgen.ops.offload).
+    quant: None, "fp8" or "int8-weight": the DiT blocks' linear layers quantized (streamgen.ops.quant),
+    before any offload."""
     import torch
 
     from streamgen.models import wan
@@ -282,6 +287,10 @@ def build_components(preset: ModelPreset, device, dtype, *, decoder: str, checkp
 
         text_encoder = load_text_encoder(text_encoder, dim=model.cfg.text_dim, device=device, dtype=dtype)
         dec, vae_model = _load_decoder(decoder, vae, device, dtype)
+    if quant is not None:
+        from streamgen.ops.quant import quantize
+
+        model = quantize(model.to(dtype=dtype), quant)
     if offload_prefetch is None:
         model = model.to(device=device, dtype=dtype)
     else:
@@ -421,7 +430,7 @@ def _run(args: argparse.Namespace) -> int:
     model, text_encoder, decoder, vae = build_components(preset, device, dtype, decoder=args.decoder,
                                                        checkpoint=args.checkpoint, vae=args.vae,
                                                        text_encoder=args.text_encoder,
-                                                       offload_prefetch=args.offload)
+                                                       offload_prefetch=args.offload, quant=args.quant)
     if args.compile:
         from streamgen.ops.compile import compile_blocks
 

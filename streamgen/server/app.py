@@ -99,6 +99,8 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the DiT blocks (static shapes; ~1.5x on an H100, falls back to eager)")
+    g.add_argument("--quant", choices=["fp8", "int8-weight"], default=None,
+                   help="quantize the DiT blocks' linear layers (fp8: 1.1x on 14B, half the weight memory)")
     g.add_argument("--offload", type=int, default=None, metavar="PREFETCH",
                    help="keep the DiT blocks in pinned host memory and stream them onto the GPU PREFETCH blocks ahead")
     g.add_argument("--local-frames", type=int, default=12,
