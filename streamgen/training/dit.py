@@ -2,9 +2,10 @@
 
 Data (``build_dataset``): per item, a caption and two encodings of one clip's motion:
 ``a`` = the first ``latent_frames`` latents of the clip from frame 0, and ``b`` = ``window``
-latents that start at latent position ``P`` (random, 3 .. ``max_position``): the clip is rendered
-from video frame 4(P-1) and its first latent (the VAE's one-frame "image" latent) is dropped, so
-``b[j]`` covers the same video frames as latent ``P + j`` of a long stream.
+latents that start at latent position ``P`` (random, ``burn`` + 1 .. ``max_position``): the clip
+is rendered from video frame 4(P-1-burn), encoded, and its last ``window`` latents kept (the
+first ``burn`` + 1 only warm up the encoder's causal caches), so ``b[j]`` covers the same video
+frames as latent ``P + j`` of a long stream.
 
 Each training sequence has ``latent_frames`` frames, in one of two layouts:
 
@@ -82,7 +83,7 @@ def flow_forward(model: WanModel, x: torch.Tensor, t: torch.Tensor, context: tor
 
 @torch.no_grad()
 def build_dataset(vae, *, items: int, seconds: float = float("inf"), size: int = 128, latent_frames: int = 12,
-                  window: int = 9, max_position: int = 400, batch: int = 32, seed: int = 3,
+                  window: int = 9, burn: int = 4, max_position: int = 400, batch: int = 32, seed: int = 3,
                   log: Callable[[str], None] = print) -> dict:
     """Encode up to ``items`` captioned clips (stops early after ``seconds``); see the module doc.
     Returns {"a": (N,16,latent_frames,h,w) bf16, "b": (N,16,window,h,w) bf16, "position": (N,) long,
@@ -95,11 +96,11 @@ def build_dataset(vae, *, items: int, seconds: float = float("inf"), size: int =
     while n < items and time.perf_counter() - t0 < seconds:
         m = min(batch, items - n)
         sb = shapes.sample_batch(m, size, gen, empty_prob=0.05).to(device)
-        p = torch.randint(3, max_position + 1, (m,), generator=gen)
+        p = torch.randint(1 + burn, max_position + 1, (m,), generator=gen)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
             a.append(vae.encode(shapes.render(sb, 0, 1 + 4 * (latent_frames - 1))).to(torch.bfloat16))
-            later = shapes.render(sb, (4 * (p - 1)).to(device), 1 + 4 * window)
-            bb.append(vae.encode(later)[:, :, 1:].to(torch.bfloat16))
+            later = shapes.render(sb, (4 * (p - 1 - burn)).to(device), 1 + 4 * (burn + window))
+            bb.append(vae.encode(later)[:, :, -window:].to(torch.bfloat16))
         pos.append(p)
         caps += sb.captions
         n += m
@@ -140,6 +141,7 @@ def train_dit(model: WanModel, data: dict, text_encoder, *, seconds: float, max_
     device = next(model.parameters()).device
     cuda = device.type == "cuda"
     gen = torch.Generator().manual_seed(seed)
+    gen_dev = torch.Generator(device).manual_seed(seed)
     ctx_table, ctx_index = caption_table(data["captions"], text_encoder, device)
     a, b, position = data["a"], data["b"], data["position"]
     n, _, frames = a.shape[:3]
@@ -173,7 +175,7 @@ def train_dit(model: WanModel, data: dict, text_encoder, *, seconds: float, max_
         t = sample_timesteps(batch, blocks, shift, sf_fraction, clean_fraction, gen).to(device)
         t = t.repeat_interleave(frames_per_block, dim=1)  # (B, F)
         sigma = (t / 1000.0).view(batch, 1, frames, 1, 1)
-        noise = torch.randn(x0.shape, generator=gen).to(device)
+        noise = torch.randn(x0.shape, generator=gen_dev, device=device)
         xt = (1 - sigma) * x0 + sigma * noise
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
             pred = flow_forward(model, xt, t, ctx_table[ctx_index[idx]], pos, frames_per_block)
