@@ -42,6 +42,7 @@ def main() -> int:
     p.add_argument("--vae-burn", type=int, default=6, help="most latent frames streamed before the trained ones")
     p.add_argument("--vae-crop", type=int, default=64)
     p.add_argument("--object-weight", type=float, default=10.0)
+    p.add_argument("--stats-clips", type=int, default=256, help="clips for the latent statistics (and /16 for the VAE score)")
     p.add_argument("--items", type=int, default=6144, help="clips in the DiT dataset")
     p.add_argument("--data-seconds", type=float, default=45)
     p.add_argument("--dit-dim", type=int, default=128)
@@ -89,10 +90,10 @@ def main() -> int:
         info["vae"] = vae_train.train_vae(vae, seconds=args.vae_seconds, max_steps=args.vae_steps, batch=args.vae_batch,
                                           max_burn=args.vae_burn, size=args.size, crop=args.vae_crop,
                                           object_weight=args.object_weight, log=log)
-        mean, std = vae_train.latent_statistics(vae, size=args.size)
+        mean, std = vae_train.latent_statistics(vae, clips=args.stats_clips, size=args.size)
         vae_train.with_statistics(vae, mean, std)
         log(f"latent mean {mean}\nlatent std {std}")
-    whole, last = vae_train.evaluate_vae(vae, size=args.size)
+    whole, last = vae_train.evaluate_vae(vae, clips=max(2, args.stats_clips // 16), size=args.size)
     info["vae_psnr"], info["vae_psnr_last_chunk"] = round(whole, 2), round(last, 2)
     log(f"vae: PSNR {whole:.2f} dB over 69-frame streams decoded 3 latents a chunk, {last:.2f} dB on the last chunk")
 

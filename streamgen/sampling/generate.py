@@ -7,7 +7,9 @@
 
 Models (``MODELS``): ``tiny`` (and ``tiny-full``, the same weights sampled bidirectionally) is built in (random-initialised tiny Wan DiT with a fixed seed, the
 deterministic built-in text encoder and a random-initialised tiny decoder); it makes noise-like
-video and exists to exercise the whole path on a CPU in seconds. The others need weights:
+video and exists to exercise the whole path on a CPU in seconds. ``shapes`` is built in and trained
+(streamgen/weights/shapes.safetensors: a coloured circle/square/triangle moving on a plain
+background, e.g. --prompt "a red circle moving left on a black background"). The others need weights:
 ``--checkpoint`` (DiT), ``--vae`` (Wan2.1_VAE.pth or taew2_1.pth for ``--decoder taehv``) and
 ``--text-encoder`` (umT5-XXL folder). Streaming presets (``self-forcing-*``) run the block-causal
 chunk loop of ``stream.py``; bidirectional presets (``wan2.1-*``) sample the whole clip with
@@ -37,7 +39,9 @@ DEFAULT_NEGATIVE_PROMPT = (  # Wan2.1's default negative prompt
 @dataclass(frozen=True)
 class ModelPreset:
     """What `--model NAME` means. wan: WanConfig preset; mode: "stream" (block-causal chunk loop)
-    or "full" (bidirectional whole clip); builtin: runs without any weight files."""
+    or "full" (bidirectional whole clip); builtin: runs without any weight files given; weights: the
+    shipped file (streamgen/weights/NAME.safetensors, DiT + Wan VAE + their configs) of a built-in
+    trained model (None: random weights from the ``wan`` preset)."""
 
     wan: str
     mode: str
@@ -49,12 +53,15 @@ class ModelPreset:
     height: int
     decoder: str = "wan"
     builtin: bool = False
+    weights: str | None = None
 
 
 MODELS: dict[str, ModelPreset] = {
     "tiny": ModelPreset("tiny", "stream", "self-forcing", 4, 5.0, 1.0, 128, 128, decoder="taehv", builtin=True),
     # the tiny model sampled bidirectionally (UniPC + CFG over the whole clip): the non-distilled path
     "tiny-full": ModelPreset("tiny", "full", "unipc", 8, 5.0, 3.0, 128, 128, decoder="taehv", builtin=True),
+    # trained built-in model (streamgen/weights/README.md): a coloured shape moving on a plain background
+    "shapes": ModelPreset("shapes", "stream", "self-forcing", 4, 5.0, 1.0, 128, 128, builtin=True, weights="shapes"),
     "self-forcing-1.3b": ModelPreset("wan2.1-t2v-1.3b", "stream", "self-forcing", 4, 5.0, 1.0, 832, 480),
     "wan2.1-t2v-1.3b": ModelPreset("wan2.1-t2v-1.3b", "full", "unipc", 50, 5.0, 5.0, 832, 480),
     "wan2.1-t2v-14b": ModelPreset("wan2.1-t2v-14b", "full", "unipc", 50, 5.0, 5.0, 832, 480),
@@ -272,11 +279,20 @@ def build_components(preset: ModelPreset, device, dtype, *, decoder: str, checkp
     if preset.builtin:
         from streamgen.models.text import load_text_encoder
 
-        cfg = wan.WanConfig.preset(preset.wan)
-        with torch.random.fork_rng(devices=[]):  # fixed random weights; the caller's global RNG is left alone
-            torch.manual_seed(0)
-            model = wan.WanModel(cfg)
-            dec, vae_model = _tiny_decoder(decoder)
+        if preset.weights is not None:
+            from streamgen.weights import load_builtin
+
+            if decoder != "wan":
+                raise UsageError(f"--decoder {decoder}: the built-in {preset.weights!r} model ships its own Wan VAE "
+                                 "only (allowed: wan)")
+            model, vae_model, _ = load_builtin(preset.weights)
+            dec, cfg = vae_model, model.cfg
+        else:
+            cfg = wan.WanConfig.preset(preset.wan)
+            with torch.random.fork_rng(devices=[]):  # fixed random weights; the caller's global RNG is left alone
+                torch.manual_seed(0)
+                model = wan.WanModel(cfg)
+                dec, vae_model = _tiny_decoder(decoder)
         text_encoder = load_text_encoder(None, dim=cfg.text_dim, device=device, dtype=torch.float32)
     else:
         from streamgen.models.checkpoints import load_wan_model
@@ -394,7 +410,8 @@ def _plan(args, preset: ModelPreset):
         if preset.mode == "full":
             raise UsageError(f"--image needs a streaming model; {args.model} is text-to-video only")
     if not preset.builtin:
-        require_file("--checkpoint", args.checkpoint, f"DiT weights for {args.model}; only 'tiny' is built in")
+        require_file("--checkpoint", args.checkpoint, f"DiT weights for {args.model}; built in: "
+                     f"{', '.join(n for n, p in MODELS.items() if p.builtin)}")
         require_file("--vae", args.vae, f"{args.decoder} decoder weights")
         require_file("--text-encoder", args.text_encoder, "umT5-XXL encoder")
     if args.offload is not None and args.compile:
