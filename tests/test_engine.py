@@ -4,16 +4,15 @@ against the same computation done directly with StreamSession + Interpolator."""
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from rife_data import WEIGHTS as RIFE
 from streamgen.engine.core import Engine, EngineError, EngineSettings, GenRequest, Pipeline
 from streamgen.engine.scheduler import Scheduler
 
-RIFE = Path(__file__).resolve().parents[2] / "shared/weights/rife-v4.26/flownet.pkl"
 
 
 # -- scheduler -------------------------------------------------------------------------------------

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from fractions import Fraction
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,20 +10,11 @@ import torch
 import torch.nn.functional as F
 
 from streamgen.media.interpolate import Interpolator, scene_scores, source_time
-from streamgen.models.rife import IFNet, RIFEConfig, load_rife
+from rife_data import PHOTO, WEIGHTS, load_photo, needs_weights, real_model
+from rife_data import psnr as _psnr
+from streamgen.models.rife import IFNet, RIFEConfig
 
-WEIGHTS = Path(__file__).resolve().parents[2] / "shared/weights/rife-v4.26/flownet.pkl"
-PHOTO = Path(__file__).parent / "data" / "coffee.jpg"
-needs_weights = pytest.mark.skipif(
-    not WEIGHTS.is_file(), reason=f"real RIFE v4.26 weights not found at {WEIGHTS} (shared/weights/rife-v4.26)"
-)
 SIZE = (64, 128)
-
-
-def load_photo() -> torch.Tensor:
-    from PIL import Image
-
-    return torch.from_numpy(np.array(Image.open(PHOTO).convert("RGB"))).permute(2, 0, 1).float() / 255  # (3, 400, 600)
 
 
 def pan(photo: torch.Tensor, times, v=(8, 4), size=SIZE) -> torch.Tensor:
@@ -40,16 +30,13 @@ def pan(photo: torch.Tensor, times, v=(8, 4), size=SIZE) -> torch.Tensor:
     return torch.stack(out)
 
 
-def psnr(a: torch.Tensor, b: torch.Tensor, border: int = 6) -> float:
-    a, b = a[..., border:-border, border:-border].float(), b[..., border:-border, border:-border].float()
-    return float(10 * torch.log10(1 / ((a - b) ** 2).mean()))
+def psnr(a, b, border: int = 6) -> float:
+    return _psnr(a, b, border)
 
 
 @pytest.fixture(scope="module")
 def model() -> IFNet:
-    if not WEIGHTS.is_file():
-        pytest.skip(f"real RIFE v4.26 weights not found at {WEIGHTS}")
-    return load_rife(WEIGHTS)
+    return real_model()
 
 
 @pytest.fixture(scope="module")

@@ -3,26 +3,15 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from rife_data import WEIGHTS, load_photo, needs_weights, real_model
+from rife_data import psnr as _psnr
 from streamgen.models.rife import IFNet, RIFEConfig, convert_rife_state_dict, load_rife
 
-WEIGHTS = Path(__file__).resolve().parents[2] / "shared/weights/rife-v4.26/flownet.pkl"
-PHOTO = Path(__file__).parent / "data" / "coffee.jpg"
-needs_weights = pytest.mark.skipif(
-    not WEIGHTS.is_file(), reason=f"real RIFE v4.26 weights not found at {WEIGHTS} (shared/weights/rife-v4.26)"
-)
-
-
-def load_photo() -> torch.Tensor:
-    from PIL import Image
-
-    return torch.from_numpy(np.array(Image.open(PHOTO).convert("RGB"))).permute(2, 0, 1).float() / 255  # (3, 400, 600)
 
 
 def translated(photo: torch.Tensor, dx: int, dy: int, size=(160, 256), f: int = 2) -> torch.Tensor:
@@ -32,18 +21,13 @@ def translated(photo: torch.Tensor, dx: int, dy: int, size=(160, 256), f: int = 
     return F.avg_pool2d(photo[None, :, y0:y0 + h * f, x0:x0 + w * f], f)[0]
 
 
-def psnr(a: torch.Tensor, b: torch.Tensor, border: int = 8) -> float:
-    """PSNR on the interior (content that moves in across the border is unknowable)."""
-    if border:
-        a, b = a[..., border:-border, border:-border], b[..., border:-border, border:-border]
-    return float(10 * torch.log10(1 / ((a.float() - b.float()) ** 2).mean()))
+def psnr(a, b, border: int = 8) -> float:
+    return _psnr(a, b, border)
 
 
 @pytest.fixture(scope="module")
 def model() -> IFNet:
-    if not WEIGHTS.is_file():
-        pytest.skip(f"real RIFE v4.26 weights not found at {WEIGHTS}")
-    return load_rife(WEIGHTS)
+    return real_model()
 
 
 @pytest.fixture(scope="module")
