@@ -98,8 +98,10 @@ def _engine(tiny, **kw) -> Engine:
     return Engine(Pipeline(model=model, text_encoder=text, decoder=dec, rife=rife), settings).start()
 
 
-async def test_two_interleaved_sessions_equal_their_direct_computation(tiny):
-    eng = _engine(tiny)
+@pytest.mark.parametrize("warmup", [False, True])
+async def test_two_interleaved_sessions_equal_their_direct_computation(tiny, warmup):
+    """Also with a warm-up stream run first: it must leave no trace (RNG, caches, stats)."""
+    eng = _engine(tiny, warmup=GenRequest("warm-up", 64, 64, seed=9) if warmup else None)
     try:
         a_req = GenRequest("a fox in the snow", 64, 64, seed=3)
         b_req = GenRequest("a city at night", 96, 64, seed=4)

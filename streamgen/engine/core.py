@@ -100,6 +100,7 @@ class EngineSettings:
     frames_per_chunk: int | None = None
     num_steps: int = 4
     shift: float = 5.0
+    warmup: GenRequest | None = None  # a throwaway stream run once when the busy loop starts
 
 
 @dataclass
@@ -256,6 +257,8 @@ class Engine:
 
     def _run(self) -> None:
         torch.set_grad_enabled(False)
+        if self.settings.warmup is not None:
+            self._warmup(self.settings.warmup)
         try:
             while not self._stop.is_set():
                 slot = self.scheduler.next()
@@ -301,34 +304,53 @@ class Engine:
         elif kind in ("pause", "resume"):
             self.scheduler.set_paused(sid, kind == "pause")
 
-    def _open_stream(self, sid: int, req: GenRequest) -> None:
+    def _make_stream(self, req: GenRequest) -> _Stream:
         from streamgen.sampling.stream import StreamConfig, StreamSession
 
         p, s = self.pipeline, self.settings
+        image = None
+        if req.image is not None:
+            img = torch.from_numpy(req.image).to(p.device).permute(2, 0, 1)  # (3, H, W) uint8
+            img = img.to(next(p.vae.parameters()).dtype).div(127.5).sub(1)[None, :, None]  # (1,3,1,H,W)
+            image = p.vae.encode(img)
+        cfg = StreamConfig(frames_per_chunk=s.frames_per_chunk, num_steps=s.num_steps, shift=s.shift,
+                           local_frames=s.local_frames, sink_frames=s.sink_frames if s.local_frames else None,
+                           seed=req.seed)
+        fpc = s.frames_per_chunk or p.model.cfg.frames_per_chunk
+        total = None if s.local_frames else (req.chunks or 1) * fpc + (image is not None)
+        session = StreamSession(p.model, req.prompt, height=req.height, width=req.width, config=cfg,
+                                text_encoder=p.text_encoder, decoder=p.decoder, image=image,
+                                total_frames=total, device=p.device, dtype=p.dtype)
+        interp = self._interpolator(req.interpolate)
+        return _Stream(session, interp, interp.new_state(), req.interpolate)
+
+    def _open_stream(self, sid: int, req: GenRequest) -> None:
         with self._lock:
             handle = self._handles.get(sid)
         if handle is None or handle._cancelled:
             return
         try:
-            image = None
-            if req.image is not None:
-                img = torch.from_numpy(req.image).to(p.device).permute(2, 0, 1)  # (3, H, W) uint8
-                img = img.to(next(p.vae.parameters()).dtype).div(127.5).sub(1)[None, :, None]  # (1,3,1,H,W)
-                image = p.vae.encode(img)
-            cfg = StreamConfig(frames_per_chunk=s.frames_per_chunk, num_steps=s.num_steps, shift=s.shift,
-                               local_frames=s.local_frames, sink_frames=s.sink_frames if s.local_frames else None,
-                               seed=req.seed)
-            fpc = s.frames_per_chunk or p.model.cfg.frames_per_chunk
-            total = None if s.local_frames else (req.chunks or 1) * fpc + (image is not None)
-            session = StreamSession(p.model, req.prompt, height=req.height, width=req.width, config=cfg,
-                                    text_encoder=p.text_encoder, decoder=p.decoder, image=image,
-                                    total_frames=total, device=p.device, dtype=p.dtype)
-            interp = self._interpolator(req.interpolate)
-            self._streams[sid] = _Stream(session, interp, interp.new_state(), req.interpolate)
+            self._streams[sid] = self._make_stream(req)
             self.scheduler.admit(sid, limit=req.chunks)
         except Exception as e:  # noqa: BLE001 - reported to this session only
             log.exception("session %d: could not start", sid)
             self._fail(sid, e)
+
+    def _warmup(self, req: GenRequest, chunks: int = 2) -> None:
+        """Run a throwaway stream so that kernel loading, cuDNN autotuning and compilation happen before
+        the first viewer arrives (the first chunk on a cold H100 takes seconds, later ones < 1 s)."""
+        t0 = time.perf_counter()
+        try:
+            st = self._make_stream(req)
+            for _ in range(chunks):
+                out = self._compute(st)
+            if out.ready is not None:
+                out.ready.synchronize()
+        except Exception:  # noqa: BLE001 - a failed warm-up only costs the first viewer the same time
+            log.exception("engine warm-up failed; continuing")
+            return
+        log.info("engine warm-up: %d chunks at %dx%d in %.1f s", chunks, req.width, req.height,
+                 time.perf_counter() - t0)
 
     def _interpolator(self, factor: int):
         from streamgen.media.interpolate import Interpolator
@@ -342,20 +364,7 @@ class Engine:
         st = self._streams[sid]
         t0 = time.perf_counter()
         try:
-            chunk = st.session.next_chunk()
-            frames = chunk.frames[0].transpose(0, 1).add(1).mul_(0.5).clamp_(0, 1)  # (T, 3, H, W)
-            if chunk.switched:
-                st.istate.cut()
-            frames = st.interp.process(frames, st.istate)
-            u8 = frames.mul(255).round_().to(torch.uint8).permute(0, 2, 3, 1)  # (T, H, W, 3)
-            ready = None
-            if u8.is_cuda:
-                host = torch.empty(u8.shape, dtype=torch.uint8, pin_memory=True)
-                host.copy_(u8, non_blocking=True)
-                ready = torch.cuda.Event()
-                ready.record()
-            else:
-                host = u8.contiguous().clone()
+            out = self._compute(st)
         except Exception as e:  # noqa: BLE001 - one session's failure must not stop the others
             log.exception("session %d: generation failed", sid)
             if isinstance(e, torch.cuda.OutOfMemoryError):
@@ -364,15 +373,33 @@ class Engine:
             return
         self.scheduler.served(sid)
         self.stats["chunks"] += 1
-        self.stats["frames"] += host.shape[0]
+        self.stats["frames"] += out.frames.shape[0]
         self.stats["busy_s"] += time.perf_counter() - t0
         with self._lock:
             handle = self._handles.get(sid)
         if handle is not None:
-            handle._deliver(_Chunk(host, ready, chunk.index, chunk.switched))
+            handle._deliver(out)
             if self.scheduler.slots[sid].done:
                 handle._deliver(None)
                 self._drop(sid, keep_handle=True)
+
+    def _compute(self, st: _Stream) -> _Chunk:
+        """One chunk of one stream: generate, decode, interpolate, uint8, copy to (pinned) host memory."""
+        chunk = st.session.next_chunk()
+        frames = chunk.frames[0].transpose(0, 1).add(1).mul_(0.5).clamp_(0, 1)  # (T, 3, H, W)
+        if chunk.switched:
+            st.istate.cut()
+        frames = st.interp.process(frames, st.istate)
+        u8 = frames.mul(255).round_().to(torch.uint8).permute(0, 2, 3, 1)  # (T, H, W, 3)
+        ready = None
+        if u8.is_cuda:
+            host = torch.empty(u8.shape, dtype=torch.uint8, pin_memory=True)
+            host.copy_(u8, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        else:
+            host = u8.contiguous().clone()
+        return _Chunk(host, ready, chunk.index, chunk.switched)
 
     def _fail(self, sid: int, e: BaseException) -> None:
         self.stats["errors"] += 1

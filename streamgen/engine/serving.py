@@ -113,9 +113,10 @@ def make_source_factory(args: argparse.Namespace) -> EngineFactory:
     rife = _load_rife(args.rife, device)
     pipeline = Pipeline(model=model, text_encoder=text_encoder, decoder=dec, vae=vae, rife=rife,
                         device=device, dtype=dtype)
-    settings = EngineSettings(max_sessions=args.engine_sessions, local_frames=args.local_frames or None,
-                              sink_frames=args.sink_frames)
     w, h = args.width or preset.width, args.height or preset.height
+    warmup = GenRequest("warm-up", w, h, interpolate=2 if rife is not None else 1)
+    settings = EngineSettings(max_sessions=args.engine_sessions, local_frames=args.local_frames or None,
+                              sink_frames=args.sink_frames, warmup=warmup)
     max_pixels = 1280 * 720 if not preset.builtin else 512 * 512
     log.info("engine: %s on %s %s, decoder %s, RIFE %s", args.model, device, dtype, decoder,
              "on" if rife is not None else "off")

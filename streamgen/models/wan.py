@@ -59,6 +59,7 @@ swaps Linear layers (fp8/int8) must accept inputs of that dtype. ``t`` may be a 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field, replace
 from typing import Callable
@@ -675,7 +676,7 @@ class WanModel(nn.Module):
         rope = self._rope(grid, int(start_frame), x.device)
         mask = None if plan.n_prefix_keys is not None else cache._key_mask(plan, tokens.shape[1])
         for i, block in enumerate(self.blocks):
-            self_attn = lambda q, k, v, i=i: cache._attend(i, q, k, v, plan, mask)  # noqa: E731
+            self_attn = functools.partial(cache._attend, i, plan=plan, mask=mask)
             tokens = block(tokens, e0, rope, self_attn, (cache.cross_k[i], cache.cross_v[i]), self.dtype)
         cache._commit(plan)
         return self._unpatchify(self.head(tokens, e, self.dtype), grid)
