@@ -32,26 +32,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from streamgen.models.wan import WanConfig, WanModel  # noqa: E402
+from common import random_wan  # noqa: E402
 from streamgen.ops.offload import offload  # noqa: E402
 
 
-def build(preset: str, device: torch.device, dtype: torch.dtype, seed: int = 0) -> WanModel:
-    """Random weights made in place on ``device`` (no fp32 or host copy of the model)."""
-    with torch.device("meta"):
-        model = WanModel(WanConfig.preset(preset))
-    model = model.to(dtype).to_empty(device=device).eval()
-    g = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim >= 2:
-                p.normal_(0.0, p[0].numel() ** -0.5, generator=g)
-            elif name.endswith("bias"):
-                p.normal_(0.0, 0.02, generator=g)
-            else:  # norm weights
-                p.normal_(1.0, 0.1, generator=g)
-    return model
 
 
 _ST_CODES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
@@ -173,7 +159,7 @@ def bench_preset(preset: str, args, device: torch.device) -> list[dict]:
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
     t0 = time.perf_counter()
-    model = build(preset, device, dtype)
+    model = random_wan(preset, device, dtype)
     cfg = model.cfg
     n_params = sum(p.numel() for p in model.parameters())
     block_bytes = sum(p.numel() * p.element_size() for p in model.blocks[0].parameters())

@@ -41,8 +41,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from streamgen.models.wan import WanConfig, WanModel  # noqa: E402
+from common import random_wan  # noqa: E402
+from streamgen.models.wan import WanConfig  # noqa: E402
 from streamgen.ops.offload import offload  # noqa: E402
 from streamgen.ops.quant import (  # noqa: E402
     Fp8Linear,
@@ -161,21 +163,6 @@ def bench_linears(preset: str, args, device) -> list[dict]:
     return rows
 
 
-def build(preset: str, device: torch.device, dtype: torch.dtype, seed: int = 0) -> WanModel:
-    """Random weights made in place on ``device`` (same recipe as bench/offload.py)."""
-    with torch.device("meta"):
-        model = WanModel(WanConfig.preset(preset))
-    model = model.to(dtype).to_empty(device=device).eval()
-    g = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim >= 2:
-                p.normal_(0.0, p[0].numel() ** -0.5, generator=g)
-            elif name.endswith("bias"):
-                p.normal_(0.0, 0.02, generator=g)
-            else:
-                p.normal_(1.0, 0.1, generator=g)
-    return model
 
 
 def prime(model, cache, ctx, past) -> None:
@@ -225,7 +212,7 @@ def graph_ms(step, args) -> tuple[float, torch.Tensor]:
 
 def bench_chunk(preset: str, args, device) -> list[dict]:
     cuda = device.type == "cuda"
-    model = build(preset, device, torch.bfloat16 if cuda else torch.float32)
+    model = random_wan(preset, device, torch.bfloat16 if cuda else torch.float32)
     bf16_bytes = weight_bytes(model)
     cfg = model.cfg
     h, w = args.hw
