@@ -260,3 +260,64 @@ async def test_browser_plays_switches_prompt_reconnects_and_stops():
         drainer.cancel()
         shutil.rmtree(tmp, ignore_errors=True)
         await runner.cleanup()
+
+
+async def test_browser_plays_the_generation_engine():
+    """The real pipeline in the real browser: tiny DiT -> TAEHV -> RIFE 2x (when the weights are there)
+    -> H.264 fMP4 -> MSE. Playback advances at the doubled frame rate and survives a prompt switch."""
+    import torch
+
+    from rife_data import WEIGHTS
+    from streamgen.engine.core import Engine, EngineSettings, Pipeline
+    from streamgen.engine.serving import EngineFactory, ModelLimits
+    from streamgen.models.rife import load_rife
+    from streamgen.sampling.generate import MODELS, build_components
+
+    model, text, dec, _ = build_components(MODELS["tiny"], torch.device("cpu"), torch.float32, decoder="taehv")
+    rife = load_rife(WEIGHTS) if WEIGHTS.is_file() else None
+    factor = 2 if rife is not None else 1
+    engine = Engine(Pipeline(model=model, text_encoder=text, decoder=dec, rife=rife),
+                    EngineSettings(max_sessions=1, local_frames=6, sink_frames=0))
+    factory = EngineFactory("tiny", engine, ModelLimits(128, 128, 256 * 256))
+    runner = web.AppRunner(build_app(ServerConfig(model="tiny", max_lead_s=2.0, encode_threads=2), factory))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    tmp = tempfile.mkdtemp(prefix="streamgen-chromium-")
+    proc, browser_url, drainer = await launch_chromium(tmp)
+    try:
+        async with websockets.connect(browser_url, max_size=None) as ws:
+            cdp = CDP(ws)
+            target = await cdp.call("Target.createTarget", {"url": "about:blank"})
+            session = (await cdp.call("Target.attachToTarget", {"targetId": target["targetId"], "flatten": True}))[
+                "sessionId"]
+            await cdp.call("Runtime.enable", session=session)
+            url = f"http://127.0.0.1:{port}/?autostart=1&prompt={quote('a red fox')}&interpolate={factor}"
+            await cdp.call("Page.navigate", {"url": url}, session)
+            s = await wait_for(cdp, session, lambda s: s["t"] > 1.0 and s["frames"] > 16, "engine playback to start")
+            assert s["state"] == "playing" and s["lastError"] is None and s["error"] is None, s
+            assert await cdp.eval(session, "window.streamgen.stats.fps") == 16 * factor  # ready.fps, after RIFE
+            await cdp.eval(session, f"""(() => {{
+                document.getElementById('prompt').value = {json.dumps('a blue whale')};
+                document.getElementById('apply').click(); }})()""")
+            t1 = s["t"]
+            s = await wait_for(cdp, session, lambda s: s["t"] > t1 + 1.0, "engine playback after the switch")
+            assert s["error"] is None and s["gaps"] == 0, s
+            assert engine.stats["errors"] == 0 and engine.stats["chunks"] >= 3
+            try:
+                await cdp.call("Browser.close", timeout=5)
+            except Exception:
+                pass
+            cdp.reader.cancel()
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), 10)
+            except asyncio.TimeoutError:
+                proc.kill()
+                await proc.wait()
+        drainer.cancel()
+        shutil.rmtree(tmp, ignore_errors=True)
+        await runner.cleanup()
