@@ -7,6 +7,7 @@ when no chromium binary is installed (scripts/setup.sh installs it).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -161,15 +162,15 @@ def close_color(got, prompt: str, tol: int = 24) -> bool:
     return max(abs(a - b) for a, b in zip(got, prompt_color(prompt))) <= tol
 
 
-async def test_browser_plays_switches_prompt_reconnects_and_stops():
-    factory = TestPatternFactory("testpattern", width=W, height=H, fps=16, frames_per_chunk=8)
-    runner = web.AppRunner(build_app(ServerConfig(preset="veryfast", max_lead_s=2.0, grace_s=10.0,
-                                                  encode_threads=2), factory))
+@contextlib.asynccontextmanager
+async def served_page(app):
+    """Serve ``app`` on a loopback port and open a headless Chromium tab over CDP.
+    Yields (cdp, tab session id, port, runner); closes the browser and the server afterwards."""
+    runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]
-    state = runner.app[app_module.STATE]
     tmp = tempfile.mkdtemp(prefix="streamgen-chromium-")
     proc, browser_url, drainer = await launch_chromium(tmp)
     try:
@@ -180,70 +181,7 @@ async def test_browser_plays_switches_prompt_reconnects_and_stops():
                 "sessionId"]
             await cdp.call("Runtime.enable", session=session)
             await cdp.call("Page.enable", session=session)
-            p1, p2 = "a red fox in the snow", "a blue whale at dusk"
-            page = f"http://127.0.0.1:{port}/?autostart=1&keep=1&prompt={quote(p1)}"  # keep 1 s behind
-            await cdp.call("Page.navigate", {"url": page}, session)
-
-            # 1. playback starts and advances
-            s = await wait_for(cdp, session, lambda s: s["t"] > 1.0 and s["frames"] > 0, "playback to start")
-            assert s["supported"], f"chromium cannot play {s['mime']}"
-            assert s["mime"].startswith('video/mp4; codecs="avc1.64'), s  # preset veryfast: High profile
-            assert s["state"] == "playing" and s["lastError"] is None, s
-            overlay = re.search(r"latency (\d+\.\d+) s .* generated (\d+\.\d) fps .* buffered (\d+\.\d+) s",
-                                s["overlay"])
-            assert overlay and float(overlay[2]) > 0, s["overlay"]
-            assert close_color(await cdp.eval(session, COLOR_JS), p1)
-            t1 = s["t"]
-
-            # 2. change the prompt through the UI while playing; playback continues and shows it
-            await cdp.eval(session, f"""(() => {{
-                const box = document.getElementById('prompt'); box.value = {json.dumps(p2)};
-                document.getElementById('apply').click(); }})()""")
-            s = await wait_for(cdp, session, lambda s: s["t"] > t1 + 1.5, "playback after the prompt switch")
-            (sess,) = state.registry.sessions.values()
-            assert sess.source._prompt == p2
-            for _ in range(50):
-                if close_color(await cdp.eval(session, COLOR_JS), p2):
-                    break
-                await asyncio.sleep(0.2)
-            else:
-                raise AssertionError(f"new prompt never shown: {await cdp.eval(session, COLOR_JS)} vs {prompt_color(p2)}")
-
-            # 3. old media behind the playhead is trimmed (keep=1: at most ~1.5 s stays behind)
-            s = await wait_for(cdp, session, lambda s: s["bufStart"] is not None and s["t"] > 3.0
-                               and 0.5 < s["bufStart"] and s["t"] - s["bufStart"] < 2.5, "old media to be trimmed")
-
-            # 4. the SourceBuffer reports QuotaExceededError (injected twice into the real one): the
-            #    player frees space or drops a fragment, and playback goes on without an error
-            await cdp.eval(session, """(() => {
-                const sb = window.streamgen.sb, append = sb.appendBuffer.bind(sb);
-                window.quotaThrown = 0;
-                sb.appendBuffer = (data) => {
-                  if (window.quotaThrown < 2) { window.quotaThrown += 1; throw new DOMException('injected', 'QuotaExceededError'); }
-                  return append(data);
-                };
-            })()""")
-            t3 = s["t"]
-            s = await wait_for(cdp, session, lambda s: s["t"] > t3 + 2.5, "playback after QuotaExceededError")
-            assert await cdp.eval(session, "window.quotaThrown") == 2
-            assert s["state"] == "playing" and s["lastError"] is None, s
-            assert s["quotaDrops"] == 0 or s["gapJumps"] >= 1, s  # a dropped fragment's gap was jumped
-
-            # 5. the server drops the connection: the player re-attaches and misses nothing
-            t2 = s["t"]
-            for conn in list(state.sockets):
-                conn.request.transport.abort()
-            s = await wait_for(cdp, session, lambda s: s["t"] > t2 + 1.5 and s["state"] == "playing"
-                               and s["fragments"] > 0 and len(state.sockets) == 1, "playback after a reconnect")
-            assert s["session"] == sess.id and s["gaps"] == 0, s
-
-            # 6. stop
-            await cdp.eval(session, "document.getElementById('stop').click()")
-            s = await wait_for(cdp, session, lambda s: s["state"] == "ended", "the stream to end")
-            assert s["endReason"] == "stopped" and s["error"] is None, s
-            assert s["frames"] > 16, s
-            errors = [c for c in cdp.console if c.startswith(("error", "exception"))]
-            assert not errors, errors
+            yield cdp, session, port, runner
             try:
                 await cdp.call("Browser.close", timeout=5)
             except Exception:
@@ -260,6 +198,77 @@ async def test_browser_plays_switches_prompt_reconnects_and_stops():
         drainer.cancel()
         shutil.rmtree(tmp, ignore_errors=True)
         await runner.cleanup()
+
+
+async def test_browser_plays_switches_prompt_reconnects_and_stops():
+    factory = TestPatternFactory("testpattern", width=W, height=H, fps=16, frames_per_chunk=8)
+    app = build_app(ServerConfig(preset="veryfast", max_lead_s=2.0, grace_s=10.0, encode_threads=2), factory)
+    async with served_page(app) as (cdp, session, port, runner):
+        state = runner.app[app_module.STATE]
+        p1, p2 = "a red fox in the snow", "a blue whale at dusk"
+        page = f"http://127.0.0.1:{port}/?autostart=1&keep=1&prompt={quote(p1)}"  # keep 1 s behind
+        await cdp.call("Page.navigate", {"url": page}, session)
+
+        # 1. playback starts and advances
+        s = await wait_for(cdp, session, lambda s: s["t"] > 1.0 and s["frames"] > 0, "playback to start")
+        assert s["supported"], f"chromium cannot play {s['mime']}"
+        assert s["mime"].startswith('video/mp4; codecs="avc1.64'), s  # preset veryfast: High profile
+        assert s["state"] == "playing" and s["lastError"] is None, s
+        overlay = re.search(r"latency (\d+\.\d+) s .* generated (\d+\.\d) fps .* buffered (\d+\.\d+) s",
+                            s["overlay"])
+        assert overlay and float(overlay[2]) > 0, s["overlay"]
+        assert close_color(await cdp.eval(session, COLOR_JS), p1)
+        t1 = s["t"]
+
+        # 2. change the prompt through the UI while playing; playback continues and shows it
+        await cdp.eval(session, f"""(() => {{
+            const box = document.getElementById('prompt'); box.value = {json.dumps(p2)};
+            document.getElementById('apply').click(); }})()""")
+        s = await wait_for(cdp, session, lambda s: s["t"] > t1 + 1.5, "playback after the prompt switch")
+        (sess,) = state.registry.sessions.values()
+        assert sess.source._prompt == p2
+        for _ in range(50):
+            if close_color(await cdp.eval(session, COLOR_JS), p2):
+                break
+            await asyncio.sleep(0.2)
+        else:
+            raise AssertionError(f"new prompt never shown: {await cdp.eval(session, COLOR_JS)} vs {prompt_color(p2)}")
+
+        # 3. old media behind the playhead is trimmed (keep=1: at most ~1.5 s stays behind)
+        s = await wait_for(cdp, session, lambda s: s["bufStart"] is not None and s["t"] > 3.0
+                           and 0.5 < s["bufStart"] and s["t"] - s["bufStart"] < 2.5, "old media to be trimmed")
+
+        # 4. the SourceBuffer reports QuotaExceededError (injected twice into the real one): the
+        #    player frees space or drops a fragment, and playback goes on without an error
+        await cdp.eval(session, """(() => {
+            const sb = window.streamgen.sb, append = sb.appendBuffer.bind(sb);
+            window.quotaThrown = 0;
+            sb.appendBuffer = (data) => {
+              if (window.quotaThrown < 2) { window.quotaThrown += 1; throw new DOMException('injected', 'QuotaExceededError'); }
+              return append(data);
+            };
+        })()""")
+        t3 = s["t"]
+        s = await wait_for(cdp, session, lambda s: s["t"] > t3 + 2.5, "playback after QuotaExceededError")
+        assert await cdp.eval(session, "window.quotaThrown") == 2
+        assert s["state"] == "playing" and s["lastError"] is None, s
+        assert s["quotaDrops"] == 0 or s["gapJumps"] >= 1, s  # a dropped fragment's gap was jumped
+
+        # 5. the server drops the connection: the player re-attaches and misses nothing
+        t2 = s["t"]
+        for conn in list(state.sockets):
+            conn.request.transport.abort()
+        s = await wait_for(cdp, session, lambda s: s["t"] > t2 + 1.5 and s["state"] == "playing"
+                           and s["fragments"] > 0 and len(state.sockets) == 1, "playback after a reconnect")
+        assert s["session"] == sess.id and s["gaps"] == 0, s
+
+        # 6. stop
+        await cdp.eval(session, "document.getElementById('stop').click()")
+        s = await wait_for(cdp, session, lambda s: s["state"] == "ended", "the stream to end")
+        assert s["endReason"] == "stopped" and s["error"] is None, s
+        assert s["frames"] > 16, s
+        errors = [c for c in cdp.console if c.startswith(("error", "exception"))]
+        assert not errors, errors
 
 
 async def test_browser_plays_the_generation_engine():
@@ -279,45 +288,17 @@ async def test_browser_plays_the_generation_engine():
     engine = Engine(Pipeline(model=model, text_encoder=text, decoder=dec, rife=rife),
                     EngineSettings(max_sessions=1, local_frames=6, sink_frames=0))
     factory = EngineFactory("tiny", engine, ModelLimits(128, 128, 256 * 256))
-    runner = web.AppRunner(build_app(ServerConfig(model="tiny", max_lead_s=2.0, encode_threads=2), factory))
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
-    tmp = tempfile.mkdtemp(prefix="streamgen-chromium-")
-    proc, browser_url, drainer = await launch_chromium(tmp)
-    try:
-        async with websockets.connect(browser_url, max_size=None) as ws:
-            cdp = CDP(ws)
-            target = await cdp.call("Target.createTarget", {"url": "about:blank"})
-            session = (await cdp.call("Target.attachToTarget", {"targetId": target["targetId"], "flatten": True}))[
-                "sessionId"]
-            await cdp.call("Runtime.enable", session=session)
-            url = f"http://127.0.0.1:{port}/?autostart=1&prompt={quote('a red fox')}&interpolate={factor}"
-            await cdp.call("Page.navigate", {"url": url}, session)
-            s = await wait_for(cdp, session, lambda s: s["t"] > 1.0 and s["frames"] > 16, "engine playback to start")
-            assert s["state"] == "playing" and s["lastError"] is None and s["error"] is None, s
-            assert await cdp.eval(session, "window.streamgen.stats.fps") == 16 * factor  # ready.fps, after RIFE
-            await cdp.eval(session, f"""(() => {{
-                document.getElementById('prompt').value = {json.dumps('a blue whale')};
-                document.getElementById('apply').click(); }})()""")
-            t1 = s["t"]
-            s = await wait_for(cdp, session, lambda s: s["t"] > t1 + 1.0, "engine playback after the switch")
-            assert s["error"] is None and s["gaps"] == 0, s
-            assert engine.stats["errors"] == 0 and engine.stats["chunks"] >= 3
-            try:
-                await cdp.call("Browser.close", timeout=5)
-            except Exception:
-                pass
-            cdp.reader.cancel()
-    finally:
-        if proc.returncode is None:
-            proc.terminate()
-            try:
-                await asyncio.wait_for(proc.wait(), 10)
-            except asyncio.TimeoutError:
-                proc.kill()
-                await proc.wait()
-        drainer.cancel()
-        shutil.rmtree(tmp, ignore_errors=True)
-        await runner.cleanup()
+    app = build_app(ServerConfig(model="tiny", max_lead_s=2.0, encode_threads=2), factory)
+    async with served_page(app) as (cdp, session, port, _):
+        url = f"http://127.0.0.1:{port}/?autostart=1&prompt={quote('a red fox')}&interpolate={factor}"
+        await cdp.call("Page.navigate", {"url": url}, session)
+        s = await wait_for(cdp, session, lambda s: s["t"] > 1.0 and s["frames"] > 16, "engine playback to start")
+        assert s["state"] == "playing" and s["lastError"] is None and s["error"] is None, s
+        assert await cdp.eval(session, "window.streamgen.stats.fps") == 16 * factor  # ready.fps, after RIFE
+        await cdp.eval(session, f"""(() => {{
+            document.getElementById('prompt').value = {json.dumps('a blue whale')};
+            document.getElementById('apply').click(); }})()""")
+        t1 = s["t"]
+        s = await wait_for(cdp, session, lambda s: s["t"] > t1 + 1.0, "engine playback after the switch")
+        assert s["error"] is None and s["gaps"] == 0, s
+        assert engine.stats["errors"] == 0 and engine.stats["chunks"] >= 3
