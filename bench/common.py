@@ -23,3 +23,16 @@ def random_wan(preset: str, device: torch.device, dtype: torch.dtype, seed: int 
             else:  # norm weights
                 p.normal_(1.0, 0.1, generator=g)
     return model
+
+
+def sync_free(model, x, t, cache, start) -> bool | str:
+    """One steady-state ``forward_chunk`` under ``torch.cuda.set_sync_debug_mode("error")``: True,
+    or the error of the first host sync."""
+    try:
+        torch.cuda.set_sync_debug_mode("error")
+        model.forward_chunk(x, t, cache, start_frame=start)
+        return True
+    except RuntimeError as exc:
+        return f"no: {exc}"[:200]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

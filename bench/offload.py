@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import random_wan  # noqa: E402
+from common import random_wan, sync_free  # noqa: E402
 from streamgen.ops.offload import offload  # noqa: E402
 
 
@@ -143,16 +143,6 @@ def raw_h2d(handle, cuda: bool, reps: int = 10) -> float:
     return n / statistics.median(c.ms for c in ms) / 1e6
 
 
-def sync_free(model, x, t, cache, start) -> bool | str:
-    """One steady-state call under ``torch.cuda.set_sync_debug_mode("error")``."""
-    try:
-        torch.cuda.set_sync_debug_mode("error")
-        model.forward_chunk(x, t, cache, start_frame=start)
-        return True
-    except RuntimeError as exc:
-        return f"no: {exc}"[:200]
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
 
 
 def bench_preset(preset: str, args, device: torch.device) -> list[dict]:

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import random_wan  # noqa: E402
+from common import random_wan, sync_free  # noqa: E402
 from streamgen.models.wan import WanConfig  # noqa: E402
 from streamgen.ops.offload import offload  # noqa: E402
 from streamgen.ops.quant import (  # noqa: E402
@@ -173,15 +173,6 @@ def prime(model, cache, ctx, past) -> None:
         model.forward_chunk(xs, 0.0, cache, start_frame=s, update_cache=True)
 
 
-def sync_free(model, x, t, cache, start) -> bool | str:
-    try:
-        torch.cuda.set_sync_debug_mode("error")
-        model.forward_chunk(x, t, cache, start_frame=start)
-        return True
-    except RuntimeError as exc:
-        return f"no: {exc}"[:200]
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
 
 
 CHUNK_VARIANTS = {
