@@ -4,7 +4,7 @@
     PYTHONPATH=. python bench/wan_stream.py --backends sdpa,cudnn,fa4 --check --json $OUT/wan.json
     PYTHONPATH=. python bench/wan_stream.py --backends cudnn,fa4 --compile cudnn,fa4 --profile cudnn
 
-What one stream pays: ``StreamSession.next_chunk()`` (4 denoising ``forward_chunk`` calls + 1 cache
+What one stream pays: ``SessionState.next_chunk()`` (4 denoising ``forward_chunk`` calls + 1 cache
 pass at t=0) for ``--chunks`` chunks of ``--fpc`` latent frames, random bf16 weights, a fresh cache
 per stream, no decoder. Every ``forward_chunk`` is bracketed with CUDA events (per-step GPU ms, which
 grow with the number of cached keys); the stream's wall time is taken with a synchronize at the end,
@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import streamgen.models.wan as wan_mod  # noqa: E402
 from streamgen.models.wan import WanCache, WanConfig, WanModel  # noqa: E402
 from streamgen.ops import attention as attn_ops  # noqa: E402
-from streamgen.sampling.stream import StreamConfig, StreamSession  # noqa: E402
+from streamgen.sampling.stream import StreamConfig, SessionState  # noqa: E402
 
 BACKENDS = ("sdpa", "cudnn", "flash", "fa4")
 DEVICE = "cuda"  # the benches time CUDA; a CPU smoke run may rebind it
@@ -107,7 +107,7 @@ class StepTimer:
 def run_stream(model: WanModel, ctx: torch.Tensor, args, timer: StepTimer) -> dict:
     """One stream of args.chunks chunks; wall time from the first next_chunk to the final sync."""
     n_frames = args.chunks * args.fpc
-    sess = StreamSession(model, ctx, height=args.height, width=args.width,
+    sess = SessionState(model, ctx, height=args.height, width=args.width,
                          config=StreamConfig(frames_per_chunk=args.fpc, num_steps=args.steps, seed=0),
                          total_frames=n_frames)
     torch.cuda.synchronize()

@@ -17,7 +17,7 @@ import torch
 from streamgen.models.text import load_text_encoder
 from streamgen.models.wan import WanConfig, WanModel
 from streamgen.sampling.generate import Mp4Writer, to_uint8
-from streamgen.sampling.stream import StreamConfig, StreamSession
+from streamgen.sampling.stream import StreamConfig, SessionState
 
 
 def main() -> None:
@@ -57,7 +57,7 @@ def main() -> None:
     # 2. one session = one stream: its own caches, noise generator and decoder state
     cfg = StreamConfig(num_steps=4, shift=5.0, seed=42)  # Self-Forcing's 4 warped steps
     fpc = cfg.frames_per_chunk or model.cfg.frames_per_chunk
-    session = StreamSession(model, "a lighthouse on a cliff at dawn", height=args.height, width=args.width,
+    session = SessionState(model, "a lighthouse on a cliff at dawn", height=args.height, width=args.width,
                             config=cfg, text_encoder=text, decoder=vae, total_frames=args.chunks * fpc)
 
     # 3. the chunk loop; the prompt switch re-caches the KV window and applies from the next chunk

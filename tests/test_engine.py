@@ -1,5 +1,5 @@
 """The engine: scheduler bookkeeping (no torch), and the busy loop on the tiny model (CPU) checked
-against the same computation done directly with StreamSession + Interpolator."""
+against the same computation done directly with SessionState + Interpolator."""
 
 from __future__ import annotations
 
@@ -70,13 +70,13 @@ def tiny():
 
 
 def _reference(tiny, req: GenRequest, n_chunks: int, settings: EngineSettings, switch_at: dict[int, str] = {}):
-    """The same stream computed directly: StreamSession -> [0,1] -> Interpolator -> uint8."""
+    """The same stream computed directly: SessionState -> [0,1] -> Interpolator -> uint8."""
     from streamgen.media.interpolate import Interpolator
-    from streamgen.sampling.stream import StreamConfig, StreamSession
+    from streamgen.sampling.stream import StreamConfig, SessionState
 
     model, text, dec, rife = tiny
     cfg = StreamConfig(local_frames=settings.local_frames, sink_frames=settings.sink_frames, seed=req.seed)
-    sess = StreamSession(model, req.prompt, height=req.height, width=req.width, config=cfg, text_encoder=text,
+    sess = SessionState(model, req.prompt, height=req.height, width=req.width, config=cfg, text_encoder=text,
                          decoder=dec)
     interp = Interpolator(rife if req.interpolate > 1 else None, req.interpolate, settings.scene_threshold)
     state = interp.new_state()

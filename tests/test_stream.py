@@ -14,7 +14,7 @@ from streamgen.models.wan import WanConfig, WanModel
 from streamgen.models.wan_vae import WanVAE, WanVAEConfig
 from streamgen.sampling.samplers import make_sampler
 from streamgen.sampling.schedules import FlowSchedule, self_forcing_timesteps
-from streamgen.sampling.stream import Chunk, StreamConfig, StreamSession, frames_for_chunks
+from streamgen.sampling.stream import Chunk, StreamConfig, SessionState, frames_for_chunks
 
 H = W = 32  # pixels -> latent 4x4 -> 2x2 tokens per frame
 LAT = (H // 8, W // 8)
@@ -73,7 +73,7 @@ def _run(session, n_chunks, switches=None):
 def test_stream_equals_block_causal_recompute(model):
     cfg = StreamConfig(frames_per_chunk=3, seed=11)
     ctx = _ctx(1)
-    s = StreamSession(model, ctx, height=H, width=W, config=cfg, total_frames=12)
+    s = SessionState(model, ctx, height=H, width=W, config=cfg, total_frames=12)
     chunks = _run(s, 4)
     ref = reference_stream(model, {0: ctx}, 4, 3, cfg)
     for c, r in zip(chunks, ref):
@@ -88,7 +88,7 @@ def test_stream_equals_block_causal_recompute(model):
 def test_prompt_switches_equal_recompute_under_new_prompt(model):
     cfg = StreamConfig(frames_per_chunk=2, seed=5)
     p = {0: _ctx(1), 2: _ctx(2), 4: _ctx(3)}
-    s = StreamSession(model, p[0], height=H, width=W, config=cfg, total_frames=12)
+    s = SessionState(model, p[0], height=H, width=W, config=cfg, total_frames=12)
     chunks = _run(s, 6, p)
     ref = reference_stream(model, p, 6, 2, cfg)
     for c, r in zip(chunks, ref):
@@ -104,7 +104,7 @@ def test_windowed_stream_and_switch(model):
     # last 6 frames (2..8, frame 2 then being the sink) under the new prompt
     cfg = StreamConfig(frames_per_chunk=2, local_frames=6, sink_frames=1, seed=9)
     p = {0: _ctx(4), 4: _ctx(5)}
-    s = StreamSession(model, p[0], height=H, width=W, config=cfg)
+    s = SessionState(model, p[0], height=H, width=W, config=cfg)
     assert s.cache.capacity == 6
     chunks = _run(s, 7, p)
     ref = reference_stream(model, p, 7, 2, cfg, local_frames=6, sink_frames=1)
@@ -113,7 +113,7 @@ def test_windowed_stream_and_switch(model):
     assert [start for start, _ in s.recache_chunks()] == [8, 10, 12]
     # a window that is not a whole number of chunks: the oldest re-cached chunk is trimmed
     cfg5 = StreamConfig(frames_per_chunk=2, local_frames=5, sink_frames=1, seed=9)
-    s5 = StreamSession(model, p[0], height=H, width=W, config=cfg5)
+    s5 = SessionState(model, p[0], height=H, width=W, config=cfg5)
     chunks5 = _run(s5, 6, p)
     assert [(start, x.shape[2]) for start, x in s5.recache_chunks()] == [(7, 1), (8, 2), (10, 2)]
     torch.testing.assert_close(s5.recache_chunks()[0][1], chunks5[3].latents[:, :, 1:])
@@ -124,7 +124,7 @@ def test_image_start(model):
     cfg = StreamConfig(frames_per_chunk=1, seed=2)
     ctx = _ctx(6)
     image = torch.randn(1, 16, 1, *LAT, generator=torch.Generator().manual_seed(7))
-    s = StreamSession(model, ctx, height=H, width=W, config=cfg, image=image, total_frames=4)
+    s = SessionState(model, ctx, height=H, width=W, config=cfg, image=image, total_frames=4)
     chunks = _run(s, 3)
     assert chunks[0].latents.shape[2] == 2 and chunks[0].start_frame == 0
     torch.testing.assert_close(chunks[0].latents[:, :, :1], image)
@@ -142,7 +142,7 @@ def test_deterministic_for_seed_and_decoder_frames(model):
 
     def run(seed):
         cfg.seed = seed
-        s = StreamSession(model, _ctx(1), height=H, width=W, config=cfg, decoder=vae, total_frames=6)
+        s = SessionState(model, _ctx(1), height=H, width=W, config=cfg, decoder=vae, total_frames=6)
         return _run(s, 3)
 
     a, b, c = run(4), run(4), run(5)
@@ -161,7 +161,7 @@ def test_multistep_cfg_stream_equals_recompute(model):
     # non-distilled block-causal diffusion: UniPC over each chunk with CFG (two caches)
     cfg = StreamConfig(frames_per_chunk=2, sampler="unipc", num_steps=5, shift=3.0, guidance_scale=4.0, seed=1)
     cond, neg = _ctx(1), _ctx(8, n=3)
-    s = StreamSession(model, cond, height=H, width=W, config=cfg, negative_prompt=neg, total_frames=6)
+    s = SessionState(model, cond, height=H, width=W, config=cfg, negative_prompt=neg, total_frames=6)
     chunks = _run(s, 3)
     sched = FlowSchedule.unipc(5, 3.0)
     stepper = make_sampler("unipc", sched)
@@ -185,18 +185,18 @@ def test_multistep_cfg_stream_equals_recompute(model):
 def test_session_errors(model):
     ctx = _ctx(1)
     with pytest.raises(ValueError, match="multiple of 16"):
-        StreamSession(model, ctx, height=40, width=W, total_frames=3)
+        SessionState(model, ctx, height=40, width=W, total_frames=3)
     with pytest.raises(ValueError, match="total_frames"):
-        StreamSession(model, ctx, height=H, width=W)
+        SessionState(model, ctx, height=H, width=W)
     with pytest.raises(ValueError, match="sampler"):
         StreamConfig(sampler="ddim")
     with pytest.raises(ValueError, match="negative_prompt"):
-        StreamSession(model, ctx, height=H, width=W, total_frames=3, config=StreamConfig(sampler="euler", guidance_scale=3))
+        SessionState(model, ctx, height=H, width=W, total_frames=3, config=StreamConfig(sampler="euler", guidance_scale=3))
     with pytest.raises(ValueError, match="text_encoder"):
-        StreamSession(model, "a cat", height=H, width=W, total_frames=3)
+        SessionState(model, "a cat", height=H, width=W, total_frames=3)
     with pytest.raises(ValueError, match="local_frames - sink_frames"):
-        StreamSession(model, ctx, height=H, width=W, config=StreamConfig(frames_per_chunk=3, local_frames=3, sink_frames=1))
-    s = StreamSession(model, ctx, height=H, width=W, config=StreamConfig(frames_per_chunk=2), total_frames=2)
+        SessionState(model, ctx, height=H, width=W, config=StreamConfig(frames_per_chunk=3, local_frames=3, sink_frames=1))
+    s = SessionState(model, ctx, height=H, width=W, config=StreamConfig(frames_per_chunk=2), total_frames=2)
     assert isinstance(s.next_chunk(), Chunk)
     with pytest.raises(RuntimeError, match="stream full"):
         s.next_chunk()

@@ -3,7 +3,7 @@ to it through queues (vLLM v1 ``EngineCore`` busy loop vs ``AsyncLLM``).
 
 Flow of one chunk (busy thread)::
 
-    scheduler.next() -> StreamSession.next_chunk()          # denoise, cache pass, decode
+    scheduler.next() -> SessionState.next_chunk()          # denoise, cache pass, decode
                      -> (T,3,H,W) in [0,1] -> RIFE (factor)  # boundary pair kept in state
                      -> uint8 (T,H,W,3) -> pinned host copy + CUDA event (no host sync)
                      -> handle's asyncio.Queue via call_soon_threadsafe
@@ -305,7 +305,7 @@ class Engine:
             self.scheduler.set_paused(sid, kind == "pause")
 
     def _make_stream(self, req: GenRequest) -> _Stream:
-        from streamgen.sampling.stream import StreamConfig, StreamSession
+        from streamgen.sampling.stream import StreamConfig, SessionState
 
         p, s = self.pipeline, self.settings
         image = None
@@ -318,7 +318,7 @@ class Engine:
                            seed=req.seed)
         fpc = s.frames_per_chunk or p.model.cfg.frames_per_chunk
         total = None if s.local_frames else (req.chunks or 1) * fpc + (image is not None)
-        session = StreamSession(p.model, req.prompt, height=req.height, width=req.width, config=cfg,
+        session = SessionState(p.model, req.prompt, height=req.height, width=req.width, config=cfg,
                                 text_encoder=p.text_encoder, decoder=p.decoder, image=image,
                                 total_frames=total, device=p.device, dtype=p.dtype)
         interp = self._interpolator(req.interpolate)

@@ -440,7 +440,7 @@ def _run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from streamgen.sampling.stream import StreamConfig, StreamSession
+    from streamgen.sampling.stream import StreamConfig, SessionState
 
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
@@ -480,7 +480,7 @@ def _run(args: argparse.Namespace) -> int:
                     img = read_image(args.image, width, height).to(device=device, dtype=next(vae.parameters()).dtype)
                     image_latent = vae.encode(img)
             try:
-                session = StreamSession(model, switches.pop(0, args.prompt), height=height, width=width, config=cfg,
+                session = SessionState(model, switches.pop(0, args.prompt), height=height, width=width, config=cfg,
                                         text_encoder=text_encoder, decoder=decoder,
                                         negative_prompt=negative if guidance != 1.0 else None, image=image_latent,
                                         total_frames=args.chunks * fpc + (1 if image_latent is not None else 0),

@@ -1,6 +1,6 @@
 """The streaming chunk loop (Self-Forcing / CausVid / LongLive inference) as a session object.
 
-One ``StreamSession`` is one video stream: its own self-attention/cross-attention cache
+One ``SessionState`` is one video stream: its own self-attention/cross-attention cache
 (``model.new_cache``), decoder state, noise generator and latent history. The model,
 text encoder and decoder are shared and stateless across sessions, so an engine can
 interleave many sessions on one model.
@@ -31,7 +31,7 @@ with ``update_cache=True``, chunk by chunk at their original positions and chunk
 under the new prompt (``recache_chunks``).
 Generation then continues smoothly under ``p`` without a cut.
 
-Image start: ``StreamSession(..., image=latent)`` or ``set_image(latent)`` before the first chunk
+Image start: ``SessionState(..., image=latent)`` or ``set_image(latent)`` before the first chunk
 puts one clean latent frame (e.g. ``WanVAE.encode`` of an image, (B,16,1,h,w)) at frame 0, writes
 it to the cache as context, and the first ``next_chunk()`` returns it prepended (1 + f latent
 frames, decoded to 1 + 4f video frames).
@@ -116,7 +116,7 @@ class _Prompt:
     context: torch.Tensor  # (B, L, text_dim)
 
 
-class StreamSession:
+class SessionState:
     """A chunk-by-chunk video stream over a shared block-causal ``WanModel``.
 
     model: a WanModel (``new_cache``, ``set_prompt``, ``forward_chunk``).
@@ -160,7 +160,7 @@ class StreamSession:
         elif total_frames is not None:
             max_frames = total_frames
         else:
-            raise ValueError("StreamSession needs total_frames, config.max_frames or an attention window (local_frames)")
+            raise ValueError("SessionState needs total_frames, config.max_frames or an attention window (local_frames)")
         self.max_frames = max_frames
         self.total_frames = total_frames
 

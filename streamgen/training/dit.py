@@ -206,13 +206,13 @@ def train_dit(model: WanModel, data: dict, text_encoder, *, seconds: float, max_
 def stream_frames(model, vae, text_encoder, prompt: str, *, chunks: int, sampler: str = "self-forcing",
                   steps: int = 4, shift: float = 5.0, guidance: float = 1.0, local_frames: int | None = 12,
                   sink_frames: int = 3, seed: int = 0, size: int = 128):
-    """Generate ``chunks`` chunks through ``StreamSession`` -> uint8 (T, H, W, 3) on the CPU."""
-    from streamgen.sampling.stream import StreamConfig, StreamSession
+    """Generate ``chunks`` chunks through ``SessionState`` -> uint8 (T, H, W, 3) on the CPU."""
+    from streamgen.sampling.stream import StreamConfig, SessionState
 
     p = next(model.parameters())
     cfg = StreamConfig(num_steps=steps, shift=shift, sampler=sampler, guidance_scale=guidance,
                        local_frames=local_frames, sink_frames=sink_frames if local_frames else None, seed=seed)
-    session = StreamSession(model, prompt, height=size, width=size, config=cfg, text_encoder=text_encoder, decoder=vae,
+    session = SessionState(model, prompt, height=size, width=size, config=cfg, text_encoder=text_encoder, decoder=vae,
                             negative_prompt="" if guidance != 1.0 else None,
                             total_frames=chunks * model.cfg.frames_per_chunk, device=p.device, dtype=p.dtype)
     frames = torch.cat([session.next_chunk().frames for _ in range(chunks)], dim=2)[0]  # (3, T, H, W)
