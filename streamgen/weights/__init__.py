@@ -6,6 +6,14 @@ The safetensors metadata holds ``wan_config`` and ``vae_config`` (JSON of the co
 the VAE's with its own latent mean/std) and ``training`` (how it was made).
 
     model, vae, meta = load_builtin("shapes", device="cpu", dtype=torch.float32)
+
+``toy.safetensors``: ``streamgen-toy``, the default built-in model (``--model toy``): a block-causal
+Wan DiT (``dit.*``), its trained caption encoder (``text.*``) and a TAEHV-layout decoder
+(``decoder.*``), float16; metadata ``wan_config``, ``text_config``, ``decoder_channels``,
+``sampling`` (recommended SessionState settings, also ``TOY_SAMPLING``) and ``training``.
+
+    model, text_encoder, decoder = load_toy(device="cpu", dtype=torch.float32)
+    # text_encoder.encode(list[str]) -> (B, 32, 64); decoder.new_state() / decode_chunk(latents, state)
 """
 
 from __future__ import annotations
@@ -76,3 +84,78 @@ def load_builtin(name_or_path: str, *, device: torch.device | str = "cpu", dtype
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     vae = vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
     return model, vae, json.loads(meta.get("training", "{}"))
+
+
+TOY_FORMAT = "streamgen-toy-1"
+# recommended sampling settings of toy.safetensors (StreamConfig + frame size); also in its metadata
+TOY_SAMPLING = {"num_steps": 4, "shift": 5.0, "frames_per_chunk": 3, "local_frames": 12, "sink_frames": 3,
+                "width": 128, "height": 128}
+
+
+def save_toy(path: str, model, text_encoder, decoder, *, sampling: dict | None = None, training: dict | None = None,
+             dtype: torch.dtype = torch.float16) -> None:
+    """Write the toy model (WanModel, ToyTextEncoder, ToyDecoder) into one safetensors file."""
+    from safetensors.torch import save_file
+
+    from streamgen.training.toy import _text_config
+
+    tensors = {}
+    for prefix, m in (("dit", model), ("text", text_encoder), ("decoder", decoder)):
+        tensors.update({f"{prefix}.{k}": v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
+                        for k, v in m.state_dict().items()})
+    tensors["decoder.latent_scale"] = decoder.latent_scale.detach().float().cpu().reshape(())
+    meta = {"format": TOY_FORMAT, "wan_config": _config_json(model.cfg),
+            "text_config": json.dumps(_text_config(text_encoder)),
+            "decoder_channels": json.dumps(list(decoder.cfg.channels)),
+            "sampling": json.dumps(sampling or TOY_SAMPLING), "training": json.dumps(training or {})}
+    save_file(tensors, path, metadata=meta)
+
+
+def toy_metadata(path: str | None = None) -> dict:
+    """The metadata of toy.safetensors, JSON fields decoded (``sampling``, ``training``, configs)."""
+    from safetensors import safe_open
+
+    path = path or builtin_path("toy")
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+    return {k: (json.loads(v) if k != "format" else v) for k, v in meta.items()}
+
+
+def load_toy(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, path: str | None = None):
+    """``streamgen-toy``: (WanModel, ToyTextEncoder, ToyDecoder), eval mode, no grads, on ``device``.
+
+    The text encoder's ``encode(list[str])`` returns ``(B, text_len=32, 64)`` in ``dtype`` on
+    ``device``; the decoder is ``new_state()`` / ``decode_chunk((B, 16, f, h, w), state) ->
+    (B, 3, T, 8h, 8w)`` in [-1, 1] (T = 4f, minus 3 on a stream's first chunk). Sample with
+    ``SessionState`` and ``TOY_SAMPLING`` (4 self-forcing steps at shift 5, no CFG)."""
+    from safetensors import safe_open
+
+    from streamgen.models.checkpoints import check_keys
+    from streamgen.models.wan import WanConfig, WanModel
+    from streamgen.training.toy import ToyDecoder, ToyTextEncoder
+
+    path = path or builtin_path("toy")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"built-in weights {path} are missing: the package was installed without its data files "
+            "(reinstall streamgen from a checkout that has streamgen/weights/toy.safetensors) "
+            "or remake them with scripts/train_toy.py (streamgen/weights/README.md)")
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != TOY_FORMAT:
+            raise ValueError(f"{path} is not a streamgen-toy weights file (metadata format {meta.get('format')!r}, "
+                             f"expected {TOY_FORMAT!r})")
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+    wcfg = json.loads(meta["wan_config"])
+    wcfg["patch_size"] = tuple(wcfg["patch_size"])
+    tcfg = json.loads(meta["text_config"])
+    model = WanModel(WanConfig(**wcfg))
+    text = ToyTextEncoder(tuple(tcfg["vocab"]), tcfg["dim"], tcfg["text_len"], tcfg["layers"], tcfg["heads"])
+    decoder = ToyDecoder(tuple(json.loads(meta["decoder_channels"])))
+    for prefix, m in (("dit.", model), ("text.", text), ("decoder.", decoder)):
+        part = {k[len(prefix):]: v.float() for k, v in sd.items() if k.startswith(prefix)}
+        check_keys({k: v.shape for k, v in m.state_dict().items()}, part,
+                   unexpected=[k for k in sd if not k.startswith(("dit.", "text.", "decoder."))],
+                   what=f"{path} ({prefix[:-1]}):")
+        m.load_state_dict(part, strict=True)
+    return tuple(m.to(device=device, dtype=dtype).eval().requires_grad_(False) for m in (model, text, decoder))
