@@ -1,37 +1,56 @@
-// streamgen browser player: WebSocket (protocol v1) -> Media Source Extensions, plain ES module.
+// streamgen browser player: WebSocket (protocol v1) -> WebCodecs or Media Source Extensions, plain ES module.
 //
-//   const player = new Player(videoElement, { url, token, keepBehindS, onStats, onMessage });
-//   player.start({ prompt, width?, height?, fps?, seed?, chunks?, interpolate? });
+//   const player = new Player(videoElement, { canvas, url, token, path, targetS, keepBehindS, onStats, onMessage });
+//   player.start({ prompt, width?, height?, fps?, seed?, chunks?, interpolate? });  // false: refused (see stats.lastError)
 //   player.setPrompt('...');  player.pause();  player.resume();  player.stop();
 //
-// The SourceBuffer runs in 'segments' mode: every fragment carries its own timestamps (tfdt), so
-// a fragment replayed after a reconnect lands where it belongs and a fragment the server dropped
-// for us leaves a gap that the player jumps over. Appends go through one queue (appendBuffer is
-// asynchronous and only one operation may run at a time); old media behind the playhead is
-// removed, and a QuotaExceededError frees space and retries. After each appended fragment and
-// every ACK_INTERVAL_MS the player sends ack {seq, playhead}: the server paces generation by it.
-// An unexpected disconnect reconnects with attach {session, from_seq: last seq + 1}.
+// Two display paths take the same fMP4 fragments: 'webcodecs' (webcodecs.js: VideoDecoder with
+// optimizeForLatency, drawn on a canvas by our own media clock; the lowest latency) and 'mse'
+// (mse.js: a SourceBuffer behind the <video> element). path 'auto' (default) takes WebCodecs when
+// the browser has it and can decode the stream, else MSE. Both are driven by one LiveEdge
+// controller (liveedge.js): a small jitter buffer at the live edge (targetS of media kept ahead
+// of the playhead at its low point), playback rate 1.0-1.1 to catch up, a jump when far behind.
+// After each appended fragment and every ACK_INTERVAL_MS the player sends ack {seq, playhead}:
+// the server paces generation by it. An unexpected disconnect reconnects with attach {session,
+// from_seq: last seq + 1}. Every refused or failed start leaves the player in state 'error' with
+// the reason in stats.lastError and onMessage('error', ...); start() may be called again.
+//
+// player.stats (also window.streamgenPlayer.stats on the page) is a plain object, updated every
+// tick: state, path, latencyS (arrival -> shown of the media on screen), bufferedS, firstFrameS
+// (start -> first frame shown), promptLatencyS / promptLatencies (prompt sent -> first frame of a
+// fragment generated after it shown), stalls / stallS, decodedFrames / droppedFrames (MSE:
+// getVideoPlaybackQuality; WebCodecs: decoded frames never shown), live (the LiveEdge snapshot:
+// targetS, lowWaterS, rate, jumps, catchupS, paced, floorS), counters of fragments, gaps, errors.
 //
 // mountUI(document) wires the controls of index.html; URL parameters: prompt, autostart=1,
-// token, width, height, fps, seed, chunks, interpolate, server (ws:// URL; default: this page's
-// host + /v1/stream), keep (seconds of media kept behind the playhead).
+// token, width, height, fps, seed, chunks, interpolate, path (auto|webcodecs|mse), target (s of
+// jitter buffer), server (ws:// URL; default: this page's host + /v1/stream), keep (seconds of
+// media kept behind the playhead, MSE).
 
-import { ClientConnection, ENDPOINT, ProtocolError } from './protocol.js';
+import { LiveEdge } from './liveedge.js';
+import { MseSink } from './mse.js';
+import { ClientConnection, ENDPOINT, ProtocolError, encode } from './protocol.js';
+import { WebCodecsSink } from './webcodecs.js';
 
 const ACK_INTERVAL_MS = 250;
-const TICK_MS = 250;
+const TICK_MS = 100;
 const KEEP_BEHIND_S = 8; // default media kept behind the playhead (removed beyond 1.5x that)
-const MAX_BEHIND_LIVE_S = 6; // further than this behind the newest media: jump forward
-const LIVE_TARGET_S = 1.0; // ... to this far behind it
+const LIVE_TARGET_S = 0.3; // jitter buffer: media kept ahead of the playhead at its low point
+const STOP_TIMEOUT_MS = 5000; // a stop the server never answers ends the session anyway
 const RECONNECT_DELAYS_MS = [250, 500, 1000, 2000, 4000, 8000];
+export const PATHS = ['auto', 'webcodecs', 'mse'];
+const INACTIVE = ['idle', 'ended', 'error'];
 
 export class Player {
-  constructor(video, { url = null, token = null, keepBehindS = KEEP_BEHIND_S, onStats = () => {},
-    onMessage = () => {} } = {}) {
+  constructor(video, { canvas = null, url = null, token = null, path = 'auto', targetS = LIVE_TARGET_S,
+    keepBehindS = KEEP_BEHIND_S, onStats = () => {}, onMessage = () => {} } = {}) {
     this.video = video;
+    this.canvas = canvas;
     this.url = url || defaultUrl();
     this.token = token;
+    this.path = PATHS.includes(path) ? path : 'auto';
     this.keepBehindS = keepBehindS;
+    this.edge = new LiveEdge({ targetS });
     this.onStats = onStats;
     this.onMessage = onMessage;
     this.ws = null;
@@ -39,41 +58,78 @@ export class Player {
     this.state = 'idle'; // idle | connecting | starting | playing | reconnecting | stopping | ended | error
     this.session = null;
     this.initSegment = null;
-    this.mime = null;
-    this.mediaSource = null;
-    this.sb = null;
-    this.queue = []; // pending SourceBuffer operations: {kind: 'init'|'fragment'|'remove', ...}
-    this.current = null; // the operation in flight
+    this.sink = null;
+    this.sinkReady = null; // promise while WebCodecs is being configured
     this.lastSeq = -1; // highest fragment seq received
     this.appendedSeq = -1; // highest fragment seq appended
-    this.arrivals = []; // [{pts, end, t}] of recent fragments, for latency
+    this.arrivals = []; // [{seq, pts, end, t}] of recent fragments, for latency
+    this.marks = []; // prompt switches waiting for their first frame
     this.stats = freshStats();
     this.timers = [];
+    this.stopTimer = null;
     this.reconnects = 0;
-    this.wantEnd = false; // end of stream reached: endOfStream once the queue drains
+    this.t0 = 0; // performance.now() at start
+    this.lastPlayhead = null;
+    this.stalledNow = false;
+  }
+
+  /** The MSE SourceBuffer (null on the WebCodecs path). */
+  get sb() {
+    return this.sink && this.sink.kind === 'mse' ? this.sink.sb : null;
   }
 
   // ------------------------------------------------------------------------------ controls
 
-  async start(options) {
-    if (this.state !== 'idle' && this.state !== 'ended' && this.state !== 'error') {
-      throw new Error(`cannot start while ${this.state}`);
+  /** Begin a session. Returns true when the start is on its way; false when it was refused here
+   * (empty prompt, a field out of range, already running): the reason is shown and kept in stats. */
+  start(options) {
+    if (!INACTIVE.includes(this.state)) return this.refuse(`cannot start while ${this.state}; press Stop first`, false);
+    let msg;
+    try {
+      msg = { type: 'start', ...cleanStart(options) };
+      encode(msg); // the same validation the socket would do, before anything changes
+    } catch (e) {
+      return this.refuse(e instanceof ProtocolError ? `not sent: ${e.message}` : e.message);
     }
     this.resetMedia();
     this.stats = freshStats();
-    this.startOptions = cleanStart(options);
+    this.edge.reset();
+    this.startOptions = msg;
     this.reconnects = 0;
+    this.t0 = performance.now();
     this.setState('connecting');
-    this.openSocket(() => this.sendMsg({ type: 'start', ...this.startOptions }));
+    this.openSocket(() => {
+      if (!this.sendMsg(msg)) this.fail('the start message could not be sent');
+    });
     this.timers.push(setInterval(() => this.tick(), TICK_MS));
     this.timers.push(setInterval(() => this.sendAck(), ACK_INTERVAL_MS));
+    return true;
   }
 
+  refuse(text, toError = true) {
+    this.stats.lastError = text;
+    this.stats.errors += 1;
+    if (toError) this.setState('error');
+    this.message('error', text);
+    this.updateStats();
+    return false;
+  }
+
+  /** Switch the prompt from the next chunk. Returns false (and shows why) when it cannot be sent. */
   setPrompt(prompt) {
-    if (!prompt) throw new Error('the prompt is empty');
+    prompt = String(prompt ?? '').trim();
+    if (!prompt) return this.refuse('the prompt is empty: type a prompt first', false);
+    if (!['starting', 'playing', 'reconnecting'].includes(this.state)) {
+      return this.refuse(`no stream is running (${this.state}): press Start`, false);
+    }
+    if (!this.sendMsg({ type: 'prompt', prompt })) return false;
     this.stats.prompt = prompt;
     this.stats.promptSwitches += 1;
-    this.sendMsg({ type: 'prompt', prompt });
+    // the first fragment that can carry it: one the server has not sent yet (refined by a
+    // status `prompt_seq`, when the server reports where the new prompt starts)
+    this.marks.push({ prompt, sentAt: performance.now(), fromSeq: this.lastSeq + 1, method: 'estimate' });
+    if (this.marks.length > 8) this.marks.shift();
+    return true;
   }
 
   pause() { this.sendMsg({ type: 'pause' }); }
@@ -81,13 +137,19 @@ export class Player {
   resume() { this.sendMsg({ type: 'resume' }); }
 
   stop() {
-    if (this.state === 'reconnecting' || !this.ws || this.ws.readyState !== WebSocket.OPEN) {
+    if (INACTIVE.includes(this.state)) return;
+    if (this.state === 'connecting' || this.state === 'reconnecting' || !this.ws
+      || this.ws.readyState !== WebSocket.OPEN || !this.conn || this.conn.phase === 'idle') {
       this.finish('stopped');
       return;
     }
-    if (this.conn.phase === 'idle' || this.conn.stopping) return;
+    if (this.conn.stopping) return;
     this.setState('stopping');
-    this.sendMsg({ type: 'stop' });
+    if (!this.sendMsg({ type: 'stop' })) {
+      this.finish('stopped');
+      return;
+    }
+    this.stopTimer = setTimeout(() => { if (this.state === 'stopping') this.finish('stopped'); }, STOP_TIMEOUT_MS);
   }
 
   // ------------------------------------------------------------------------------ socket
@@ -99,15 +161,34 @@ export class Player {
   }
 
   openSocket(onOpen) {
-    const ws = new WebSocket(this.socketUrl());
+    let ws;
+    try {
+      ws = new WebSocket(this.socketUrl());
+    } catch (e) {
+      this.fail(`could not open a WebSocket to ${this.url}: ${e.message}`);
+      return;
+    }
     ws.binaryType = 'arraybuffer';
     this.ws = ws;
     this.conn = new ClientConnection();
     let opened = false;
-    ws.onopen = () => { opened = true; this.reconnects = 0; onOpen(); };
+    ws.onopen = () => {
+      if (ws !== this.ws) return;
+      opened = true;
+      this.reconnects = 0;
+      try {
+        onOpen();
+      } catch (e) {
+        this.fail(`could not start: ${e.message}`);
+      }
+    };
     ws.onmessage = (ev) => {
       if (ws !== this.ws) return;
-      this.onFrame(ev.data);
+      try {
+        this.onFrame(ev.data);
+      } catch (e) {
+        this.fail(`player error: ${e.name}: ${e.message}`);
+      }
     };
     ws.onclose = (ev) => {
       if (ws !== this.ws) return;
@@ -122,7 +203,7 @@ export class Player {
       data = this.conn.send(msg);
     } catch (e) {
       if (e instanceof ProtocolError) {
-        if (msg.type !== 'ack') this.message('warn', `not sent: ${e.message}`);
+        if (msg.type !== 'ack') this.message('error', `not sent: ${e.message}`);
         return false;
       }
       throw e;
@@ -132,13 +213,13 @@ export class Player {
   }
 
   sendAck() {
-    if (this.appendedSeq < 0 || !this.conn || this.conn.phase !== 'active') return;
-    const playhead = Math.max(0, this.video.currentTime || 0);
+    if (this.appendedSeq < 0 || !this.conn || this.conn.phase !== 'active' || !this.sink) return;
+    const playhead = Math.max(0, this.sink.currentTime || 0);
     this.sendMsg({ type: 'ack', seq: this.appendedSeq, playhead });
   }
 
   onClose(ev, opened) {
-    if (this.state === 'ended' || this.state === 'idle' || this.state === 'error') return;
+    if (INACTIVE.includes(this.state)) return;
     const live = this.session && this.state !== 'stopping';
     if (live && this.reconnects < RECONNECT_DELAYS_MS.length) {
       const delay = RECONNECT_DELAYS_MS[this.reconnects++];
@@ -188,56 +269,105 @@ export class Player {
       return;
     }
     this.session = msg.session;
-    this.mime = msg.mime;
     Object.assign(this.stats, { session: msg.session, width: msg.width, height: msg.height, fps: msg.fps,
       mime: msg.mime });
-    if (!('MediaSource' in window) || !MediaSource.isTypeSupported(msg.mime)) {
-      this.fail(`this browser cannot play ${msg.mime} with Media Source Extensions`);
-      return;
-    }
     this.setState('starting');
-    const ms = new MediaSource();
-    this.mediaSource = ms;
-    this.video.src = URL.createObjectURL(ms);
-    ms.addEventListener('sourceopen', () => {
-      if (ms !== this.mediaSource) return;
-      try {
-        this.sb = ms.addSourceBuffer(msg.mime);
-        this.sb.mode = 'segments';
-      } catch (e) {
-        this.fail(`could not create a SourceBuffer for ${msg.mime}: ${e.message}`);
+    const wc = this.path === 'webcodecs' || (this.path === 'auto' && this.canvas && WebCodecsSink.available());
+    if (wc) {
+      if (!this.canvas || !WebCodecsSink.available()) {
+        this.fail('this browser has no WebCodecs VideoDecoder (it needs a secure context: https or localhost); ' +
+          'use path=mse');
         return;
       }
-      this.sb.addEventListener('updateend', () => this.onUpdateEnd());
-      this.sb.addEventListener('error', () => this.message('error', 'SourceBuffer append error'));
-      this.pump();
-    }, { once: true });
+      this.useSink(new WebCodecsSink(this.canvas, { stats: this.stats, hooks: this.hooks() }));
+    } else {
+      this.useMse();
+    }
+  }
+
+  useMse() {
+    const mime = this.stats.mime;
+    if (!MseSink.supported(mime)) {
+      this.fail(`this browser cannot play ${mime} with Media Source Extensions`);
+      return false;
+    }
+    this.useSink(new MseSink(this.video, { mime, keepBehindS: this.keepBehindS, fps: this.stats.fps,
+      stats: this.stats, hooks: this.hooks() }));
+    return true;
+  }
+
+  useSink(sink) {
+    if (this.sink) this.sink.destroy();
+    this.sink = sink;
+    this.stats.path = sink.kind;
+    if (this.video) this.video.hidden = sink.kind !== 'mse';
+    if (this.canvas) this.canvas.hidden = sink.kind !== 'webcodecs';
+  }
+
+  hooks() {
+    return {
+      onAppended: (seq) => {
+        this.appendedSeq = Math.max(this.appendedSeq, seq);
+        this.stats.appended += 1;
+        if (this.state === 'starting' || this.state === 'reconnecting') this.setState('playing');
+        this.sendAck();
+      },
+      onShown: (mediaTime, wallMs) => this.onShown(mediaTime, wallMs),
+      onError: (text) => this.fail(text),
+      onWarn: (text) => this.message('warn', text),
+    };
   }
 
   onInit(msg) {
     if (this.initSegment && equalBytes(this.initSegment, msg.data)) return; // same stream after attach
     this.initSegment = msg.data;
-    this.queue.push({ kind: 'init', data: msg.data });
-    this.pump();
+    const sink = this.sink;
+    if (!sink) return;
+    if (sink.kind === 'mse') {
+      sink.init(msg.data);
+      return;
+    }
+    this.sinkReady = sink.configure(msg.data).then((ok) => {
+      this.sinkReady = null;
+      if (ok || sink !== this.sink || INACTIVE.includes(this.state)) return;
+      if (this.path === 'webcodecs') {
+        this.fail(`WebCodecs cannot decode ${this.stats.mime} in this browser; use path=mse`);
+        return;
+      }
+      const pending = sink.takePending(); // fall back to MSE with what arrived meanwhile
+      if (!this.useMse()) return;
+      this.message('info', `WebCodecs cannot decode ${this.stats.mime} here: using Media Source Extensions`);
+      this.sink.init(msg.data);
+      for (const f of pending) this.sink.append(f);
+    }, (e) => this.fail(`could not set up the video decoder: ${e.message}`));
   }
 
   onFragment(msg) {
     if (this.lastSeq >= 0 && msg.seq > this.lastSeq + 1) {
       this.stats.gaps += msg.seq - this.lastSeq - 1;
     }
-    this.lastSeq = msg.seq;
+    if (this.sink) this.liveStep(); // before it lands: the low point of the buffer's sawtooth
+    this.lastSeq = Math.max(this.lastSeq, msg.seq);
     this.stats.fragments += 1;
     this.stats.bytes += msg.data.byteLength;
-    this.arrivals.push({ pts: msg.pts, end: msg.pts + msg.duration, t: performance.now() });
+    this.edge.setChunkDuration(msg.duration);
+    this.arrivals.push({ seq: msg.seq, pts: msg.pts, end: msg.pts + msg.duration, t: performance.now() });
     if (this.arrivals.length > 256) this.arrivals.splice(0, this.arrivals.length - 256);
-    this.queue.push({ kind: 'fragment', data: msg.data, seq: msg.seq, pts: msg.pts });
-    this.pump();
+    if (this.sink) this.sink.append({ seq: msg.seq, data: msg.data, pts: msg.pts, duration: msg.duration });
   }
 
   onStatus(msg) {
     this.stats.genFps = msg.gen_fps;
     this.stats.leadS = msg.lead_s;
     this.stats.serverState = msg.state;
+    if (msg.state === 'generating' && msg.gen_fps > 0 && this.stats.fps) {
+      // a source faster than real time is held back by the server's pacing: its lead is not lag
+      this.edge.setPaced(msg.gen_fps > 1.2 * this.stats.fps);
+    }
+    if (Number.isInteger(msg.prompt_seq)) { // optional server hint: first seq made with the latest prompt
+      const m = this.marks.findLast((x) => x.shownAt === undefined);
+      if (m && msg.prompt_seq >= m.fromSeq - 1) Object.assign(m, { fromSeq: msg.prompt_seq, method: 'server' });
+    }
     if (msg.dropped != null && msg.dropped > this.stats.dropped) {
       this.message('warn', `the server dropped ${msg.dropped} fragment(s) for this player so far ` +
         '(the network or this tab is too slow); playback skips ahead');
@@ -247,10 +377,11 @@ export class Player {
 
   onEnd(msg) {
     this.stats.endReason = msg.reason;
-    this.wantEnd = true;
+    this.stats.serverState = null;
+    this.clearStopTimer();
     this.setState('ended');
     this.message(msg.reason === 'error' ? 'error' : 'info', `stream ended: ${msg.reason}`);
-    this.pump();
+    if (this.sink) this.sink.end();
     this.closeSocket();
   }
 
@@ -262,125 +393,87 @@ export class Player {
     if (msg.code === 'unknown_session' && this.state === 'reconnecting') {
       this.fail(`the session expired while reconnecting: ${msg.message}`);
     } else if (msg.fatal || ((msg.ref === 'start' || msg.ref === 'attach') && msg.code !== 'out_of_order')) {
-      this.fail(text); // a refused start/attach leaves nothing to play
+      this.fail(`${msg.ref === 'start' ? 'start refused: ' : ''}${text}`); // nothing to play
     } else {
       this.message('error', text);
     }
   }
 
-  // ------------------------------------------------------------------------------ media
+  // ------------------------------------------------------------------------------ display
 
-  pump() {
-    const sb = this.sb;
-    if (!sb || sb.updating || this.current) return;
-    const op = this.queue.shift();
-    if (!op) {
-      if (this.wantEnd && this.mediaSource?.readyState === 'open') {
-        try { this.mediaSource.endOfStream(); } catch (e) { /* already ended */ }
+  onShown(mediaTime, wallMs) {
+    const s = this.stats;
+    s.shownFrames += 1;
+    if (s.firstFrameS === null) s.firstFrameS = (wallMs - this.t0) / 1000;
+    for (const m of this.marks) {
+      if (m.shownAt !== undefined) continue;
+      const a = this.arrivals.find((x) => x.seq >= m.fromSeq);
+      if (a && mediaTime >= a.pts - 1e-3) {
+        m.shownAt = wallMs;
+        const latency = Math.max(0, (wallMs - m.sentAt) / 1000);
+        s.promptLatencyS = latency;
+        s.promptLatencies.push(latency);
+        if (s.promptLatencies.length > 50) s.promptLatencies.shift();
+        s.promptLatencyMethod = m.method;
       }
-      return;
     }
-    this.current = op;
-    try {
-      if (op.kind === 'remove') sb.remove(op.start, op.end);
-      else sb.appendBuffer(op.data);
-    } catch (e) {
-      this.current = null;
-      if (e.name === 'QuotaExceededError' && op.kind !== 'remove') {
-        this.queue.unshift(op);
-        if (!this.freeSpace(true)) {
-          // nothing behind the playhead to free: drop the oldest pending fragment
-          const i = this.queue.findIndex((o) => o.kind === 'fragment');
-          if (i >= 0) this.queue.splice(i, 1);
-          this.stats.quotaDrops += 1;
-          this.message('warn', 'media buffer full: dropped a fragment');
-          setTimeout(() => this.pump(), 50);
-        }
-        return;
-      }
-      this.fail(`could not ${op.kind === 'remove' ? 'trim' : 'append'} media: ${e.name}: ${e.message}`);
-    }
+    this.marks = this.marks.filter((m) => m.shownAt === undefined);
   }
 
-  onUpdateEnd() {
-    const op = this.current;
-    this.current = null;
-    if (op && op.kind === 'fragment') {
-      this.appendedSeq = Math.max(this.appendedSeq, op.seq);
-      this.stats.appended += 1;
-      if (this.state === 'starting' || this.state === 'reconnecting') this.setState('playing');
-      this.startPlaybackIfNeeded();
-      this.sendAck();
-    }
-    this.pump();
+  isPlaying() {
+    return ['playing', 'reconnecting'].includes(this.state) && !!this.sink && this.sink.started
+      && !(this.video && this.sink.kind === 'mse' && this.video.paused);
   }
 
-  startPlaybackIfNeeded() {
-    const v = this.video;
-    const b = v.buffered;
-    if (!b.length) return;
-    if (!inRange(b, v.currentTime)) {
-      const i = rangeStartingAfter(b, v.currentTime);
-      if (i >= 0) v.currentTime = b.start(i);
+  /** One LiveEdge observation, applied to the sink; returns the seconds jumped. */
+  liveStep() {
+    const sink = this.sink, playing = this.isPlaying();
+    const { rate, jump } = this.edge.update(performance.now() / 1000, sink.bufferedAhead(), playing);
+    sink.setRate(playing ? rate : 1);
+    if (jump > 0) {
+      sink.jump(jump);
+      this.stats.liveJumps += 1;
     }
-    if (v.paused) {
-      v.play().catch((e) => this.message('warn', `autoplay was blocked (${e.name}); press play`));
-    }
-  }
-
-  freeSpace(aggressive = false) {
-    const v = this.video, b = this.sb?.buffered;
-    if (!b || !b.length) return false;
-    const keep = aggressive ? Math.min(1, this.keepBehindS) : this.keepBehindS;
-    const end = v.currentTime - keep;
-    if (end <= b.start(0) + 0.1) return false;
-    if (!this.queue.some((o) => o.kind === 'remove')) this.queue.unshift({ kind: 'remove', start: 0, end });
-    this.pump();
-    return true;
+    return jump;
   }
 
   tick() {
-    const v = this.video;
-    const b = v.buffered;
-    if (b && b.length && this.state !== 'idle') {
-      const liveEnd = b.end(b.length - 1);
-      // 1. jump over gaps (fragments dropped by the server or on QuotaExceededError): the video
-      //    stalls up to a frame before the end of the range it plays, or sits before the first one
-      const frame = 1 / (this.stats.fps || 16);
-      const stalled = v.readyState < 3 && !v.paused && bufferedAhead(b, v.currentTime) < Math.max(0.1, 1.5 * frame);
-      if (!inRange(b, v.currentTime) || stalled) {
-        const next = rangeStartingAfter(b, v.currentTime);
-        if (next >= 0) {
-          v.currentTime = b.start(next) + 0.001;
-          this.stats.gapJumps += 1;
-        }
+    const sink = this.sink;
+    if (sink) {
+      sink.tick(this.state === 'playing');
+      const playing = this.isPlaying();
+      const jump = this.liveStep();
+      // a stall: playing, yet the playhead did not move since the last tick
+      const t = sink.currentTime;
+      const stalled = playing && this.lastPlayhead !== null && t - this.lastPlayhead < 1e-3 && !jump;
+      if (stalled) {
+        if (!this.stalledNow) this.stats.stalls += 1;
+        this.stats.stallS += TICK_MS / 1000;
       }
-      // 2. stay near the live edge
-      if (liveEnd - v.currentTime > MAX_BEHIND_LIVE_S) {
-        v.currentTime = Math.max(0, liveEnd - LIVE_TARGET_S);
-        this.stats.liveJumps += 1;
-      }
-      // 3. trim what is far behind
-      if (v.currentTime - b.start(0) > this.keepBehindS * 1.5) this.freeSpace();
-      if (v.paused && this.state === 'playing' && !v.ended) this.startPlaybackIfNeeded();
+      this.stalledNow = stalled;
+      this.lastPlayhead = playing ? t : null;
     }
     this.updateStats();
   }
 
   updateStats() {
-    const v = this.video, b = v.buffered, s = this.stats;
+    const s = this.stats, sink = this.sink;
     s.state = this.state;
-    s.currentTime = v.currentTime;
-    s.bufferedS = b && b.length ? bufferedAhead(b, v.currentTime) : 0;
-    const q = v.getVideoPlaybackQuality ? v.getVideoPlaybackQuality() : null;
-    s.decodedFrames = q ? q.totalVideoFrames : 0;
-    s.droppedFrames = q ? q.droppedVideoFrames : 0;
-    // latency: how long ago the media now on screen arrived, minus how far into it we are
-    const now = performance.now();
-    const a = this.arrivals.find((x) => v.currentTime >= x.pts && v.currentTime < x.end);
-    if (a) s.latencyS = (now - a.t) / 1000 - (v.currentTime - a.pts);
-    s.mediaError = v.error ? `${v.error.code}: ${v.error.message}` : null;
-    if (v.error && this.state !== 'error') this.fail(`the video element reported a media error ${s.mediaError}`);
+    if (sink) {
+      s.currentTime = sink.currentTime;
+      s.bufferedS = sink.bufferedAhead();
+      const q = sink.quality();
+      s.decodedFrames = q.decoded;
+      s.droppedFrames = q.dropped;
+      if (q.skipped !== undefined) s.skippedFrames = q.skipped;
+      // latency: how long ago the media now on screen arrived, minus how far into it we are
+      const now = performance.now();
+      const a = this.arrivals.find((x) => s.currentTime >= x.pts && s.currentTime < x.end);
+      if (a) s.latencyS = (now - a.t) / 1000 - (s.currentTime - a.pts);
+      s.mediaError = sink.mediaError();
+      if (s.mediaError && this.state !== 'error') this.fail(`the video element reported a media error ${s.mediaError}`);
+    }
+    s.live = this.edge.snapshot();
     this.onStats(s);
   }
 
@@ -389,6 +482,8 @@ export class Player {
   setState(state) {
     this.state = state;
     this.stats.state = state;
+    if (INACTIVE.includes(state)) this.stats.serverState = null;
+    this.onStats(this.stats); // the controls follow at once (Stop is usable while connecting)
   }
 
   message(level, text) {
@@ -398,15 +493,21 @@ export class Player {
   fail(text) {
     this.setState('error');
     this.stats.lastError = text;
+    this.clearStopTimer();
     this.message('error', text);
     this.closeSocket();
     this.clearTimers();
+    if (this.sink) this.sink.setRate(1);
+    this.updateStats();
   }
 
   finish(reason) {
     this.stats.endReason = reason;
+    this.clearStopTimer();
     this.setState('ended');
     this.closeSocket();
+    if (this.sink) this.sink.end();
+    this.updateStats();
   }
 
   closeSocket() {
@@ -420,25 +521,29 @@ export class Player {
     this.timers = [];
   }
 
+  clearStopTimer() {
+    if (this.stopTimer !== null) clearTimeout(this.stopTimer);
+    this.stopTimer = null;
+  }
+
   resetMedia() {
     this.clearTimers();
+    this.clearStopTimer();
     this.closeSocket();
-    if (this.video.src) {
-      URL.revokeObjectURL(this.video.src);
-      this.video.removeAttribute('src');
-      this.video.load();
-    }
-    Object.assign(this, { mediaSource: null, sb: null, queue: [], current: null, session: null, initSegment: null,
-      lastSeq: -1, appendedSeq: -1, arrivals: [], wantEnd: false });
+    if (this.sink) this.sink.destroy();
+    Object.assign(this, { sink: null, sinkReady: null, session: null, initSegment: null, lastSeq: -1, appendedSeq: -1,
+      arrivals: [], marks: [], lastPlayhead: null, stalledNow: false });
   }
 }
 
 // ------------------------------------------------------------------------------ helpers
 
 function freshStats() {
-  return { state: 'idle', session: null, fragments: 0, appended: 0, bytes: 0, gaps: 0, dropped: 0, errors: 0,
-    lastError: null, genFps: 0, leadS: 0, latencyS: null, bufferedS: 0, currentTime: 0, decodedFrames: 0,
-    droppedFrames: 0, liveJumps: 0, gapJumps: 0, quotaDrops: 0, promptSwitches: 0, endReason: null, mediaError: null };
+  return { state: 'idle', path: null, session: null, fragments: 0, appended: 0, bytes: 0, gaps: 0, dropped: 0,
+    errors: 0, lastError: null, genFps: 0, leadS: 0, serverState: null, latencyS: null, bufferedS: 0,
+    currentTime: 0, decodedFrames: 0, droppedFrames: 0, shownFrames: 0, stalls: 0, stallS: 0, liveJumps: 0,
+    gapJumps: 0, quotaDrops: 0, promptSwitches: 0, firstFrameS: null, promptLatencyS: null, promptLatencies: [],
+    promptLatencyMethod: null, endReason: null, mediaError: null, live: null };
 }
 
 function defaultUrl() {
@@ -447,10 +552,14 @@ function defaultUrl() {
 }
 
 function cleanStart(o) {
-  const out = { prompt: String(o.prompt || '').trim() };
-  if (!out.prompt) throw new Error('type a prompt first');
+  const out = { prompt: String(o?.prompt || '').trim() };
+  if (!out.prompt) throw new Error('the prompt is empty: type a prompt first');
   for (const k of ['width', 'height', 'fps', 'seed', 'chunks', 'interpolate']) {
-    if (o[k] !== undefined && o[k] !== null && o[k] !== '') out[k] = Number(o[k]);
+    const v = o[k];
+    if (v === undefined || v === null || v === '') continue;
+    const n = Number(v);
+    if (!Number.isFinite(n)) throw new Error(`${k} must be a number, got ${JSON.stringify(String(v))}`);
+    out[k] = n;
   }
   if (o.model) out.model = String(o.model);
   if (o.image) out.image = o.image;
@@ -463,56 +572,57 @@ function equalBytes(a, b) {
   return true;
 }
 
-function inRange(b, t) {
-  for (let i = 0; i < b.length; i++) if (t >= b.start(i) && t < b.end(i)) return true;
-  return false;
-}
-
-function rangeStartingAfter(b, t) {
-  for (let i = 0; i < b.length; i++) if (b.start(i) > t) return i;
-  return -1;
-}
-
-function bufferedAhead(b, t) {
-  for (let i = 0; i < b.length; i++) if (t >= b.start(i) - 0.001 && t < b.end(i)) return b.end(i) - t;
-  return 0;
-}
-
 // ------------------------------------------------------------------------------ page UI
 
 export function mountUI(doc = document) {
   const $ = (id) => doc.getElementById(id);
   const params = new URLSearchParams(location.search);
-  const video = $('video');
   const promptBox = $('prompt');
   const msgBox = $('message');
   const overlay = $('overlay');
+  const pathBox = $('path');
   const fmt = (x, d = 1) => (x === null || x === undefined || Number.isNaN(x) ? '–' : Number(x).toFixed(d));
+  if (params.get('path') && PATHS.includes(params.get('path'))) pathBox.value = params.get('path');
 
-  const player = new Player(video, {
+  const showMessage = (level, text) => {
+    msgBox.textContent = text;
+    msgBox.className = level;
+    if (level === 'error') console.error('[streamgen]', text); else console.info('[streamgen]', text);
+  };
+  const target = Number(params.get('target'));
+  const player = new Player($('video'), {
+    canvas: $('canvas'),
     url: params.get('server') || null,
     token: params.get('token'),
+    path: pathBox.value,
+    targetS: target > 0 ? target : LIVE_TARGET_S,
     keepBehindS: Number(params.get('keep')) > 0 ? Number(params.get('keep')) : KEEP_BEHIND_S,
-    onMessage: (level, text) => {
-      msgBox.textContent = text;
-      msgBox.className = level;
-      if (level === 'error') console.error('[streamgen]', text); else console.info('[streamgen]', text);
-    },
+    onMessage: showMessage,
     onStats: (s) => {
+      const active = !INACTIVE.includes(s.state);
+      const head = s.state === 'error' ? 'error' : `${s.state}${active && s.serverState ? ' / ' + s.serverState : ''}`;
       overlay.textContent = [
-        `${s.state}${s.serverState ? ' / ' + s.serverState : ''}`,
+        head + (s.path ? ` (${s.path})` : ''),
         `latency ${fmt(s.latencyS, 2)} s`,
         `generated ${fmt(s.genFps)} fps`,
         `buffered ${fmt(s.bufferedS, 2)} s`,
+        `rate ${fmt(s.live?.rate, 2)}`,
         `frames ${s.decodedFrames}`,
-        s.dropped ? `dropped ${s.dropped}` : '',
+        `dropped frames ${s.droppedFrames}`,
+        `stalls ${s.stalls}`,
+        s.firstFrameS !== null ? `first frame ${fmt(s.firstFrameS, 2)} s` : '',
+        s.promptLatencyS !== null ? `prompt→frame ${fmt(s.promptLatencyS, 2)} s` : '',
+        s.dropped ? `dropped fragments ${s.dropped}` : '',
       ].filter(Boolean).join('  ·  ');
-      $('start').disabled = !['idle', 'ended', 'error'].includes(s.state);
-      $('stop').disabled = ['idle', 'ended', 'error'].includes(s.state);
+      overlay.dataset.state = s.state;
+      $('start').disabled = active;
+      $('stop').disabled = !active;
       $('apply').disabled = !['playing', 'starting'].includes(s.state);
+      pathBox.disabled = active;
     },
   });
   window.streamgen = player; // for the console and tests
+  window.streamgenPlayer = player;
 
   if (params.get('prompt')) promptBox.value = params.get('prompt');
   const options = () => {
@@ -525,29 +635,30 @@ export function mountUI(doc = document) {
     return o;
   };
   const start = () => {
-    try {
-      msgBox.textContent = '';
-      msgBox.className = '';
-      player.start(options());
-    } catch (e) {
-      player.message('error', e.message);
-    }
+    msgBox.textContent = '';
+    msgBox.className = '';
+    player.path = pathBox.value;
+    player.start(options());
   };
+  const apply = () => {
+    const p = promptBox.value.trim();
+    if (player.setPrompt(p)) showMessage('info', `prompt switched to "${p}" from the next chunk`);
+  };
+  const active = () => ['playing', 'starting', 'reconnecting'].includes(player.state);
+  // Enter in the prompt box: change the prompt while a stream runs, start one otherwise (the form's
+  // implicit submission does nothing while its default button, Start, is disabled)
+  promptBox.addEventListener('keydown', (ev) => {
+    if (ev.key !== 'Enter' || ev.isComposing) return;
+    ev.preventDefault();
+    if (active()) apply(); else if (INACTIVE.includes(player.state)) start();
+  });
   $('controls').addEventListener('submit', (ev) => {
     ev.preventDefault();
-    if (['playing', 'starting'].includes(player.state)) $('apply').click(); else start();
+    if (active()) apply(); else if (INACTIVE.includes(player.state)) start();
   });
   $('start').addEventListener('click', (ev) => { ev.preventDefault(); start(); });
   $('stop').addEventListener('click', (ev) => { ev.preventDefault(); player.stop(); });
-  $('apply').addEventListener('click', (ev) => {
-    ev.preventDefault();
-    try {
-      player.setPrompt(promptBox.value.trim());
-      player.message('info', `prompt switched to "${promptBox.value.trim()}" from the next chunk`);
-    } catch (e) {
-      player.message('error', e.message);
-    }
-  });
+  $('apply').addEventListener('click', (ev) => { ev.preventDefault(); apply(); });
   player.updateStats();
   if (params.get('autostart') === '1' && promptBox.value) start();
   return player;
