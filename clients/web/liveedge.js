@@ -23,7 +23,7 @@
 export const LIVE_DEFAULTS = Object.freeze({
   targetS: 0.3, // low-water mark kept ahead of the playhead
   maxRate: 1.1,
-  gain: 0.25, // playback rate above 1 per second of excess
+  gain: 0.4, // playback rate above 1 per second of excess
   deadbandS: 0.05,
   jumpS: 2.0, // excess beyond this is skipped
   windowS: 2.0, // minimum low-water window (also >= 3 fragment durations)
