@@ -108,7 +108,7 @@ def _words(text: str) -> list[str]:
 
 
 def _all_phrases() -> list[str]:
-    out = list(_ARTICLES) + ["an", "and", "with", "there", "is"]
+    out = list(_ARTICLES) + ["an", "and", "with", "there", "is", "shape", "thing"]
     for _, syn in COLOURS.values():
         out += syn
     for syn in SHAPES.values():
