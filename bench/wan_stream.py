@@ -37,7 +37,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import streamgen.models.wan as wan_mod  # noqa: E402
 from streamgen.models.wan import WanCache, WanConfig, WanModel  # noqa: E402
 from streamgen.ops import attention as attn_ops  # noqa: E402
 from streamgen.sampling.stream import StreamConfig, SessionState  # noqa: E402
@@ -55,8 +54,8 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @contextlib.contextmanager
-def attention_backend(name: str):
-    """Route every attention call of wan.py through one backend for the duration."""
+def attention_backend(model: WanModel, name: str):
+    """Route every attention call of ``model`` through one backend for the duration."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     if name == "fa4":
@@ -69,12 +68,13 @@ def attention_backend(name: str):
         ctx = sdpa_kernel(kernels) if kernels else contextlib.nullcontext()
     if _COMPILED:
         fn = _DISABLED.setdefault(name, torch.compiler.disable(fn))  # one object per backend: one recompile
-    wan_mod.attention = fn
+    before = model.attention
+    model.attention = fn
     try:
         with ctx:
             yield
     finally:
-        wan_mod.attention = _ORIG_ATTENTION
+        model.attention = before
 
 
 class StepTimer:
@@ -123,7 +123,7 @@ def run_stream(model: WanModel, ctx: torch.Tensor, args, timer: StepTimer) -> di
 
 def bench_backend(model: WanModel, ctx: torch.Tensor, name: str, args) -> dict:
     res: dict = {"backend": name}
-    with attention_backend(name):
+    with attention_backend(model, name):
         timer = StepTimer(model)
         try:
             for _ in range(args.warmup):
@@ -192,7 +192,7 @@ def correctness(model: WanModel, backends: list[str], args) -> dict:
     out: dict = {}
     # fp32 reference first, then free it
     m32 = copy.deepcopy(model).float()
-    with attention_backend("sdpa"):
+    with attention_backend(m32, "sdpa"):
         ref32 = m32(x, t, ctx, frames_per_block=args.fpc)
     del m32
     torch.cuda.empty_cache()
@@ -200,7 +200,7 @@ def correctness(model: WanModel, backends: list[str], args) -> dict:
     chunked = {}
     for name in backends:
         try:
-            with attention_backend(name):
+            with attention_backend(model, name):
                 full = model(x, t, ctx, frames_per_block=args.fpc)
                 ch = chunked_forward(model, x, t, ctx, args.fpc)
         except Exception as exc:  # noqa: BLE001 - reported, not hidden
@@ -236,7 +236,7 @@ def profile_stream(model: WanModel, ctx: torch.Tensor, name: str, args, path: st
     """One stream under torch.profiler; returns the top GPU kernels table."""
     from torch.profiler import ProfilerActivity, profile
 
-    with attention_backend(name):
+    with attention_backend(model, name):
         timer = StepTimer(model)
         try:
             run_stream(model, ctx, args, timer)

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
 
-from streamgen.engine.source import TestPatternFactory
+from streamgen.server.sources import TestPatternFactory
 from streamgen.server.app import ServerConfig, build_app
 
 

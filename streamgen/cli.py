@@ -15,11 +15,10 @@ import sys
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("streamgen.cli", "version, torch, device and the detected attention backends / kernels"),
-    "generate": ("streamgen.sampling.generate", "generate a video chunk by chunk into an MP4 file"),
+    "generate": ("streamgen.generate", "generate a video chunk by chunk into an MP4 file"),
     "interpolate": ("streamgen.media.interpolate", "RIFE frame interpolation of a video file"),
-    "serve": ("streamgen.server.app", "run the streaming server (WebSocket + browser player)"),
+    "serve": ("streamgen.server.serve", "run the streaming server (WebSocket + browser player)"),
     "watch": ("streamgen.client", "record a stream from a server to a file"),
-    "bench": ("streamgen.bench", "GPU benchmarks"),
 }
 
 
@@ -70,12 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name != module:  # a real missing dependency inside the module: surface it
-                raise
-            continue  # subcommand not part of this build
+        mod = importlib.import_module(module)
         p = sub.add_parser(name, help=help_text, description=help_text)
         mod.add_arguments(p)
         p.set_defaults(_run=mod.run)

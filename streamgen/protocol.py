@@ -40,6 +40,7 @@ SUPPORTED_VERSIONS: tuple[int, ...] = (1,)
 ENDPOINT = "/v1/stream"
 MAX_SEQ = 2**53 - 1  # exact in a JavaScript number
 SESSION_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
+INTERPOLATE_FACTORS = (1, 2, 4)  # start.interpolate: RIFE frame-rate multipliers
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class Limits:
     max_seed: int = 2**32 - 1
     max_chunks: int = 1_000_000
     max_text_bytes: int = 4096  # error.message
+    max_pixels: int = 1280 * 720  # width * height of a stream (a served model may lower it); checked by the engine
 
 
 DEFAULT_LIMITS = Limits()
@@ -123,7 +125,7 @@ SCHEMA: dict[str, tuple[Field, ...]] = {
         Field("fps", "int", False, min="min_fps", max="max_fps"),
         Field("seed", "int", False, min=0, max="max_seed"),
         Field("chunks", "int", False, min=1, max="max_chunks"),
-        Field("interpolate", "int", False, one_of=(1, 2, 4)),
+        Field("interpolate", "int", False, one_of=INTERPOLATE_FACTORS),
         Field("image", "bin", False, min=1, max="max_image_bytes"),
     ),
     "prompt": (Field("prompt", "str", min=1, max="max_prompt_bytes"),),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -10,11 +11,9 @@ import torch
 
 from streamgen.models.rife import IFNet, load_rife
 
-WEIGHTS = Path(__file__).resolve().parents[2] / "shared/weights/rife-v4.26/flownet.pkl"
+WEIGHTS = Path(os.environ.get("STREAMGEN_TEST_RIFE")
+               or Path(__file__).resolve().parents[2] / "shared/weights/rife-v4.26/flownet.pkl")  # checked in conftest
 PHOTO = Path(__file__).parent / "data" / "coffee.jpg"
-needs_weights = pytest.mark.skipif(
-    not WEIGHTS.is_file(), reason=f"real RIFE v4.26 weights not found at {WEIGHTS} (shared/weights/rife-v4.26)"
-)
 
 
 def load_photo() -> torch.Tensor:
@@ -31,6 +30,4 @@ def psnr(a: torch.Tensor, b: torch.Tensor, border: int) -> float:
 
 
 def real_model() -> IFNet:
-    if not WEIGHTS.is_file():
-        pytest.skip(f"real RIFE v4.26 weights not found at {WEIGHTS}")
     return load_rife(WEIGHTS)

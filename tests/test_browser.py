@@ -20,7 +20,7 @@ import pytest
 import websockets
 from aiohttp import web
 
-from streamgen.engine.source import TestPatternFactory, prompt_color
+from streamgen.server.sources import TestPatternFactory, prompt_color
 from streamgen.server import app as app_module
 from streamgen.server.app import ServerConfig, build_app
 
@@ -206,7 +206,7 @@ async def test_browser_plays_switches_prompt_reconnects_and_stops():
     async with served_page(app) as (cdp, session, port, runner):
         state = runner.app[app_module.STATE]
         p1, p2 = "a red fox in the snow", "a blue whale at dusk"
-        page = f"http://127.0.0.1:{port}/?autostart=1&keep=1&prompt={quote(p1)}"  # keep 1 s behind
+        page = f"http://127.0.0.1:{port}/?path=mse&autostart=1&keep=1&prompt={quote(p1)}"  # keep 1 s behind
         await cdp.call("Page.navigate", {"url": page}, session)
 
         # 1. playback starts and advances
@@ -278,19 +278,20 @@ async def test_browser_plays_the_generation_engine():
 
     from rife_data import WEIGHTS
     from streamgen.engine.core import Engine, EngineSettings, Pipeline
-    from streamgen.engine.serving import EngineFactory, ModelLimits
+    from streamgen.server.sources import EngineFactory
     from streamgen.models.rife import load_rife
-    from streamgen.sampling.generate import MODELS, build_components
+    from streamgen.pipeline import build
 
-    model, text, dec, _ = build_components(MODELS["tiny"], torch.device("cpu"), torch.float32, decoder="taehv")
+    p = build("tiny", decoder="taehv")
+    model, text, dec = p.model, p.text_encoder, p.decoder
     rife = load_rife(WEIGHTS) if WEIGHTS.is_file() else None
     factor = 2 if rife is not None else 1
     engine = Engine(Pipeline(model=model, text_encoder=text, decoder=dec, rife=rife),
-                    EngineSettings(max_sessions=1, local_frames=6, sink_frames=0))
-    factory = EngineFactory("tiny", engine, ModelLimits(128, 128, 256 * 256))
+                    EngineSettings(local_frames=6, sink_frames=0))
+    factory = EngineFactory("tiny", engine, width=128, height=128)
     app = build_app(ServerConfig(model="tiny", max_lead_s=2.0, encode_threads=2), factory)
     async with served_page(app) as (cdp, session, port, _):
-        url = f"http://127.0.0.1:{port}/?autostart=1&prompt={quote('a red fox')}&interpolate={factor}"
+        url = f"http://127.0.0.1:{port}/?path=mse&autostart=1&prompt={quote('a red fox')}&interpolate={factor}"
         await cdp.call("Page.navigate", {"url": url}, session)
         s = await wait_for(cdp, session, lambda s: s["t"] > 1.0 and s["frames"] > 16, "engine playback to start")
         assert s["state"] == "playing" and s["lastError"] is None and s["error"] is None, s

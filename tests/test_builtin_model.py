@@ -20,9 +20,10 @@ from streamgen.weights import builtin_path, load_builtin
 
 @pytest.fixture(scope="module")
 def shapes_model():
-    from streamgen.sampling.generate import MODELS, build_components
+    from streamgen.pipeline import build
 
-    model, text, dec, vae = build_components(MODELS["shapes"], torch.device("cpu"), torch.float32, decoder="wan")
+    p = build("shapes")
+    model, text, dec, vae = p.model, p.text_encoder, p.decoder, p.vae
     assert dec is vae
     return model, text, vae
 
@@ -97,7 +98,7 @@ def test_generate_cli_shapes(tmp_path, capsys):
     assert len(frames) == 9 and frames[0].shape == (128, 128, 3)
     assert "shapes 128x128" in capsys.readouterr().err
     assert main(["generate", "--model", "shapes", "--prompt", "x", "--decoder", "taehv", "--out", str(out)]) == 2
-    assert "ships its own Wan VAE" in capsys.readouterr().err
+    assert "ships its own wan decoder only" in capsys.readouterr().err
 
 
 def test_rendered_clip_is_measured_as_captioned():

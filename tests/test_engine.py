@@ -18,12 +18,11 @@ from streamgen.engine.scheduler import Scheduler
 # -- scheduler -------------------------------------------------------------------------------------
 
 def test_scheduler_round_robin_credits_pause_and_limit():
-    s = Scheduler(max_sessions=3, max_ahead=2)
+    s = Scheduler(max_ahead=2)
     for sid, limit in ((1, None), (2, None), (3, 3)):
         s.admit(sid, limit=limit)
-    assert not s.can_admit()
-    with pytest.raises(RuntimeError, match="3 session slots"):
-        s.admit(4)
+    with pytest.raises(ValueError, match="already scheduled"):
+        s.admit(3)
     order = []
     for _ in range(6):
         slot = s.next()
@@ -42,11 +41,11 @@ def test_scheduler_round_robin_credits_pause_and_limit():
     s.consumed(3)
     assert s.next().sid == 2  # a finished session is never picked again
     s.remove(3)
-    assert s.can_admit()
+    assert 3 not in s.slots
 
 
 def test_scheduler_credit_never_exceeds_max_ahead():
-    s = Scheduler(max_sessions=1, max_ahead=1)
+    s = Scheduler(max_ahead=1)
     s.admit(7)
     for _ in range(5):
         s.consumed(7)
@@ -58,9 +57,10 @@ def test_scheduler_credit_never_exceeds_max_ahead():
 
 @pytest.fixture(scope="module")
 def tiny():
-    from streamgen.sampling.generate import MODELS, build_components
+    from streamgen.pipeline import build
 
-    model, text, dec, vae = build_components(MODELS["tiny"], torch.device("cpu"), torch.float32, decoder="taehv")
+    p = build("tiny", decoder="taehv")
+    model, text, dec = p.model, p.text_encoder, p.decoder
     rife = None
     if RIFE.is_file():
         from streamgen.models.rife import load_rife
@@ -94,7 +94,7 @@ def _reference(tiny, req: GenRequest, n_chunks: int, settings: EngineSettings, s
 
 def _engine(tiny, **kw) -> Engine:
     model, text, dec, rife = tiny
-    settings = EngineSettings(**{"max_sessions": 2, "local_frames": 6, "sink_frames": 0, **kw})
+    settings = EngineSettings(**{"local_frames": 6, "sink_frames": 0, **kw})
     return Engine(Pipeline(model=model, text_encoder=text, decoder=dec, rife=rife), settings).start()
 
 
@@ -123,7 +123,6 @@ async def test_two_interleaved_sessions_equal_their_direct_computation(tiny, war
     assert eng.stats["chunks"] >= 8 and eng.stats["errors"] == 0
 
 
-@pytest.mark.skipif(not RIFE.is_file(), reason=f"real RIFE weights not found at {RIFE}")
 async def test_prompt_switch_and_interpolation_match_direct(tiny):
     eng = _engine(tiny)
     try:
@@ -162,10 +161,10 @@ class _FailingDecoder:
         return self.inner.decode_chunk(latents, state)
 
 
-async def test_failure_stays_in_its_session_and_cancel_frees_the_slot(tiny):
+async def test_failure_stays_in_its_session_and_cancel_frees_the_cache(tiny):
     model, text, dec, rife = tiny
     eng = Engine(Pipeline(model=model, text_encoder=text, decoder=_FailingDecoder(dec, 96 // 8)),
-                 EngineSettings(max_sessions=2, local_frames=6, sink_frames=0)).start()
+                 EngineSettings(local_frames=6, sink_frames=0)).start()
     try:
         good = await eng.open(GenRequest("ok", 64, 64))
         bad = await eng.open(GenRequest("boom", 96, 64))
@@ -173,19 +172,17 @@ async def test_failure_stays_in_its_session_and_cancel_frees_the_slot(tiny):
             await bad.get()
         for _ in range(3):
             assert (await good.get()).shape[1:] == (64, 64, 3)
-        with pytest.raises(EngineError) as e:  # both slots still counted until cancel
-            await eng.open(GenRequest("third", 64, 64))
-        assert e.value.code == "busy"
+        assert set(eng._sessions) == {good.sid}  # the failed session's cache is gone already
         bad.cancel()
         third = await eng.open(GenRequest("third", 64, 64))
         assert (await third.get()).shape == (9, 64, 64, 3)
         good.cancel()
         third.cancel()
         for _ in range(50):  # the busy loop drops cancelled sessions (and their caches)
-            if not eng._streams:
+            if not eng._sessions:
                 break
             await asyncio.sleep(0.02)
-        assert not eng._streams and not eng.scheduler.slots
+        assert not eng._sessions and not eng.scheduler.slots
     finally:
         eng.close()
 
@@ -194,6 +191,8 @@ async def test_failure_stays_in_its_session_and_cancel_frees_the_slot(tiny):
     ("width", GenRequest("p", 72, 64)),
     ("interpolate", GenRequest("p", 64, 64, interpolate=3)),
     ("chunks", GenRequest("p", 64, 64, chunks=0)),
+    ("width", GenRequest("p", 1024, 1024)),  # over max_pixels
+    ("prompts", GenRequest("p", 64, 64, chunks=2, prompts={2: "late"})),
 ])
 def test_bad_requests_name_the_field(tiny, field, req):
     model, text, dec, _ = tiny
@@ -217,13 +216,13 @@ async def test_server_streams_from_the_engine(tiny, tmp_path):
     from aiohttp.test_utils import TestServer
 
     from streamgen.client import StreamClient
-    from streamgen.engine.serving import EngineFactory, ModelLimits
+    from streamgen.server.sources import EngineFactory
     from streamgen.server.app import ServerConfig, build_app
 
     model, text, dec, rife = tiny
     engine = Engine(Pipeline(model=model, text_encoder=text, decoder=dec, rife=rife),
-                    EngineSettings(max_sessions=2, local_frames=6, sink_frames=0))
-    factory = EngineFactory("tiny", engine, ModelLimits(64, 64, 256 * 256))
+                    EngineSettings(local_frames=6, sink_frames=0))
+    factory = EngineFactory("tiny", engine, width=64, height=64)
     server = TestServer(build_app(ServerConfig(model="tiny", max_lead_s=None), factory))
     await server.start_server()
     try:
@@ -268,7 +267,7 @@ class _FailingText:
 async def test_failing_prompt_switch_fails_only_its_session(tiny):
     model, text, dec, _ = tiny
     eng = Engine(Pipeline(model=model, text_encoder=_FailingText(text, "explode"), decoder=dec),
-                 EngineSettings(max_sessions=2, local_frames=6, sink_frames=0)).start()
+                 EngineSettings(local_frames=6, sink_frames=0)).start()
     try:
         good, bad = await eng.open(GenRequest("ok", 64, 64)), await eng.open(GenRequest("soon bad", 64, 64))
         await bad.get()
@@ -289,7 +288,7 @@ async def test_close_ends_waiting_handles_and_refuses_new_streams(tiny):
     h = await eng.open(GenRequest("x", 64, 64))
     await h.get()
     await asyncio.get_running_loop().run_in_executor(None, eng.close)
-    assert not eng._streams and eng._thread is None
+    assert not eng._sessions and eng._thread is None
     with pytest.raises(EngineError, match="stopped"):
         for _ in range(3):  # a chunk made before close may still be queued; then the error, never a hang
             await asyncio.wait_for(h.get(), 10)
@@ -337,15 +336,16 @@ async def test_server_pause_busy_disconnect_and_shutdown_reach_the_engine(tiny):
     from aiohttp.test_utils import TestServer
 
     from streamgen import protocol as P
-    from streamgen.engine.serving import EngineFactory, ModelLimits
+    from streamgen.server.sources import EngineFactory
     from streamgen.server import app as app_module
     from streamgen.server.app import ServerConfig, build_app
 
     model, text, dec, _ = tiny
     engine = Engine(Pipeline(model=model, text_encoder=text, decoder=dec),
-                    EngineSettings(max_sessions=1, local_frames=6, sink_frames=0))
-    factory = EngineFactory("tiny", engine, ModelLimits(64, 64, 256 * 256))
-    server = TestServer(build_app(ServerConfig(model="tiny", max_lead_s=None, grace_s=0.3), factory))
+                    EngineSettings(local_frames=6, sink_frames=0))
+    factory = EngineFactory("tiny", engine, width=64, height=64)
+    server = TestServer(build_app(ServerConfig(model="tiny", max_lead_s=None, grace_s=0.3, max_sessions=1,
+                                               max_sessions_per_client=1), factory))
     await server.start_server()
     url = f"ws://127.0.0.1:{server.port}/v1/stream"
     a = await _Ws.open(url)
@@ -357,14 +357,15 @@ async def test_server_pause_busy_disconnect_and_shutdown_reach_the_engine(tiny):
     await a.send(P.Resume())
     await _until(lambda: [s.paused for s in engine.scheduler.slots.values()] == [False], "the engine to resume")
     await a.until(P.Fragment)
-    # 2. the engine's only slot is taken: a second start is refused with busy (no field)
+    # 2. the server's only session is taken: a second start is refused with busy (no field)
     b = await _Ws.open(url)
     await b.send(P.Start(prompt="second"))
     err = await b.until(P.Error)
-    assert (err.code, err.field, err.ref) == ("busy", None, "start") and "slots" in err.message
-    # 3. an abrupt disconnect: after the grace period the session and its engine slot are freed
+    assert (err.code, err.field, err.ref) == ("busy", None, "start") and "limit of 1 sessions" in err.message
+    assert len(engine.scheduler.slots) == 1  # the refused start never reached the engine
+    # 3. an abrupt disconnect: after the grace period the session and its engine cache are freed
     a.ws.transport.abort()
-    await _until(lambda: not engine._streams and engine._open == 0, "the engine slot to be freed", 15)
+    await _until(lambda: not engine._sessions and not engine.scheduler.slots, "the engine session to be freed", 15)
     assert not server.app[app_module.STATE].registry.sessions
     # 4. the slot is usable again; stopping the server with that session in flight ends it cleanly
     await b.send(P.Start(prompt="second, again"))
@@ -372,21 +373,21 @@ async def test_server_pause_busy_disconnect_and_shutdown_reach_the_engine(tiny):
     closing = asyncio.ensure_future(server.close())
     assert (await b.until(P.End)).reason == "shutdown"
     await asyncio.wait_for(closing, 30)
-    assert engine._thread is None and not engine._streams and engine._stop.is_set()
+    assert engine._thread is None and not engine._sessions and engine._stop.is_set()
 
 
 async def test_generation_failure_through_the_server_is_reported_then_ends(tiny):
     from aiohttp.test_utils import TestServer
 
     from streamgen import protocol as P
-    from streamgen.engine.serving import EngineFactory, ModelLimits
+    from streamgen.server.sources import EngineFactory
     from streamgen.server.app import ServerConfig, build_app
 
     model, text, dec, _ = tiny
     engine = Engine(Pipeline(model=model, text_encoder=text, decoder=_FailingDecoder(dec, 96 // 8)),
-                    EngineSettings(max_sessions=1, local_frames=6, sink_frames=0))
+                    EngineSettings(local_frames=6, sink_frames=0))
     server = TestServer(build_app(ServerConfig(model="tiny", max_lead_s=None),
-                                  EngineFactory("tiny", engine, ModelLimits(64, 64, 256 * 256))))
+                                  EngineFactory("tiny", engine, width=64, height=64)))
     await server.start_server()
     try:
         c = await _Ws.open(f"ws://127.0.0.1:{server.port}/v1/stream")

@@ -7,6 +7,7 @@ import av
 import numpy as np
 import pytest
 
+from rife_data import WEIGHTS as RIFE_WEIGHTS
 from streamgen.cli import main
 from streamgen.sampling.stream import frames_for_chunks
 
@@ -102,14 +103,14 @@ def test_bad_arguments_name_the_problem(tmp_path, capsys):
         "frames_per_chunk=4", "local_frames")
 
 
-def test_build_components_leaves_the_global_rng_alone():
+def test_build_leaves_the_global_rng_alone():
     import torch
 
-    from streamgen.sampling.generate import MODELS, build_components
+    from streamgen import pipeline
 
     def build(decoder):
-        model, _, dec, _ = build_components(MODELS["tiny"], torch.device("cpu"), torch.float32, decoder=decoder)
-        return {**model.state_dict(), **{f"dec.{k}": v for k, v in dec.state_dict().items()}}
+        p = pipeline.build("tiny", decoder=decoder)
+        return {**p.model.state_dict(), **{f"dec.{k}": v for k, v in p.decoder.state_dict().items()}}
 
     torch.manual_seed(123)
     want = torch.rand(4)
@@ -122,10 +123,6 @@ def test_build_components_leaves_the_global_rng_alone():
         assert all(torch.equal(again[k], v) for k, v in sd.items()), d
 
 
-RIFE_WEIGHTS = Path(__file__).resolve().parents[2] / "shared/weights/rife-v4.26/flownet.pkl"
-
-
-@pytest.mark.skipif(not RIFE_WEIGHTS.is_file(), reason=f"real RIFE v4.26 weights not found at {RIFE_WEIGHTS}")
 @pytest.mark.parametrize("factor", [2, 4])
 def test_interpolate_multiplies_frames_and_fps(tmp_path, capsys, factor):
     out = tmp_path / f"x{factor}.mp4"

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from streamgen.media.interpolate import Interpolator, scene_scores, source_time
-from rife_data import PHOTO, WEIGHTS, load_photo, needs_weights, real_model
+from rife_data import PHOTO, WEIGHTS, load_photo, real_model
 from rife_data import psnr as _psnr
 from streamgen.models.rife import IFNet, RIFEConfig
 
@@ -83,7 +83,6 @@ def test_counts_and_timestamps_exact_with_blend(tiny, factor):
     assert (out.amax(dim=(1, 2, 3)) == out.amin(dim=(1, 2, 3))).all()
 
 
-@needs_weights
 def test_rife_output_is_at_its_source_time(model, photo):
     # 4x on a pan: output m must match the ground-truth frame at source_time(m), not a neighbour's
     interp = Interpolator(model, 4, scene_threshold=None)
@@ -101,7 +100,6 @@ def test_rife_output_is_at_its_source_time(model, photo):
 
 # ---- chunk seams --------------------------------------------------------------------------------
 
-@needs_weights
 @pytest.mark.parametrize("factor", [2, 4])
 def test_chunked_equals_whole_sequence(model, photo, factor):
     interp = Interpolator(model, factor)
@@ -142,7 +140,6 @@ def test_scene_scores_separate_motion_from_cuts(photo):
     assert s_move.max() < 0.1 < 0.15 < s_cut.min(), (s_move, s_cut)
 
 
-@needs_weights
 def test_cut_pairs_get_copies_not_ghosts(model, photo):
     a = pan(photo, range(4))
     b = 1.0 - torch.flip(a, (-1,))  # another "scene"
@@ -157,7 +154,6 @@ def test_cut_pairs_get_copies_not_ghosts(model, photo):
     torch.testing.assert_close(out_b[8], (frames[3] + frames[4]) / 2, atol=1e-6, rtol=0)
 
 
-@needs_weights
 def test_forced_cut_on_prompt_switch(model, photo):
     frames = pan(photo, range(6))
     interp = Interpolator(model, 2, scene_threshold=None)
@@ -188,7 +184,6 @@ def test_errors_are_actionable(tiny):
 
 # ---- CLI ----------------------------------------------------------------------------------------
 
-@needs_weights
 def test_cli_doubles_the_frame_rate(tmp_path, photo, monkeypatch):
     av = pytest.importorskip("av")
     from streamgen.cli import main

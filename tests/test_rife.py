@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rife_data import WEIGHTS, load_photo, needs_weights, real_model
+from rife_data import WEIGHTS, load_photo, real_model
 from rife_data import psnr as _psnr
 from streamgen.models.rife import IFNet, RIFEConfig, convert_rife_state_dict, load_rife
 
@@ -37,7 +37,6 @@ def photo() -> torch.Tensor:
 
 # ---- loading ------------------------------------------------------------------------------------
 
-@needs_weights
 def test_loads_real_checkpoint_and_drops_training_keys(caplog):
     with caplog.at_level(logging.INFO, logger="streamgen.models.rife"):
         m = load_rife(WEIGHTS)
@@ -47,7 +46,6 @@ def test_loads_real_checkpoint_and_drops_training_keys(caplog):
     assert 5_000_000 < n_params < 7_000_000
 
 
-@needs_weights
 def test_module_prefix_and_bad_checkpoints(tmp_path):
     sd = torch.load(WEIGHTS, map_location="cpu", weights_only=True)
     ref = load_rife(WEIGHTS)

@@ -17,7 +17,7 @@ import websockets
 from aiohttp import web
 
 from streamgen import protocol as P
-from streamgen.engine.source import TestPatternFactory, prompt_color, read_frame_index
+from streamgen.server.sources import TestPatternFactory, prompt_color, read_frame_index
 from streamgen.server.app import ServerConfig, build_app
 
 W, H, FPS, FPC = 128, 64, 16, 4  # small frames, 4 frames (0.25 s) per chunk

@@ -31,6 +31,7 @@ export const DEFAULT_LIMITS = Object.freeze({
   max_seed: 2 ** 32 - 1,
   max_chunks: 1000000,
   max_text_bytes: 4096,
+  max_pixels: 921600, // width * height, checked by the server's engine
 });
 
 export class ProtocolError extends Error {

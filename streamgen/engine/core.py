@@ -8,7 +8,7 @@ Flow of one chunk (busy thread)::
                      -> uint8 (T,H,W,3) -> pinned host copy + CUDA event (no host sync)
                      -> handle's asyncio.Queue via call_soon_threadsafe
 
-The event-loop side (:class:`EngineHandle`) awaits the event in a worker thread, so neither loop
+The event-loop side (:class:`SessionHandle`) awaits the event in a worker thread, so neither loop
 ever blocks the other. Commands (open, prompt, pause, cancel, consumed) are queued to the busy
 thread, which is the only thread that touches models, caches and CUDA state. A failure inside one
 session (bad image, OOM, a prompt the text encoder rejects, a bug) is delivered to that session's
@@ -16,13 +16,16 @@ handle as :class:`EngineError` and the loop goes on with the others; a cancelled
 is dropped at once. When the loop ends (``close()``) every handle still waiting gets an
 EngineError, and ``open()`` refuses new streams, so no awaiting coroutine is left hanging.
 
-Threads: ``_handles`` and ``_open`` are shared by both sides and guarded by ``_lock``; every
-other piece of state (streams, scheduler, interpolators, stats) belongs to the busy thread.
-A slot counts against ``max_sessions`` from ``open()`` until ``handle.cancel()``, also after the
-stream has finished or failed: the owner of a handle must cancel it.
+Threads: ``_handles`` is shared by both sides and guarded by ``_lock``; every other piece of
+state (sessions, scheduler, interpolators, stats) belongs to the busy thread. The engine admits
+every session it is given: how many may run at once is decided by the caller (the server's
+session registry holds the one admission count). The owner of a handle must cancel it.
 
 Sessions are served one chunk at a time, round robin (:mod:`streamgen.engine.scheduler`); each
-keeps its own cache position, so sessions are not batched into one forward.
+keeps its own cache position, so sessions are not batched into one forward. A request with
+``chunks`` ends after exactly that many chunks (then ``get()`` raises EOFError); without an
+attention window (``local_frames=None``) the cache is sized for ``chunks`` and a request must
+give it.
 """
 
 from __future__ import annotations
@@ -40,10 +43,10 @@ import numpy as np
 import torch
 
 from streamgen.engine.scheduler import Scheduler
+from streamgen.media.frames import to_uint8, unit_frames
+from streamgen.protocol import DEFAULT_LIMITS, INTERPOLATE_FACTORS, Limits
 
 log = logging.getLogger(__name__)
-
-INTERPOLATE_FACTORS = (1, 2, 4)
 
 
 class EngineError(RuntimeError):
@@ -60,7 +63,8 @@ class Pipeline:
 
     model: WanModel (block-causal); text_encoder: ``encode(list[str])`` (a PromptCache);
     decoder: ``new_state()`` / ``decode_chunk``; vae: WanVAE for image start, or None;
-    rife: IFNet for interpolation, or None; fps: frame rate of decoded video (before RIFE).
+    rife: IFNet for interpolation, or None; fps: frame rate of decoded video (before RIFE);
+    preset: the streamgen.pipeline.ModelPreset it was built from (None when assembled by hand).
     """
 
     model: Any
@@ -71,11 +75,14 @@ class Pipeline:
     fps: int = 16
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
+    preset: Any = None
 
 
 @dataclass
 class GenRequest:
-    """One stream. image: uint8 (height, width, 3) RGB first frame, or None."""
+    """One session. image: uint8 (height, width, 3) RGB first frame, or None; chunks: how many
+    chunks in all (None: until cancelled); prompts: {chunk index: prompt} switches that take effect
+    exactly at that chunk (`generate --prompt-at`); name: the session's id in log lines."""
 
     prompt: str
     width: int
@@ -84,15 +91,18 @@ class GenRequest:
     chunks: int | None = None
     interpolate: int = 1
     image: np.ndarray | None = None
+    prompts: dict[int, str] = field(default_factory=dict)
+    name: str = ""
 
 
 @dataclass
 class EngineSettings:
-    """max_sessions: concurrent streams (each holds a KV cache); max_ahead: chunks a session may
-    have made beyond what its consumer took; local_frames / sink_frames: attention window of every
-    stream (endless streams need one); scene_threshold: RIFE scene-cut detection."""
+    """max_ahead: chunks a session may have made beyond what its consumer took; local_frames /
+    sink_frames: attention window of every session (None: no window, each session's cache is sized
+    for its ``chunks``); sampler / guidance / negative_prompt: the chunk loop's sampler (CFG only
+    for euler/unipc); scene_threshold: RIFE scene-cut detection; limits: the request limits
+    (streamgen.protocol.Limits, shared with the wire protocol)."""
 
-    max_sessions: int = 4
     max_ahead: int = 1
     local_frames: int | None = 12
     sink_frames: int = 3
@@ -100,25 +110,30 @@ class EngineSettings:
     frames_per_chunk: int | None = None
     num_steps: int = 4
     shift: float = 5.0
-    warmup: GenRequest | None = None  # a throwaway stream run once when the busy loop starts
+    sampler: str = "self-forcing"
+    guidance: float = 1.0
+    negative_prompt: str | None = None
+    limits: Limits = DEFAULT_LIMITS
+    warmup: GenRequest | None = None  # a throwaway session run once when the busy loop starts
 
 
 @dataclass
 class _Chunk:
     frames: torch.Tensor  # uint8 (T, H, W, 3) on the host (pinned when the device is CUDA)
-    ready: Any  # torch.cuda.Event recorded after the copy, or None
-    index: int
+    ready: Any  # torch.cuda.Event recorded after the copy (blocking: waiting sleeps), or None
     switched: bool
 
 
-class _Stream:
-    """Busy-thread state of one session."""
+class _EngineSession:
+    """Busy-thread state of one session: its chunk loop (caches, noise, prompt) and RIFE state."""
 
-    def __init__(self, session, interp, istate, factor: int):
-        self.session, self.interp, self.istate, self.factor = session, interp, istate, factor
+    def __init__(self, state, interp, req: GenRequest):
+        self.state, self.interp, self.istate = state, interp, interp.new_state()
+        self.prompts = dict(req.prompts)
+        self.name = req.name
 
 
-class EngineHandle:
+class SessionHandle:
     """Event-loop side of one session. ``await get()`` returns the next chunk as uint8 (T,H,W,3)."""
 
     def __init__(self, engine: "Engine", sid: int, width: int, height: int, fps: int):
@@ -126,8 +141,7 @@ class EngineHandle:
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue = asyncio.Queue()
         self._closed = False  # no more chunks will be returned
-        self._cancelled = False  # the slot was given back
-        self.chunks = 0  # chunks returned by get()
+        self._cancelled = False  # the engine was told to drop the session
         self.last_switched = False  # a prompt switch took effect at the chunk get() returned last
 
     def _deliver(self, item) -> None:  # from the busy thread
@@ -148,7 +162,6 @@ class EngineHandle:
             self._closed = True
             raise EOFError("no more chunks")
         self._engine._command("consumed", self.sid)
-        self.chunks += 1
         self.last_switched = item.switched
         if item.ready is not None:
             await asyncio.get_running_loop().run_in_executor(None, item.ready.synchronize)
@@ -172,18 +185,17 @@ class EngineHandle:
 
 
 class Engine:
-    """Owns the pipeline and the busy-loop thread; ``open()`` streams from the event loop."""
+    """Owns the pipeline and the busy-loop thread; ``open()`` sessions from the event loop."""
 
     def __init__(self, pipeline: Pipeline, settings: EngineSettings | None = None):
         self.pipeline = pipeline
         self.settings = s = settings or EngineSettings()
-        self.scheduler = Scheduler(s.max_sessions, s.max_ahead)
+        self.scheduler = Scheduler(s.max_ahead)
         self._cmds: queue.SimpleQueue = queue.SimpleQueue()
-        self._handles: dict[int, EngineHandle] = {}
-        self._streams: dict[int, _Stream] = {}
+        self._handles: dict[int, SessionHandle] = {}
+        self._sessions: dict[int, _EngineSession] = {}
         self._interps: dict[int, Any] = {}  # factor -> Interpolator (they share pipeline.rife)
         self._ids = itertools.count(1)
-        self._open = 0  # sessions admitted and not yet cancelled (event-loop view, for refusal)
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -203,6 +215,9 @@ class Engine:
         self._cmds.put(("wake", 0, None))
         if self._thread is not None:
             self._thread.join(timeout)
+            if self._thread.is_alive():  # a chunk is still running: keep the thread to join later
+                log.warning("engine busy loop did not stop within %.0f s (a chunk is still running)", timeout)
+                return
             self._thread = None
 
     # -- event-loop API --------------------------------------------------------------------------
@@ -212,45 +227,51 @@ class Engine:
         return self.pipeline.fps
 
     def validate(self, req: GenRequest) -> None:
-        """Raise EngineError naming the field when ``req`` is outside what this pipeline takes."""
+        """Raise EngineError naming the field when ``req`` is outside what this engine takes
+        (``settings.limits``, the table the wire protocol checks too, and this pipeline's parts)."""
+        lim, p = self.settings.limits, self.pipeline
         if req.interpolate not in INTERPOLATE_FACTORS:
             raise EngineError(f"interpolate must be one of {INTERPOLATE_FACTORS}, got {req.interpolate!r}",
                               "bad_field", "interpolate")
-        if req.interpolate > 1 and self.pipeline.rife is None:
-            raise EngineError("interpolate > 1 needs RIFE weights, which this server was started without "
-                              "(streamgen serve --rife PATH/flownet.pkl)", "unsupported", "interpolate")
+        if req.interpolate > 1 and p.rife is None:
+            raise EngineError("interpolate > 1 needs RIFE weights, which this engine was started without "
+                              "(--rife PATH/flownet.pkl)", "unsupported", "interpolate")
         for name in ("width", "height"):
             v = getattr(req, name)
-            if v % 16 or v < 16:
-                raise EngineError(f"{name} must be a positive multiple of 16, got {v}", "bad_field", name)
-        if req.image is not None and self.pipeline.vae is None:
+            if v % lim.size_multiple or not lim.size_multiple <= v <= lim.max_size:
+                raise EngineError(f"{name} must be a multiple of {lim.size_multiple} in {lim.size_multiple}.."
+                                  f"{lim.max_size}, got {v}", "bad_field", name)
+        if req.width * req.height > lim.max_pixels:
+            raise EngineError(f"width*height must be <= {lim.max_pixels} for this model, got {req.width}x{req.height}",
+                              "bad_field", "width")
+        if req.image is not None and p.vae is None:
             raise EngineError("image start needs the Wan VAE; this model decodes with TAEHV only",
                               "unsupported", "image")
-        if req.chunks is not None and req.chunks < 1:
-            raise EngineError(f"chunks must be >= 1, got {req.chunks}", "bad_field", "chunks")
+        if req.chunks is not None and not 1 <= req.chunks <= lim.max_chunks:
+            raise EngineError(f"chunks must be in 1..{lim.max_chunks}, got {req.chunks}", "bad_field", "chunks")
+        if req.chunks is None and not self.settings.local_frames:
+            raise EngineError("chunks is required: this engine runs without an attention window, so each "
+                              "session's cache is sized for its chunk count", "bad_field", "chunks")
+        bad = [i for i in req.prompts if not (req.chunks is None or 0 <= i < req.chunks)]
+        if bad:
+            raise EngineError(f"prompts: a switch at chunk {bad[0]} is beyond the last chunk {req.chunks - 1}",
+                              "bad_field", "prompts")
 
-    async def open(self, req: GenRequest) -> EngineHandle:
-        """Admit a stream. Raises EngineError (code ``busy``) when all slots are taken or the
-        engine is not running."""
+    async def open(self, req: GenRequest) -> SessionHandle:
+        """Start a session. Raises EngineError for a bad request (see ``validate``) or, with code
+        ``busy``, when the engine is not running."""
         self.validate(req)
         sid = next(self._ids)
-        handle = EngineHandle(self, sid, req.width, req.height, self.pipeline.fps * req.interpolate)
+        handle = SessionHandle(self, sid, req.width, req.height, self.pipeline.fps * req.interpolate)
         with self._lock:
             if self._thread is None or self._stop.is_set():
                 raise EngineError("the generation engine is not running (the server is shutting down); "
                                   "try again later", "busy")
-            if self._open >= self.settings.max_sessions:
-                raise EngineError(f"all {self.settings.max_sessions} generation slots are in use; try again later",
-                                  "busy")
-            self._open += 1
             self._handles[sid] = handle
         self._command("open", sid, req)
         return handle
 
     def _command(self, kind: str, sid: int, arg: Any = None) -> None:
-        if kind == "cancel":
-            with self._lock:
-                self._open -= 1
         self._cmds.put((kind, sid, arg))
 
     # -- busy loop (engine thread only) ----------------------------------------------------------
@@ -280,32 +301,31 @@ class Engine:
                 waiting = [h for h in self._handles.values() if not h._cancelled]
             for h in waiting:
                 h._deliver(EngineError("the generation engine stopped", "generation_failed"))
-            for sid in list(self._streams):
+            for sid in list(self._sessions):
                 self._drop(sid)
 
     def _handle_command(self, kind: str, sid: int, arg: Any) -> None:
         try:
             self._apply_command(kind, sid, arg)
         except Exception as e:  # noqa: BLE001 - e.g. a prompt the text encoder rejects: this session only
-            log.exception("session %d: %s failed", sid, kind)
-            self._fail(sid, e)
+            self._fail(sid, e, f"{kind} failed")
 
     def _apply_command(self, kind: str, sid: int, arg: Any) -> None:
         if kind == "open":
-            self._open_stream(sid, arg)
+            self._open_session(sid, arg)
         elif kind == "cancel":
             self._drop(sid)
-        elif sid not in self._streams:
+        elif sid not in self._sessions:
             return  # the session ended already
         elif kind == "consumed":
             self.scheduler.consumed(sid)
         elif kind == "prompt":
-            self._streams[sid].session.set_prompt(arg)
+            self._sessions[sid].state.set_prompt(arg)
         elif kind in ("pause", "resume"):
             self.scheduler.set_paused(sid, kind == "pause")
 
-    def _make_stream(self, req: GenRequest) -> _Stream:
-        from streamgen.sampling.stream import StreamConfig, SessionState
+    def _make_session(self, req: GenRequest) -> _EngineSession:
+        from streamgen.sampling.stream import SessionState, StreamConfig
 
         p, s = self.pipeline, self.settings
         image = None
@@ -314,40 +334,41 @@ class Engine:
             img = img.to(next(p.vae.parameters()).dtype).div(127.5).sub(1)[None, :, None]  # (1,3,1,H,W)
             image = p.vae.encode(img)
         cfg = StreamConfig(frames_per_chunk=s.frames_per_chunk, num_steps=s.num_steps, shift=s.shift,
+                           sampler=s.sampler, guidance_scale=s.guidance,
                            local_frames=s.local_frames, sink_frames=s.sink_frames if s.local_frames else None,
                            seed=req.seed)
         fpc = s.frames_per_chunk or p.model.cfg.frames_per_chunk
-        total = None if s.local_frames else (req.chunks or 1) * fpc + (image is not None)
-        session = SessionState(p.model, req.prompt, height=req.height, width=req.width, config=cfg,
-                                text_encoder=p.text_encoder, decoder=p.decoder, image=image,
-                                total_frames=total, device=p.device, dtype=p.dtype)
-        interp = self._interpolator(req.interpolate)
-        return _Stream(session, interp, interp.new_state(), req.interpolate)
+        total = None if s.local_frames else req.chunks * fpc + (image is not None)
+        state = SessionState(p.model, req.prompts.get(0, req.prompt), height=req.height, width=req.width, config=cfg,
+                             text_encoder=p.text_encoder, decoder=p.decoder, negative_prompt=s.negative_prompt,
+                             image=image, total_frames=total, device=p.device, dtype=p.dtype)
+        return _EngineSession(state, self._interpolator(req.interpolate), req)
 
-    def _open_stream(self, sid: int, req: GenRequest) -> None:
+    def _open_session(self, sid: int, req: GenRequest) -> None:
         with self._lock:
             handle = self._handles.get(sid)
         if handle is None or handle._cancelled:
             return
         try:
-            self._streams[sid] = self._make_stream(req)
+            self._sessions[sid] = self._make_session(req)
             self.scheduler.admit(sid, limit=req.chunks)
         except Exception as e:  # noqa: BLE001 - reported to this session only
-            log.exception("session %d: could not start", sid)
-            self._fail(sid, e)
+            self._fail(sid, e, "could not start", name=req.name)
 
     def _warmup(self, req: GenRequest, chunks: int = 2) -> None:
-        """Run a throwaway stream so that kernel loading, cuDNN autotuning and compilation happen before
-        the first viewer arrives (the first chunk on a cold H100 takes seconds, later ones < 1 s)."""
+        """Run a throwaway session so that kernel loading, cuDNN autotuning and compilation happen
+        before the first viewer arrives (the first chunk on a cold H100 takes seconds, later ones < 1 s).
+        Settings were validated when the engine was built, so a failure here is a bug: it is logged
+        with its traceback and the engine goes on."""
         t0 = time.perf_counter()
         try:
-            st = self._make_stream(req)
+            es = self._make_session(req)
             for _ in range(chunks):
-                out = self._compute(st)
+                out = self._compute(es)
             if out.ready is not None:
                 out.ready.synchronize()
-        except Exception:  # noqa: BLE001 - a failed warm-up only costs the first viewer the same time
-            log.exception("engine warm-up failed; continuing")
+        except Exception:  # noqa: BLE001 - the first viewer then pays the warm-up time
+            log.exception("engine warm-up failed")
             return
         log.info("engine warm-up: %d chunks at %dx%d in %.1f s", chunks, req.width, req.height,
                  time.perf_counter() - t0)
@@ -361,15 +382,14 @@ class Engine:
         return self._interps[factor]
 
     def _step(self, sid: int) -> None:
-        st = self._streams[sid]
+        es = self._sessions[sid]
         t0 = time.perf_counter()
         try:
-            out = self._compute(st)
+            out = self._compute(es)
         except Exception as e:  # noqa: BLE001 - one session's failure must not stop the others
-            log.exception("session %d: generation failed", sid)
             if isinstance(e, torch.cuda.OutOfMemoryError):
                 torch.cuda.empty_cache()
-            self._fail(sid, e)
+            self._fail(sid, e, "generation failed")
             return
         self.scheduler.served(sid)
         self.stats["chunks"] += 1
@@ -383,26 +403,35 @@ class Engine:
                 handle._deliver(None)
                 self._drop(sid, keep_handle=True)
 
-    def _compute(self, st: _Stream) -> _Chunk:
-        """One chunk of one stream: generate, decode, interpolate, uint8, copy to (pinned) host memory."""
-        chunk = st.session.next_chunk()
-        frames = chunk.frames[0].transpose(0, 1).add(1).mul_(0.5).clamp_(0, 1)  # (T, 3, H, W)
+    def _compute(self, es: _EngineSession) -> _Chunk:
+        """One chunk of one session: generate, decode, interpolate, uint8, copy to (pinned) host memory."""
+        st = es.state
+        switch = es.prompts.pop(st.chunk_index, None)
+        if switch is not None and st.chunk_index > 0:
+            st.set_prompt(switch)
+        chunk = st.next_chunk()
         if chunk.switched:
-            st.istate.cut()
-        frames = st.interp.process(frames, st.istate)
-        u8 = frames.mul(255).round_().to(torch.uint8).permute(0, 2, 3, 1)  # (T, H, W, 3)
+            es.istate.cut()
+        u8 = to_uint8(es.interp.process(unit_frames(chunk.frames), es.istate))  # (T, H, W, 3)
         ready = None
         if u8.is_cuda:
             host = torch.empty(u8.shape, dtype=torch.uint8, pin_memory=True)
             host.copy_(u8, non_blocking=True)
-            ready = torch.cuda.Event()
+            ready = torch.cuda.Event(blocking=True)  # the waiting worker thread sleeps, not spins
             ready.record()
         else:
             host = u8.contiguous().clone()
-        return _Chunk(host, ready, chunk.index, chunk.switched)
+        return _Chunk(host, ready, chunk.switched)
 
-    def _fail(self, sid: int, e: BaseException) -> None:
+    def _fail(self, sid: int, e: BaseException, what: str, name: str | None = None) -> None:
+        """Log a session's failure once (ERROR, with the session's name) and end that session."""
         self.stats["errors"] += 1
+        es = self._sessions.get(sid)
+        name = name or (es.name if es is not None else "") or f"#{sid}"
+        if isinstance(e, EngineError):
+            log.error("session %s: %s: %s", name, what, e)
+        else:
+            log.error("session %s: %s", name, what, exc_info=e)
         with self._lock:
             handle = self._handles.get(sid)
         if handle is not None:
@@ -411,7 +440,7 @@ class Engine:
         self._drop(sid, keep_handle=True)
 
     def _drop(self, sid: int, keep_handle: bool = False) -> None:
-        self._streams.pop(sid, None)
+        self._sessions.pop(sid, None)
         self.scheduler.remove(sid)
         if not keep_handle:
             with self._lock:

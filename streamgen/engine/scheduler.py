@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 
 @dataclass
-class SlotState:
+class SessionSlot:
     sid: int
     credits: int
     paused: bool = False
@@ -27,26 +27,20 @@ class SlotState:
 
 
 class Scheduler:
-    """Admission (bounded slots) and round-robin choice of the next session to run."""
+    """Round-robin choice of the next session to run (admission is the caller's: every session
+    given is scheduled)."""
 
-    def __init__(self, max_sessions: int, max_ahead: int = 1):
-        if max_sessions < 1:
-            raise ValueError(f"max_sessions must be >= 1, got {max_sessions}")
+    def __init__(self, max_ahead: int = 1):
         if max_ahead < 1:
             raise ValueError(f"max_ahead must be >= 1, got {max_ahead}")
-        self.max_sessions, self.max_ahead = max_sessions, max_ahead
-        self.slots: dict[int, SlotState] = {}
+        self.max_ahead = max_ahead
+        self.slots: dict[int, SessionSlot] = {}
         self._tick = 0
 
-    def can_admit(self) -> bool:
-        return len(self.slots) < self.max_sessions
-
-    def admit(self, sid: int, limit: int | None = None) -> SlotState:
+    def admit(self, sid: int, limit: int | None = None) -> SessionSlot:
         if sid in self.slots:
             raise ValueError(f"session {sid} is already scheduled")
-        if not self.can_admit():
-            raise RuntimeError(f"all {self.max_sessions} session slots are in use")
-        slot = SlotState(sid, credits=self.max_ahead, limit=limit)
+        slot = SessionSlot(sid, credits=self.max_ahead, limit=limit)
         self.slots[sid] = slot
         return slot
 
@@ -64,10 +58,10 @@ class Scheduler:
         if slot is not None:
             slot.paused = paused
 
-    def ready(self) -> list[SlotState]:
+    def ready(self) -> list[SessionSlot]:
         return [s for s in self.slots.values() if s.credits > 0 and not s.paused and not s.done]
 
-    def next(self) -> SlotState | None:
+    def next(self) -> SessionSlot | None:
         """The ready session served longest ago (ties: lowest id), or None when nothing is ready."""
         ready = self.ready()
         if not ready:

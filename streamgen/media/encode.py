@@ -31,7 +31,28 @@ from fractions import Fraction
 
 import numpy as np
 
-__all__ = ["Fragment", "FMP4Encoder", "codec_string", "split_annexb"]
+__all__ = ["Fragment", "FMP4Encoder", "Mp4Writer", "X264_PRESETS", "x264_options", "codec_string", "split_annexb"]
+
+X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
+
+
+def x264_options(preset: str = "veryfast", *, crf: int = 23, bitrate: int | None = None) -> dict[str, str]:
+    """The libx264 settings of every H.264 stream streamgen writes (live fragments and files alike):
+    no B-frames and no lookahead (every frame comes out as soon as it goes in, and the stream signals
+    zero reorder frames, so decoders hold nothing back), no scene-cut keyframes (the caller places
+    IDRs), constant quality ``crf`` or, with ``bitrate`` (bits/s), ABR with a one-second VBV buffer."""
+    if preset not in X264_PRESETS:
+        raise ValueError(f"preset must be one of {', '.join(X264_PRESETS)}, got {preset!r}")
+    if not 0 <= crf <= 51:
+        raise ValueError(f"crf must be in 0..51, got {crf}")
+    params = "keyint=infinite:min-keyint=1:scenecut=0:bframes=0:rc-lookahead=0:sync-lookahead=0"
+    opts = {"preset": preset, "tune": "zerolatency", "forced-idr": "1"}
+    if bitrate:
+        params += f":vbv-maxrate={int(bitrate) // 1000}:vbv-bufsize={int(bitrate) // 1000}"
+    else:
+        opts["crf"] = str(crf)
+    opts["x264-params"] = params
+    return opts
 
 
 @dataclass(frozen=True)
@@ -206,14 +227,9 @@ class FMP4Encoder:
         cc.framerate = self.fps
         cc.flags |= av.codec.context.Flags.global_header  # SPS/PPS in extradata, not in band
         cc.thread_count = threads
-        x264_params = "keyint=infinite:min-keyint=1:scenecut=0:bframes=0:rc-lookahead=0:sync-lookahead=0"
-        opts = {"preset": preset, "tune": "zerolatency", "forced-idr": "1", "x264-params": x264_params}
         if bitrate:
             cc.bit_rate = int(bitrate)
-            opts["x264-params"] += f":vbv-maxrate={int(bitrate) // 1000}:vbv-bufsize={int(bitrate) // 1000}"
-        else:
-            opts["crf"] = str(crf)
-        cc.options = opts
+        cc.options = x264_options(preset, crf=crf, bitrate=bitrate)
         cc.open()
         self._cc = cc
 
@@ -230,10 +246,6 @@ class FMP4Encoder:
         self._lock = threading.Lock()
         self._seq = 0
         self._next_frame = 0  # absolute index of the next frame (pts in frame units)
-
-    @property
-    def frames_encoded(self) -> int:
-        return self._next_frame
 
     def _to_avcc(self, packet_bytes: bytes) -> tuple[bytes, bool]:
         out = []
@@ -296,3 +308,45 @@ class FMP4Encoder:
         """Release the codec. Later ``encode_chunk`` calls raise."""
         with self._lock:
             self._cc = None
+
+
+class Mp4Writer:
+    """An MP4 file of H.264 (libx264 with :func:`x264_options`, yuv420p) from uint8 RGB frames
+    ``(T, H, W, 3)``; frame n has pts n / fps. Use as a context manager; ``frames`` counts frames written."""
+
+    def __init__(self, path: str, width: int, height: int, fps: float | Fraction, *, crf: int = 18,
+                 preset: str = "medium"):
+        import av
+
+        self.fps = Fraction(fps).limit_denominator(1001)
+        self.container = av.open(path, mode="w")
+        try:
+            self.stream = self.container.add_stream("libx264", rate=self.fps)
+            self.stream.width, self.stream.height, self.stream.pix_fmt = width, height, "yuv420p"
+            self.stream.time_base = 1 / self.fps
+            self.stream.options = x264_options(preset, crf=crf)
+        except BaseException:
+            self.container.close()
+            raise
+        self.frames = 0
+
+    def write(self, frames: np.ndarray) -> None:
+        import av
+
+        for rgb in frames:
+            vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+            vf.pts = self.frames
+            self.container.mux(self.stream.encode(vf))
+            self.frames += 1
+
+    def close(self) -> None:
+        if self.container is not None:
+            self.container.mux(self.stream.encode(None))
+            self.container.close()
+            self.container = None
+
+    def __enter__(self) -> "Mp4Writer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -259,6 +259,8 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
+    from streamgen.media.encode import Mp4Writer
+    from streamgen.media.frames import from_uint8, to_uint8
     from streamgen.models.rife import load_rife
 
     if args.chunk < 1:
@@ -285,24 +287,12 @@ def run(args: argparse.Namespace) -> int:
         if not rate:
             raise SystemExit(f"{args.input}: cannot tell the frame rate of the video stream")
         out_rate = Fraction(rate) * args.factor
-        with av.open(args.out, "w") as dst:
-            vout = dst.add_stream("libx264", rate=out_rate)
-            vout.width, vout.height = vin.codec_context.width, vin.codec_context.height
-            vout.pix_fmt = "yuv420p"
-            vout.time_base = Fraction(1) / out_rate
-            vout.options = {"crf": str(args.crf)}
-            t0, n_out = time.perf_counter(), 0
+        with Mp4Writer(args.out, vin.codec_context.width, vin.codec_context.height, out_rate, crf=args.crf) as dst:
+            t0 = time.perf_counter()
 
             def emit(batch: list[np.ndarray]) -> None:
-                nonlocal n_out
-                x = torch.from_numpy(np.stack(batch)).to(device).permute(0, 3, 1, 2).float().div_(255)
-                y = interp.process(x, state)
-                y = y.mul(255).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-                for img in y:
-                    f = av.VideoFrame.from_ndarray(img, format="rgb24")
-                    f.pts = n_out
-                    n_out += 1
-                    dst.mux(vout.encode(f))
+                y = interp.process(from_uint8(np.stack(batch), device), state)
+                dst.write(to_uint8(y).cpu().numpy())
 
             batch: list[np.ndarray] = []
             for frame in src.decode(vin):
@@ -312,7 +302,6 @@ def run(args: argparse.Namespace) -> int:
                     batch = []
             if batch:
                 emit(batch)
-            dst.mux(vout.encode(None))
     dt = time.perf_counter() - t0
     log.info("%d -> %d frames (%s fps -> %s fps), %d scene cuts forced, %.1f s (%.1f output frames/s)",
              state.frames_in, state.frames_out, float(rate), float(out_rate), len(state.forced_cuts), dt,

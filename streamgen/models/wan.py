@@ -68,9 +68,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from streamgen.ops.attention import attention
 
-__all__ = ["WanConfig", "WanModel", "WanCache", "PRESETS", "rope_split"]
+__all__ = ["WanConfig", "WanModel", "WanCache", "PRESETS", "rope_split", "sdpa"]
+
+AttnFn = Callable[..., torch.Tensor]
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The model's default attention: PyTorch SDPA on ``(B, L, heads, head_dim)`` tensors, returns
+    ``(B, Lq, heads, head_dim)``; ``attn_mask`` is bool (True = attend). ``WanModel.attention`` holds
+    the function every attention call of the model goes through; ``streamgen.ops.attention.use_backend``
+    swaps it for a detected kernel (flash-attn) from outside."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask)
+    return out.transpose(1, 2)
 
 
 @dataclass(frozen=True)
@@ -282,6 +292,7 @@ class WanBlock(nn.Module):
         self_attn_fn: SelfAttnFn,
         ctx_kv: tuple[torch.Tensor, torch.Tensor],
         dt: torch.dtype,
+        attn: AttnFn = sdpa,
     ) -> torch.Tensor:
         """x (B, L, dim) float32 residual; e0 (B, Fe, 6, dim) float32; dt: compute dtype of the
         linear layers' inputs. Returns the new residual."""
@@ -297,7 +308,7 @@ class WanBlock(nn.Module):
 
         # 2. cross-attention (text K/V given)
         q = self.cross_attn.query(self.norm3(x).to(dt))
-        x = x + self.cross_attn.out(attention(q, *ctx_kv)).float()
+        x = x + self.cross_attn.out(attn(q, *ctx_kv)).float()
 
         # 3. feed-forward
         y = _modulate(_layer_norm(x, self.eps), shift2, scale2).to(dt)
@@ -487,17 +498,18 @@ class WanCache:
         return mask.view(1, 1, 1, -1)
 
     @torch.compiler.disable  # cache writes + the attention kernel stay eager under a compiled block
-    def _attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _ChunkPlan, mask):
+    def _attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _ChunkPlan, mask,
+                attn: AttnFn = sdpa):
         kb, vb = self.k[layer], self.v[layer]  # (B, capacity*T, H, D)
         for dst, src, n in plan.write:
             kb[:, dst : dst + n] = k[:, src : src + n]
             vb[:, dst : dst + n] = v[:, src : src + n]
         if plan.n_prefix_keys is not None:
             n = plan.n_prefix_keys
-            return attention(q, kb[:, :n], vb[:, :n])
+            return attn(q, kb[:, :n], vb[:, :n])
         if plan.concat_chunk:
             kb, vb = torch.cat([kb, k.to(kb.dtype)], dim=1), torch.cat([vb, v.to(vb.dtype)], dim=1)
-        return attention(q, kb, vb, attn_mask=mask)
+        return attn(q, kb, vb, attn_mask=mask)
 
     def _commit(self, plan: _ChunkPlan) -> None:
         if plan.write:
@@ -522,6 +534,7 @@ class WanModel(nn.Module):
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, dim * 6))
         self.blocks = nn.ModuleList(WanBlock(cfg) for _ in range(cfg.num_layers))
         self.head = WanHead(cfg)
+        self.attention: AttnFn = sdpa  # every attention call; swapped by streamgen.ops.attention.use_backend
 
     # -- pieces shared by the full and the chunk forward
 
@@ -604,15 +617,15 @@ class WanModel(nn.Module):
         if frames_per_block is None:
             if local_frames is not None:
                 raise ValueError("local_frames needs frames_per_block (the window is block-causal)")
-            self_attn: SelfAttnFn = lambda q, k, v: attention(q, k, v)  # noqa: E731
+            self_attn: SelfAttnFn = self.attention
         else:
             tpf = grid[1] * grid[2]
             self_attn = lambda q, k, v: _block_causal_attention(  # noqa: E731
-                q, k, v, tpf, grid[0], frames_per_block, local_frames, sink_frames
+                q, k, v, tpf, grid[0], frames_per_block, local_frames, sink_frames, self.attention
             )
         for block in self.blocks:
             ctx_kv = block.cross_attn.key_value(ctx)
-            tokens = block(tokens, e0, rope, self_attn, ctx_kv, self.dtype)
+            tokens = block(tokens, e0, rope, self_attn, ctx_kv, self.dtype, self.attention)
         return self._unpatchify(self.head(tokens, e, self.dtype), grid)
 
     # -- streaming
@@ -676,8 +689,9 @@ class WanModel(nn.Module):
         rope = self._rope(grid, int(start_frame), x.device)
         mask = None if plan.n_prefix_keys is not None else cache._key_mask(plan, tokens.shape[1])
         for i, block in enumerate(self.blocks):
-            self_attn = functools.partial(cache._attend, i, plan=plan, mask=mask)
-            tokens = block(tokens, e0, rope, self_attn, (cache.cross_k[i], cache.cross_v[i]), self.dtype)
+            self_attn = functools.partial(cache._attend, i, plan=plan, mask=mask, attn=self.attention)
+            tokens = block(tokens, e0, rope, self_attn, (cache.cross_k[i], cache.cross_v[i]), self.dtype,
+                           self.attention)
         cache._commit(plan)
         return self._unpatchify(self.head(tokens, e, self.dtype), grid)
 
@@ -691,6 +705,7 @@ def _block_causal_attention(
     frames_per_block: int,
     local_frames: int | None,
     sink_frames: int,
+    attn: AttnFn = sdpa,
 ) -> torch.Tensor:
     """Reference block-causal attention, one SDPA call per block (no dense mask).
 
@@ -712,5 +727,5 @@ def _block_causal_attention(
         else:
             kk = torch.cat([k[:, : sink_hi * T], k[:, lo * T : e * T]], dim=1)
             vv = torch.cat([v[:, : sink_hi * T], v[:, lo * T : e * T]], dim=1)
-        outs.append(attention(q[:, s * T : e * T], kk, vv))
+        outs.append(attn(q[:, s * T : e * T], kk, vv))
     return torch.cat(outs, dim=1)

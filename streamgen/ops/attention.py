@@ -108,3 +108,14 @@ def attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask
     )
     return out.transpose(1, 2)
+
+
+def use_backend(model, backend: str = "auto"):
+    """Route every attention call of a built ``WanModel`` through :func:`attention` with ``backend``
+    (``auto``: flash-attn where detected and applicable, else SDPA). Returns the model."""
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
+    if backend != "sdpa" and _flash_fn()[0] is None:
+        _log_once("flash-attn not installed; attention runs on PyTorch SDPA")
+    model.attention = functools.partial(attention, backend=backend)
+    return model

@@ -2,8 +2,8 @@
 
 - ``schedules``: shift, Self-Forcing's warped few-step list, UniPC/Euler grids (``FlowSchedule``).
 - ``samplers``: Euler / UniPC steppers with CFG for non-distilled checkpoints.
-- ``stream``: ``SessionState`` (one stream: caches, noise, prompt switches, image start).
-- ``generate``: the ``streamgen generate`` command (heavy imports inside ``run``).
+- ``stream``: ``SessionState`` (one session's GPU state: caches, noise, prompt switches, image start).
+- ``full``: bidirectional whole-clip sampling (non-distilled checkpoints, `generate` only).
 
 Import the submodules directly; this package imports nothing heavy.
 """

@@ -22,23 +22,19 @@ import asyncio
 import itertools
 import logging
 import socket
-from typing import TYPE_CHECKING
 
 from aiohttp import WSMsgType, web
 
 from streamgen import protocol as P
-from streamgen.engine.source import SourceError
-from streamgen.server.sessions import Session, SessionLimits, Subscriber
-
-if TYPE_CHECKING:
-    from streamgen.server.app import ServerState
+from streamgen.server.sessions import Refused, Session, Subscriber
+from streamgen.server.state import ServerState
 
 log = logging.getLogger(__name__)
 _ids = itertools.count(1)
 
 
 class Connection:
-    def __init__(self, state: "ServerState", request: web.Request):
+    def __init__(self, state: ServerState, request: web.Request):
         self.state = state
         self.request = request
         self.id = f"c{next(_ids)}"
@@ -86,8 +82,8 @@ class Connection:
                 elif m.type == WSMsgType.ERROR:
                     log.debug("%s: websocket error %r", self.id, self.ws.exception())
                     break
-        except (ConnectionError, asyncio.CancelledError):
-            pass
+        except ConnectionError as e:
+            log.debug("%s: connection lost: %r", self.id, e)
         finally:
             self.state.sockets.discard(self)
             await self._detach()
@@ -176,40 +172,11 @@ class Connection:
                 s.ack(self.sub, msg.seq, msg.playhead)
 
     async def _start(self, msg: P.Start) -> None:
-        st = self.state
-        reg = st.registry
-        refusal = reg.check_capacity(self.client)
-        if refusal is not None:
-            await self._error(refusal[0], refusal[1], ref="start")
-            return
-        reg.reserve(self.client)
-        session = None
         try:
-            try:
-                source = await st.factory.create(msg)
-            except SourceError as e:
-                await self._error(e.code, f"start.{e.field}: {e}" if e.field else str(e), ref="start", field=e.field)
-                return
-            try:
-                from streamgen.media.encode import FMP4Encoder
-
-                loop = asyncio.get_running_loop()
-                encoder = await loop.run_in_executor(
-                    st.executor, lambda: FMP4Encoder(source.width, source.height, source.fps, preset=st.cfg.preset))
-            except BaseException:
-                await source.aclose()
-                raise
-            cfg = st.cfg
-            limits = SessionLimits(queue_fragments=cfg.queue_fragments, log_fragments=cfg.log_fragments,
-                                   max_lead_s=cfg.max_lead_s, grace_s=cfg.grace_s)
-            session = Session(source=source, encoder=encoder, metrics=st.metrics, executor=st.executor,
-                              client=self.client, limits=limits, chunks=msg.chunks, on_closed=reg.remove)
-            reg.add(session)
-        finally:
-            reg.release(self.client)
-        st.metrics.inc("sessions_started_total")
-        log.info("%s: session %s started (%dx%d @ %s fps, prompt %r)", self.id, session.id, session.encoder.width,
-                 session.encoder.height, session.encoder.fps, msg.prompt[:80])
+            session = await self.state.registry.create(msg, self.client)
+        except Refused as e:
+            await self._error(e.code, str(e), ref="start", field=e.field)
+            return
         if self.ws.closed:
             await session.aclose()
             return

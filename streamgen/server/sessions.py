@@ -2,7 +2,10 @@
 
 Contract
 --------
-A :class:`Session` owns one :class:`~streamgen.engine.source.FrameSource` and one
+The :class:`SessionRegistry` creates sessions (``await registry.create(start, client)``: admission
+against the per-server and per-client limits, the frame source from the factory, the encoder in
+the pool) and holds them until they close. A :class:`Session` owns one
+:class:`~streamgen.server.sources.FrameSource` and one
 :class:`~streamgen.media.encode.FMP4Encoder`. Its producer task pulls chunks from the source,
 encodes them in the shared encoder pool (never on the event loop) and appends each fragment
 (as a protocol ``Fragment`` message) to the session's :class:`FragmentLog`: a ring bounded
@@ -41,13 +44,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from streamgen import protocol as P
-from streamgen.engine.source import FrameSource
 from streamgen.media.encode import FMP4Encoder, Fragment
 from streamgen.server.metrics import Metrics
+from streamgen.server.sources import FrameSource, GenerationError, SourceError, SourceFactory
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LogEntry", "FragmentLog", "Subscriber", "Session", "SessionLimits", "SessionRegistry"]
+__all__ = ["LogEntry", "FragmentLog", "Subscriber", "Session", "SessionLimits", "SessionRegistry", "Refused"]
 
 
 @dataclass(frozen=True)
@@ -185,8 +188,7 @@ class Subscriber:
                         m.inc("fragments_dropped_total", n)
                         await self._send(s.status_message(dropped=self.dropped, queue=self.depth))
                         continue
-                    entry = lg.get(self.cursor)
-                    assert entry is not None
+                    entry = lg.get(self.cursor)  # held: first_seq <= cursor < head
                     n = await self._send(entry.message)
                     self.cursor += 1
                     self.sent_fragments += 1
@@ -200,10 +202,10 @@ class Subscriber:
                     self.finished = True
                     return
                 await self._wake.wait(timeout=1.0)
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:  # a broken socket must not take the session down
+        except (ConnectionError, RuntimeError) as e:  # the socket broke or closed: the connection handles it
             log.debug("sender %s/%s stopped: %r", s.id, self.conn_id, e)
+        except Exception:  # a bug (or a message the protocol refuses): never silent, never the session's end
+            log.exception("session %s: sender for %s failed", s.id, self.conn_id)
 
     async def aclose(self) -> None:
         await _cancel_and_wait(self.task)
@@ -224,8 +226,8 @@ class Session:
 
     def __init__(self, *, source: FrameSource, encoder: FMP4Encoder, metrics: Metrics,
                  executor: Executor | None, client: str, limits: SessionLimits, chunks: int | None = None,
-                 on_closed: Callable[["Session"], None] | None = None):
-        self.id = secrets.token_urlsafe(12)
+                 on_closed: Callable[["Session"], None] | None = None, session_id: str | None = None):
+        self.id = session_id or new_session_id()
         self.source, self.encoder, self.metrics = source, encoder, metrics
         self.executor = executor
         self.client = client
@@ -314,12 +316,11 @@ class Session:
         try:
             await self.source.aclose()
         finally:
-            if self.executor is not None:
-                asyncio.get_running_loop().run_in_executor(self.executor, self.encoder.close)
-            else:
-                self.encoder.close()
-            if self._on_closed is not None:
-                self._on_closed(self)
+            try:
+                await asyncio.get_running_loop().run_in_executor(self.executor, self.encoder.close)
+            finally:
+                if self._on_closed is not None:
+                    self._on_closed(self)
 
     @property
     def closed(self) -> bool:
@@ -445,10 +446,11 @@ class Session:
                 if time.monotonic() - self._last_status >= self.limits.status_interval_s or seq == 1:
                     self._broadcast_status()
             self._finish("done")
-        except asyncio.CancelledError:
-            raise
+        except EOFError:  # the source made its last chunk
+            self._finish("done")
         except Exception as e:
-            log.exception("session %s: generation failed", self.id)
+            if not isinstance(e, GenerationError):  # those the engine logged (once, with this session's id)
+                log.error("session %s: generation failed", self.id, exc_info=e)
             self.errors += 1
             m.inc("errors_total", code="generation_failed")
             msg = P.Error(code="generation_failed", fatal=False,
@@ -458,38 +460,71 @@ class Session:
             self._finish("error")
 
 
-class SessionRegistry:
-    """All live sessions, with the per-server and per-client limits."""
+def new_session_id() -> str:
+    return secrets.token_urlsafe(12)
 
-    def __init__(self, max_sessions: int = 8, max_sessions_per_client: int = 2):
+
+class Refused(Exception):
+    """A ``start`` that gets no session: ``code`` / ``field`` / message as the client's error."""
+
+    def __init__(self, code: str, message: str, field: str | None = None):
+        super().__init__(message)
+        self.code, self.field = code, field
+
+
+class SessionRegistry:
+    """All live sessions: creates them (the one admission count: per server and per client) and
+    finds them for ``attach``."""
+
+    def __init__(self, factory: SourceFactory, *, executor: Executor | None, metrics: Metrics,
+                 limits: SessionLimits, preset: str = "veryfast", max_sessions: int = 4,
+                 max_sessions_per_client: int = 2):
+        self.factory, self.executor, self.metrics, self.limits = factory, executor, metrics, limits
+        self.preset = preset
         self.max_sessions = max_sessions
         self.max_sessions_per_client = max_sessions_per_client
         self.sessions: dict[str, Session] = {}
         self._reserved: dict[str, int] = {}  # client -> sessions being created
 
-    def check_capacity(self, client: str) -> tuple[str, str] | None:
-        """None if a new session is allowed, else (code, message)."""
+    def _check_capacity(self, client: str) -> None:
         total = len(self.sessions) + sum(self._reserved.values())
         if total >= self.max_sessions:
-            return "busy", f"server is at its limit of {self.max_sessions} sessions; try again later"
+            raise Refused("busy", f"server is at its limit of {self.max_sessions} sessions; try again later")
         mine = sum(1 for s in self.sessions.values() if s.client == client) + self._reserved.get(client, 0)
         if mine >= self.max_sessions_per_client:
-            return "busy", (
-                f"this client already has {mine} session(s); the limit per client is {self.max_sessions_per_client}")
-        return None
+            raise Refused("busy", f"this client already has {mine} session(s); the limit per client is "
+                                  f"{self.max_sessions_per_client}")
 
-    def reserve(self, client: str) -> None:
+    async def create(self, start: P.Start, client: str) -> Session:
+        """A new, registered (not yet started) session for ``start``; raises Refused."""
+        self._check_capacity(client)
         self._reserved[client] = self._reserved.get(client, 0) + 1
-
-    def release(self, client: str) -> None:
-        n = self._reserved.get(client, 0) - 1
-        if n > 0:
-            self._reserved[client] = n
-        else:
-            self._reserved.pop(client, None)
-
-    def add(self, s: Session) -> None:
-        self.sessions[s.id] = s
+        sid = new_session_id()
+        try:
+            try:
+                source = await self.factory.create(start, name=sid)
+            except SourceError as e:
+                raise Refused(e.code, f"start.{e.field}: {e}" if e.field else str(e), e.field) from None
+            try:
+                encoder = await asyncio.get_running_loop().run_in_executor(
+                    self.executor, lambda: FMP4Encoder(source.width, source.height, source.fps, preset=self.preset))
+            except BaseException:
+                await source.aclose()
+                raise
+            session = Session(source=source, encoder=encoder, metrics=self.metrics, executor=self.executor,
+                              client=client, limits=self.limits, chunks=start.chunks, on_closed=self.remove,
+                              session_id=sid)
+            self.sessions[sid] = session
+        finally:
+            n = self._reserved[client] - 1
+            if n > 0:
+                self._reserved[client] = n
+            else:
+                del self._reserved[client]
+        self.metrics.inc("sessions_started_total")
+        log.info("session %s started for %s (%dx%d @ %s fps, prompt %r)", sid, client, encoder.width, encoder.height,
+                 encoder.fps, start.prompt[:80])
+        return session
 
     def remove(self, s: Session) -> None:
         self.sessions.pop(s.id, None)

@@ -1,4 +1,4 @@
-"""Pluggable frame sources: what a streaming session pulls chunks of video frames from.
+"""Frame sources: what a server session pulls chunks of video frames from.
 
 Contract
 --------
@@ -12,7 +12,11 @@ the life of the source) via ``await source.next_chunk()``; it must never block t
 cancels any work in flight and frees the source's resources (a GPU cache slot for the engine).
 Errors that a user can fix are raised as :class:`SourceError` with the offending request field.
 
-The generation engine plugs in later as another factory; :class:`TestPatternFactory` renders
+:class:`EngineFactory` serves the generation engine (streamgen.engine): it checks what only the
+served model knows (its name, its frame rate), decodes ``start.image`` and opens an engine session
+(the engine checks the rest against the shared limits); :class:`EngineSource` is the server's view
+of that session. A model generates at its native frame rate: ``start.fps`` may only name that rate
+(or be left out), and ``interpolate`` multiplies it. :class:`TestPatternFactory` renders
 a moving pattern whose background colour is derived from the prompt (so a prompt switch is
 visible) and whose top rows carry the absolute frame index as a binary code (so tests can
 check that no frame was lost or duplicated). A ``start.image`` (PNG/JPEG) is decoded and shown
@@ -28,10 +32,11 @@ from concurrent.futures import Executor
 
 import numpy as np
 
+from streamgen.media.frames import ImageError, read_image
 from streamgen.protocol import Start as StreamRequest
 
 __all__ = [
-    "StreamRequest", "SourceError", "FrameSource", "SourceFactory",
+    "StreamRequest", "SourceError", "GenerationError", "FrameSource", "SourceFactory", "EngineSource", "EngineFactory",
     "TestPatternSource", "TestPatternFactory", "prompt_color", "read_frame_index", "decode_image",
 ]
 
@@ -46,6 +51,10 @@ class SourceError(ValueError):
         super().__init__(message)
         self.field = field_name
         self.code = code
+
+
+class GenerationError(RuntimeError):
+    """Generation of a session failed; whoever raised it has logged it."""
 
 
 class FrameSource(ABC):
@@ -81,8 +90,9 @@ class SourceFactory(ABC):
     model: str
 
     @abstractmethod
-    async def create(self, request: StreamRequest) -> FrameSource:
-        """Validate ``request`` (raise SourceError naming the field) and create its source."""
+    async def create(self, request: StreamRequest, name: str = "") -> FrameSource:
+        """Validate ``request`` (raise SourceError naming the field) and create its source;
+        ``name`` is the session id, for log lines."""
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Free shared resources (model weights, worker threads)."""
@@ -101,17 +111,11 @@ def prompt_color(prompt: str) -> tuple[int, int, int]:
 
 
 def decode_image(data: bytes, width: int, height: int) -> np.ndarray:
-    """PNG/JPEG bytes -> uint8 (height, width, 3) RGB, resized. Raises SourceError("image")."""
-    import io
-
-    import av
-
+    """``start.image`` bytes -> uint8 (height, width, 3) RGB. Raises SourceError("image")."""
     try:
-        with av.open(io.BytesIO(data)) as c:
-            frame = next(c.decode(video=0))
-            return frame.reformat(width=width, height=height, format="rgb24").to_ndarray()
-    except (av.FFmpegError, StopIteration, ValueError) as e:
-        raise SourceError("image", f"image must be a PNG or JPEG file ({len(data)} bytes could not be decoded: {e})")
+        return read_image(data, width, height)
+    except ImageError as e:
+        raise SourceError("image", f"image must be a PNG or JPEG file: {e}") from None
 
 
 def read_frame_index(frame: np.ndarray) -> int:
@@ -187,42 +191,103 @@ class TestPatternSource(FrameSource):
 
 
 class TestPatternFactory(SourceFactory):
-    """Serves test-pattern sources under ``model``; validates sizes and fps like a real model would."""
+    """Serves test-pattern sources under ``model``. Requests arrive checked against the protocol's
+    limits (size, fps, interpolate); ``max_pixels`` is the pattern's own bound on width*height."""
 
     __test__ = False
 
     def __init__(self, model: str = "testpattern", *, width: int = 320, height: int = 192, fps: int = 16,
-                 frames_per_chunk: int = 8, max_pixels: int = 1920 * 1088, max_fps: int = 60,
+                 frames_per_chunk: int = 8, max_pixels: int = 1920 * 1088,
                  executor: Executor | None = None, delay_s: float = 0.0):
         self.model = model
         self.width, self.height, self.fps = width, height, fps
         self.frames_per_chunk = frames_per_chunk
-        self.max_pixels, self.max_fps = max_pixels, max_fps
+        self.max_pixels = max_pixels
         self.executor = executor
         self.delay_s = delay_s
 
-    async def create(self, request: StreamRequest) -> FrameSource:
+    async def create(self, request: StreamRequest, name: str = "") -> FrameSource:
         if request.model not in (None, "", self.model):
             raise SourceError("model", f"model {request.model!r} is not served here; available: [{self.model!r}]")
         w = request.width or self.width
         h = request.height or self.height
-        for name, v in (("width", w), ("height", h)):
-            if v % 16 or v < 64:
-                raise SourceError(name, f"{name} must be a multiple of 16 and >= 64, got {v}")
         if w * h > self.max_pixels:
             raise SourceError("width", f"width*height must be <= {self.max_pixels}, got {w}x{h}")
-        base_fps = request.fps or self.fps
-        if not (0 < base_fps <= self.max_fps):
-            raise SourceError("fps", f"fps must be in (0, {self.max_fps}], got {base_fps}")
         factor = request.interpolate or 1
-        if factor not in (1, 2, 4):
-            raise SourceError("interpolate", f"interpolate must be 1, 2 or 4, got {factor}")
-        fps = base_fps * factor
-        if fps > self.max_fps * 4:
-            raise SourceError("interpolate", f"fps*interpolate must be <= {self.max_fps * 4}, got {fps}")
+        fps = (request.fps or self.fps) * factor
         image = None
         if request.image is not None:
             loop = asyncio.get_running_loop()
             image = await loop.run_in_executor(self.executor, decode_image, request.image, w // 4, h // 4)
         return TestPatternSource(w, h, int(fps), self.frames_per_chunk * factor, request.prompt,
                                  executor=self.executor, delay_s=self.delay_s, image=image)
+
+
+# ---------------------------------------------------------------------------------------------
+# The generation engine
+
+
+class EngineSource(FrameSource):
+    """One engine session as a frame source (``next_chunk`` awaits the busy loop's next chunk;
+    ``set_prompt`` / ``pause`` / ``resume`` are commands to the busy loop; ``aclose`` cancels the
+    session and frees its cache)."""
+
+    def __init__(self, handle):
+        self._h = handle
+        self.width, self.height, self.fps = handle.width, handle.height, handle.fps
+
+    async def next_chunk(self) -> np.ndarray:
+        from streamgen.engine.core import EngineError
+
+        try:
+            return await self._h.get()
+        except EngineError as e:
+            raise GenerationError(str(e)) from None
+
+    def set_prompt(self, prompt: str) -> None:
+        self._h.set_prompt(prompt)
+
+    def pause(self) -> None:
+        self._h.pause()
+
+    def resume(self) -> None:
+        self._h.resume()
+
+    async def aclose(self) -> None:
+        self._h.cancel()
+
+
+class EngineFactory(SourceFactory):
+    """Serves one model through one :class:`streamgen.engine.Engine` (started here, closed by ``aclose``).
+    ``width`` / ``height``: the size of a ``start`` that leaves them out."""
+
+    def __init__(self, model: str, engine, *, width: int, height: int, executor: Executor | None = None):
+        self.model, self.engine = model, engine
+        self.width, self.height = width, height
+        self.executor = executor
+        engine.start()
+
+    async def create(self, request: StreamRequest, name: str = "") -> FrameSource:
+        from streamgen.engine.core import EngineError, GenRequest
+
+        if request.model not in (None, "", self.model):
+            raise SourceError("model", f"model {request.model!r} is not served here; available: [{self.model!r}]")
+        fps = self.engine.fps
+        if request.fps not in (None, fps):
+            raise SourceError("fps", f"{self.model} generates {fps} fps; ask for fps {fps} "
+                                     f"(or leave it out) and use interpolate 2 or 4 for more")
+        w, h = request.width or self.width, request.height or self.height
+        req = GenRequest(prompt=request.prompt, width=w, height=h, seed=request.seed or 0, chunks=request.chunks,
+                         interpolate=request.interpolate or 1, name=name)
+        try:
+            self.engine.validate(req)  # before the image is decoded at a size that may be refused
+            if request.image is not None:
+                req.image = await asyncio.get_running_loop().run_in_executor(
+                    self.executor, decode_image, request.image, w, h)
+            handle = await self.engine.open(req)
+        except EngineError as e:
+            raise SourceError(e.field, str(e), e.code) from None
+        return EngineSource(handle)
+
+    async def aclose(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self.engine.close)

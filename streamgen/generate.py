@@ -1,0 +1,195 @@
+"""`streamgen generate`: generate a video chunk by chunk into an MP4 file.
+
+    streamgen generate --prompt "a red fox" --chunks 4 --out out.mp4
+    streamgen generate --model self-forcing-1.3b --checkpoint self_forcing_dmd.pt \\
+        --vae Wan2.1_VAE.pth --text-encoder umt5-xxl/ --prompt "..." --chunks 20 \\
+        --prompt-at 10:"the fox jumps into a river" --out fox.mp4
+
+Streaming models run through the same :class:`streamgen.engine.Engine` as `streamgen serve` (one
+session with exactly ``--chunks`` chunks; ``--prompt-at`` switches take effect at their chunk),
+so a file and a stream of the same settings and seed hold the same frames. Bidirectional presets
+(``wan2.1-*``, ``tiny-full``) sample the whole clip with UniPC + CFG and decode it chunk by chunk
+through the same post-processing. ``--interpolate 2|4`` runs RIFE between the decoder and the file,
+which then has 2x / 4x the frames at 2x / 4x ``--fps``. The file is H.264 (yuv420p) in MP4.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+
+from streamgen.pipeline import UsageError, add_model_arguments, positive, positive_float, size16
+
+
+def _prompt_at(text: str) -> tuple[int, str]:
+    chunk, sep, prompt = text.partition(":")
+    if not sep or not chunk.strip().isdigit() or not prompt.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not CHUNK:TEXT (CHUNK a chunk index >= 0, TEXT non-empty), e.g. 4:a cat")
+    return int(chunk), prompt
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    g = p.add_argument_group("video")
+    g.add_argument("--prompt", required=True, help="text prompt")
+    g.add_argument("--prompt-at", type=_prompt_at, action="append", default=[], metavar="CHUNK:TEXT",
+                   help="switch to TEXT from chunk CHUNK on (repeatable)")
+    g.add_argument("--image", help="start from this image (first frame; needs --decoder wan)")
+    g.add_argument("--chunks", type=positive, default=4, help="number of chunks (default: 4)")
+    g.add_argument("--width", type=size16, default=None, help="pixels, multiple of 16 (default: per model)")
+    g.add_argument("--height", type=size16, default=None, help="pixels, multiple of 16 (default: per model)")
+    g.add_argument("--fps", type=positive_float, default=16.0, help="frames per second of the file (default: 16)")
+    g.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
+    g.add_argument("--crf", type=int, default=18, help="x264 quality, 0-51, lower is better (default: 18)")
+    g.add_argument("--interpolate", type=int, choices=(1, 2, 4), default=1,
+                   help="RIFE frame interpolation between the decoder and the file: N times the frames, "
+                        "written at N times --fps (default: 1, off)")
+    g.add_argument("--out", required=True, help="output .mp4 path")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except UsageError as e:
+        print(f"streamgen generate: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _check(args: argparse.Namespace, preset) -> dict[int, str]:
+    """Checks of the video options that need no model; returns the prompt switches {chunk: text}."""
+    from streamgen.protocol import DEFAULT_LIMITS
+
+    if args.decoder is None and args.image is not None:
+        args.decoder = "wan"
+    if args.chunks > DEFAULT_LIMITS.max_chunks:
+        raise UsageError(f"--chunks {args.chunks}: allowed 1..{DEFAULT_LIMITS.max_chunks}")
+    w, h = args.width or preset.width, args.height or preset.height
+    if w * h > preset.max_pixels:
+        raise UsageError(f"--width {w} --height {h}: width*height must be <= {preset.max_pixels} for {args.model}")
+    switches: dict[int, str] = {}
+    for chunk, text in args.prompt_at:
+        if chunk >= args.chunks:
+            raise UsageError(f"--prompt-at {chunk}:...: chunk {chunk} is beyond the last chunk "
+                             f"(allowed: 0..{args.chunks - 1} for --chunks {args.chunks})")
+        if chunk in switches:
+            raise UsageError(f"--prompt-at: chunk {chunk} given twice")
+        switches[chunk] = text
+    if switches and preset.mode == "full":
+        raise UsageError(f"--prompt-at needs a streaming model; {args.model} samples the whole clip at once")
+    if args.image is not None:
+        if (args.decoder or preset.decoder) != "wan":
+            raise UsageError("--image needs --decoder wan (the image is encoded by the Wan VAE)")
+        if not os.path.isfile(args.image):
+            raise UsageError(f"--image {args.image}: no such file")
+        if preset.mode == "full":
+            raise UsageError(f"--image needs a streaming model; {args.model} is text-to-video only")
+    if not 0 <= args.crf <= 51:
+        raise UsageError(f"--crf {args.crf}: allowed 0..51")
+    if not args.out.lower().endswith(".mp4"):
+        raise UsageError(f"--out {args.out}: the file must end in .mp4 (H.264 in MP4)")
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(out_dir):
+        raise UsageError(f"--out {args.out}: folder {out_dir} does not exist")
+    return switches
+
+
+def _run(args: argparse.Namespace) -> int:
+    from streamgen.media.encode import Mp4Writer
+    from streamgen.pipeline import build_pipeline, check_options, engine_settings
+
+    preset = check_options(args)
+    switches = _check(args, preset)
+    width, height = args.width or preset.width, args.height or preset.height
+    image = None
+    if args.image is not None:
+        from streamgen.media.frames import ImageError, read_image
+
+        try:
+            image = read_image(args.image, width, height)
+        except ImageError as e:
+            raise UsageError(f"--image {args.image}: {e}") from None
+    pipe = build_pipeline(args, rife_required=args.interpolate > 1)
+    settings = engine_settings(args, preset, max_ahead=2)
+    fps = args.fps * args.interpolate
+    print(f"streamgen generate: {args.model} {width}x{height} {args.chunks} chunks, sampler {settings.sampler} "
+          f"{settings.num_steps} steps shift {settings.shift}" + (f" cfg {settings.guidance:g}" if settings.guidance != 1.0 else "")
+          + f", {pipe.device} {str(pipe.dtype).replace('torch.', '')}"
+          + (f", RIFE {args.interpolate}x" if args.interpolate > 1 else ""), file=sys.stderr)
+    t_start = time.perf_counter()
+    with Mp4Writer(args.out, width, height, fps, crf=args.crf) as writer:
+        if preset.mode == "full":
+            _run_full(args, pipe, settings, writer, width, height)
+        else:
+            asyncio.run(_run_stream(args, pipe, settings, writer, width, height, switches, image))
+        total = writer.frames
+    elapsed = time.perf_counter() - t_start
+    print(f"wrote {args.out}: {total} frames {width}x{height} at {fps:g} fps "
+          f"({total / fps:.2f} s of video) in {elapsed:.1f} s ({total / elapsed:.1f} frames/s)", file=sys.stderr)
+    return 0
+
+
+def _log_chunk(i: int, n: int, frames: int, dt: float, total: int, note: str = "") -> None:
+    print(f"chunk {i + 1}/{n}: {frames} frames in {dt:.2f} s ({frames / max(dt, 1e-9):.1f} frames/s), "
+          f"{total} total{note}", file=sys.stderr)
+
+
+async def _run_stream(args, pipe, settings, writer, width, height, switches, image) -> None:
+    from streamgen.engine.core import Engine, EngineError, GenRequest
+
+    engine = Engine(pipe, settings)
+    req = GenRequest(prompt=args.prompt, width=width, height=height, seed=args.seed, chunks=args.chunks,
+                     interpolate=args.interpolate, image=image, prompts=switches, name="generate")
+    try:
+        engine.validate(req)
+    except EngineError as e:
+        raise UsageError(f"--{e.field}: {e}" if e.field else str(e)) from None
+    engine.start()
+    loop = asyncio.get_running_loop()
+    handle = await engine.open(req)
+    try:
+        for i in range(args.chunks):
+            t0 = time.perf_counter()
+            try:
+                frames = await handle.get()
+            except EngineError as e:
+                raise UsageError(f"generation failed at chunk {i + 1}: {e}") from None
+            dt = time.perf_counter() - t0
+            await loop.run_in_executor(None, writer.write, frames)
+            note = f"  [prompt: {switches[i][:40]!r}]" if handle.last_switched and i in switches else ""
+            _log_chunk(i, args.chunks, len(frames), dt, writer.frames, note)
+    finally:
+        handle.cancel()
+        await loop.run_in_executor(None, engine.close)
+
+
+def _run_full(args, pipe, settings, writer, width, height) -> None:
+    """Bidirectional checkpoints: sample all latent frames at once (CFG), decode chunk by chunk."""
+    import torch
+
+    from streamgen.media.frames import to_uint8, unit_frames
+    from streamgen.media.interpolate import Interpolator
+    from streamgen.sampling.full import sample_clip
+
+    fpc = args.frames_per_chunk or pipe.model.cfg.frames_per_chunk
+    text = pipe.text_encoder
+    ctx = text.encode([args.prompt]).to(device=pipe.device, dtype=pipe.dtype)
+    neg = None
+    if settings.guidance != 1.0:
+        neg = text.encode([settings.negative_prompt or ""]).to(device=pipe.device, dtype=pipe.dtype)
+    t0 = time.perf_counter()
+    x0 = sample_clip(pipe.model, ctx, neg, frames=args.chunks * fpc, height=height, width=width,
+                     sampler=settings.sampler, steps=settings.num_steps, shift=settings.shift,
+                     guidance=settings.guidance, seed=args.seed)
+    print(f"sampled {args.chunks * fpc} latent frames in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    interp = Interpolator(pipe.rife if args.interpolate > 1 else None, args.interpolate, settings.scene_threshold)
+    istate, dstate = interp.new_state(), pipe.decoder.new_state()
+    for i in range(args.chunks):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            decoded = pipe.decoder.decode_chunk(x0[:, :, i * fpc:(i + 1) * fpc], dstate)
+            frames = to_uint8(interp.process(unit_frames(decoded), istate)).cpu().numpy()
+        writer.write(frames)
+        _log_chunk(i, args.chunks, len(frames), time.perf_counter() - t0, writer.frames)

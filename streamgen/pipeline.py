@@ -1,0 +1,390 @@
+"""Model name + options -> the shared pipeline, and the model/engine command-line options, once.
+
+``MODELS`` is the model registry: what ``--model NAME`` means for `serve`, `generate` and the
+benchmarks. ``add_model_arguments(parser)`` defines the options that choose and shape the pipeline
+(weights, decoder, device, dtype, speed-ups, attention window, sampler); ``build_pipeline(args)``
+turns them into a :class:`streamgen.engine.Pipeline` (model, text encoder, decoder, VAE, RIFE,
+device, dtype) and ``engine_settings(args)`` into the engine's per-stream settings. A bad
+combination raises :class:`UsageError` with one line naming the option and what is allowed.
+
+    pipe = build_pipeline(Namespace(model="tiny", ...))       # or build(MODELS["tiny"], device=...)
+    engine = Engine(pipe, engine_settings(args))
+
+Built-in models need no weight files: ``tiny`` (random weights with a fixed seed: exercises every
+path on a CPU in seconds, streams noise), ``shapes`` (streamgen/weights/shapes.safetensors). The
+others load ``--checkpoint`` (DiT), ``--vae`` (Wan2.1_VAE.pth or taew2_1.pth for ``--decoder
+taehv``) and ``--text-encoder`` (umT5-XXL).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from streamgen.engine.core import EngineSettings, Pipeline
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "tiny"
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    """What ``--model NAME`` means.
+
+    wan: WanConfig preset of the DiT; mode: "stream" (block-causal chunk loop) or "full"
+    (bidirectional whole clip, `generate` only); sampler / steps / shift / guidance: sampling
+    defaults; width / height: default size; max_pixels: largest width*height a stream may ask for;
+    local_frames / sink_frames: attention window of a stream (None: no window, the cache grows with
+    the stream); decoder: "wan" | "taehv"; builtin: runs without weight files; weights: the shipped
+    file of a trained built-in model (streamgen/weights/NAME.safetensors), None for random weights.
+    """
+
+    wan: str
+    mode: str
+    sampler: str
+    steps: int
+    shift: float
+    guidance: float
+    width: int
+    height: int
+    max_pixels: int = 1280 * 720
+    local_frames: int | None = 12
+    sink_frames: int = 3
+    decoder: str = "wan"
+    builtin: bool = False
+    weights: str | None = None
+    fps: int = 16
+
+
+MODELS: dict[str, ModelPreset] = {
+    "tiny": ModelPreset("tiny", "stream", "self-forcing", 4, 5.0, 1.0, 128, 128, max_pixels=512 * 512,
+                        decoder="taehv", builtin=True),
+    # the tiny model sampled bidirectionally (UniPC + CFG over the whole clip): the non-distilled path
+    "tiny-full": ModelPreset("tiny", "full", "unipc", 8, 5.0, 3.0, 128, 128, max_pixels=512 * 512,
+                             local_frames=None, sink_frames=0, decoder="taehv", builtin=True),
+    # trained built-in model (streamgen/weights/README.md): a coloured shape moving on a plain background
+    "shapes": ModelPreset("shapes", "stream", "self-forcing", 4, 5.0, 1.0, 128, 128, max_pixels=512 * 512,
+                          builtin=True, weights="shapes"),
+    "self-forcing-1.3b": ModelPreset("wan2.1-t2v-1.3b", "stream", "self-forcing", 4, 5.0, 1.0, 832, 480),
+    "wan2.1-t2v-1.3b": ModelPreset("wan2.1-t2v-1.3b", "full", "unipc", 50, 5.0, 5.0, 832, 480,
+                                   local_frames=None, sink_frames=0),
+    "wan2.1-t2v-14b": ModelPreset("wan2.1-t2v-14b", "full", "unipc", 50, 5.0, 5.0, 832, 480,
+                                  local_frames=None, sink_frames=0),
+}
+STREAM_MODELS = tuple(n for n, p in MODELS.items() if p.mode == "stream")
+SAMPLER_CHOICES = ("self-forcing", "euler", "unipc")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEFAULT_NEGATIVE_PROMPT = (  # Wan2.1's default negative prompt
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋，"
+    "残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，"
+    "三条腿，背景人很多，倒着走"
+)
+
+
+class UsageError(Exception):
+    """A bad option or combination; the CLI prints it as one line and exits with status 2."""
+
+
+# -- option types ---------------------------------------------------------------------------------
+
+
+def size16(text: str) -> int:
+    """argparse type: a positive multiple of 16 (latent = size/8, DiT patch 2)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; use a positive multiple of 16 (e.g. 256, 480, 832)")
+    if v <= 0 or v % 16:
+        raise argparse.ArgumentTypeError(
+            f"{v} is not a positive multiple of 16 (the latent is size/8 and the DiT patch is 2); "
+            f"allowed: 16, 32, ..., e.g. {max(16, v // 16 * 16)} or {max(16, v // 16 * 16 + 16)}")
+    return v
+
+
+def positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 1")
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{v} must be >= 1")
+    return v
+
+
+def non_negative(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 0")
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{v} must be >= 0")
+    return v
+
+
+def positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number > 0")
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"{v} must be > 0")
+    return v
+
+
+def add_model_arguments(p: argparse.ArgumentParser, *, models: tuple[str, ...] = tuple(MODELS)) -> None:
+    """The options that choose and shape the pipeline, shared by `serve`, `generate` and the benchmarks."""
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=DEFAULT_MODEL, choices=list(models),
+                   help=f"model preset (default: {DEFAULT_MODEL}, built in)")
+    g.add_argument("--checkpoint", help="DiT weights: a file or a checkpoint folder (not needed for built-in models)")
+    g.add_argument("--vae", help="decoder weights: Wan2.1_VAE.pth / diffusers AutoencoderKLWan folder, or taew2_1.pth")
+    g.add_argument("--text-encoder", help="umT5-XXL: HF folder or models_t5_umt5-xxl-enc-bf16.pth")
+    g.add_argument("--decoder", choices=("wan", "taehv"), default=None, help="video decoder (default: per model)")
+    g.add_argument("--rife", default="auto", metavar="PATH",
+                   help="RIFE v4.25/v4.26 flownet.pkl for interpolation ('auto': $STREAMGEN_RIFE_WEIGHTS or "
+                        "weights/rife-v4.26/flownet.pkl; 'none': no interpolation)")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: cuda when available)")
+    g.add_argument("--dtype", choices=DTYPES, default="auto", help="model dtype (default: bfloat16 on cuda, float32 on cpu)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the DiT blocks (static shapes; ~1.5x on an H100, falls back to eager)")
+    g.add_argument("--quant", choices=("fp8", "int8-weight"), default=None,
+                   help="quantize the DiT blocks' linear layers (fp8: 1.1x on 14B, half the weight memory)")
+    g.add_argument("--offload", type=non_negative, default=None, metavar="PREFETCH",
+                   help="keep the DiT blocks in pinned host memory and stream them onto the GPU PREFETCH "
+                        "blocks ahead (1 is enough for 1.3B; 14B in ~16 GiB)")
+    s = p.add_argument_group("sampling")
+    s.add_argument("--frames-per-chunk", type=positive, default=None, help="latent frames per chunk (default: model's)")
+    s.add_argument("--local-frames", type=non_negative, default=None,
+                   help="attention window in latent frames, sink included (default: model's, 12 for streaming "
+                        "models; 0: no window, the KV cache grows with the stream, ~290 MB per latent frame for "
+                        "1.3B at 832x480 bf16, so every stream needs a chunk count)")
+    s.add_argument("--sink-frames", type=non_negative, default=None, help="latent frames kept at the window's front")
+    s.add_argument("--steps", type=positive, default=None, help="denoising steps (default: per model)")
+    s.add_argument("--shift", type=positive_float, default=None, help="sigma shift (default: per model)")
+    s.add_argument("--sampler", choices=SAMPLER_CHOICES, default=None, help="default: per model")
+    s.add_argument("--guidance", type=float, default=None, help="CFG scale for euler/unipc (default: per model)")
+    s.add_argument("--negative-prompt", default=None, help="negative prompt for CFG (default: Wan's)")
+
+
+# -- device, files --------------------------------------------------------------------------------
+
+
+def pick_device(name: str, flag: str = "--device") -> "torch.device":
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"{flag} {name}: not a device; allowed: auto, cpu, cuda, cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise UsageError(f"{flag} {name}: allowed: auto, cpu, cuda, cuda:N")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"{flag} {name}: no CUDA device is available; allowed here: auto, cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"{flag} {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+def pick_dtype(name: str, device: "torch.device", flag: str = "--dtype") -> "torch.dtype":
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise UsageError(f"{flag} {name}: allowed: {', '.join(DTYPES)}")
+    return getattr(torch, name)
+
+
+def require_file(flag: str, path: str | None, what: str) -> str:
+    if path is None:
+        raise UsageError(f"{flag} is required for this model ({what})")
+    if not os.path.exists(path):
+        raise UsageError(f"{flag} {path}: no such file or directory ({what})")
+    return path
+
+
+def rife_path(spec: str | None, *, required: bool) -> str | None:
+    """--rife: 'none', 'auto' (the default search path) or a path. Returns the weights path or None
+    (none found and not ``required``)."""
+    from streamgen.media.interpolate import WEIGHTS_ENV, default_weights_path
+
+    if spec == "none":
+        if required:
+            raise UsageError("--rife none: interpolation needs RIFE weights; pass --rife PATH/flownet.pkl")
+        return None
+    path = default_weights_path() if spec in (None, "auto") else spec
+    if path is None:
+        if required:
+            raise UsageError(f"interpolation needs RIFE weights: pass --rife PATH/flownet.pkl (Practical-RIFE "
+                             f"v4.25/v4.26) or set ${WEIGHTS_ENV}")
+        log.info("RIFE weights not found (set --rife PATH or $%s): interpolation is off", WEIGHTS_ENV)
+        return None
+    return require_file("--rife", str(path), "RIFE v4.25/v4.26 flownet.pkl")
+
+
+def load_rife_model(path: str, device: "torch.device"):
+    """RIFE for interpolation: fp16 + channels_last on CUDA, fp32 on the CPU."""
+    import torch
+
+    from streamgen.models.checkpoints import CheckpointError
+    from streamgen.models.rife import load_rife
+
+    try:
+        model = load_rife(path, device=device, dtype=torch.float16 if device.type == "cuda" else torch.float32)
+    except CheckpointError as e:
+        raise UsageError(f"--rife {path}: {e}") from e
+    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
+
+
+# -- building ---------------------------------------------------------------------------------------
+
+
+def check_options(args: argparse.Namespace) -> ModelPreset:
+    """Validate the model options (no weights are read); returns the preset."""
+    preset = MODELS[args.model]
+    decoder = args.decoder or preset.decoder
+    if not preset.builtin:
+        require_file("--checkpoint", args.checkpoint, f"DiT weights for {args.model}; built in: "
+                     f"{', '.join(n for n, p in MODELS.items() if p.builtin)}")
+        require_file("--vae", args.vae, f"{decoder} decoder weights")
+        require_file("--text-encoder", args.text_encoder, "umT5-XXL encoder")
+    elif preset.weights is not None and decoder != preset.decoder:
+        raise UsageError(f"--decoder {decoder}: the built-in {args.model!r} model ships its own "
+                         f"{preset.decoder} decoder only (allowed: {preset.decoder})")
+    if args.offload is not None and args.compile:
+        raise UsageError("--offload and --compile cannot be combined (offload hooks every block call); pick one")
+    sampler = args.sampler or preset.sampler
+    if preset.mode == "full" and sampler == "self-forcing":
+        raise UsageError(f"--sampler self-forcing needs a distilled block-causal model; {args.model} is bidirectional "
+                         f"(allowed: euler, unipc; streaming models: {', '.join(STREAM_MODELS)})")
+    if sampler == "self-forcing" and args.guidance not in (None, 1.0):
+        raise UsageError("--guidance applies to --sampler euler/unipc; the distilled self-forcing sampler runs without CFG")
+    return preset
+
+
+def build_pipeline(args: argparse.Namespace, *, rife_required: bool = False) -> "Pipeline":
+    """The pipeline named by the model options in ``args`` (see add_model_arguments)."""
+    preset = check_options(args)
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    rife = rife_path(args.rife, required=rife_required)
+    return build(preset, device=device, dtype=dtype, decoder=args.decoder, checkpoint=args.checkpoint,
+                 vae=args.vae, text_encoder=args.text_encoder, offload=args.offload, quant=args.quant,
+                 compile=args.compile, rife=rife)
+
+
+def build(preset: ModelPreset | str, *, device=None, dtype=None, decoder: str | None = None,
+          checkpoint: str | None = None, vae: str | None = None, text_encoder: str | None = None,
+          offload: int | None = None, quant: str | None = None, compile: bool = False,
+          rife: str | None = None) -> "Pipeline":
+    """The pipeline of ``preset`` on ``device`` / ``dtype`` (defaults: CPU, float32).
+
+    offload: None keeps the DiT resident; N >= 0 loads it into host memory and streams its blocks
+    onto ``device`` N blocks ahead of use (streamgen.ops.offload). quant: None, "fp8" or
+    "int8-weight" (streamgen.ops.quant, before any offload). rife: flownet.pkl path or None."""
+    import torch
+
+    from streamgen.engine.core import Pipeline
+    from streamgen.models import wan
+    from streamgen.models.text import load_text_encoder
+    from streamgen.ops.attention import use_backend
+
+    preset = MODELS[preset] if isinstance(preset, str) else preset
+    device = torch.device(device or "cpu")
+    dtype = dtype or torch.float32
+    decoder = decoder or preset.decoder
+    if preset.builtin:
+        if preset.weights is not None:
+            from streamgen.weights import load_builtin
+
+            model, dec, _ = load_builtin(preset.weights)
+            vae_model, cfg = dec, model.cfg
+        else:
+            cfg = wan.WanConfig.preset(preset.wan)
+            with torch.random.fork_rng(devices=[]):  # fixed random weights; the caller's global RNG is left alone
+                torch.manual_seed(0)
+                model = wan.WanModel(cfg)
+                dec, vae_model = _tiny_decoder(decoder)
+        text = load_text_encoder(None, dim=cfg.text_dim, device=device, dtype=torch.float32)
+    else:
+        from streamgen.models.checkpoints import load_wan_model
+
+        model = load_wan_model(checkpoint, None, device=device if offload is None else torch.device("cpu"), dtype=dtype)
+        text = load_text_encoder(text_encoder, dim=model.cfg.text_dim, device=device, dtype=dtype)
+        dec, vae_model = _load_decoder(decoder, vae, device, dtype)
+    if quant is not None:
+        from streamgen.ops.quant import quantize
+
+        model = quantize(model.to(dtype=dtype), quant)
+    if offload is None:
+        model = model.to(device=device, dtype=dtype)
+    else:
+        from streamgen.ops.offload import offload as offload_blocks
+
+        model = model.to(dtype=dtype)
+        offload_blocks(model, device=device, prefetch=offload)  # the handle lives on in the blocks' hooks
+    model = use_backend(model.eval().requires_grad_(False))
+    if compile:
+        from streamgen.ops.compile import compile_blocks
+
+        compile_blocks(model)
+    dec = dec.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    rife_model = load_rife_model(rife, device) if rife is not None else None
+    log.info("pipeline: %s on %s %s, decoder %s, RIFE %s", preset.wan, device, str(dtype).replace("torch.", ""),
+             decoder, "on" if rife_model is not None else "off")
+    return Pipeline(model=model, text_encoder=text, decoder=dec, vae=vae_model, rife=rife_model, fps=preset.fps,
+                    device=device, dtype=dtype, preset=preset)
+
+
+def engine_settings(args: argparse.Namespace, preset: ModelPreset, **kw) -> "EngineSettings":
+    """The engine's stream settings from the sampling options (``kw`` overrides, e.g. max_ahead)."""
+    from streamgen.engine.core import EngineSettings
+
+    local = preset.local_frames if args.local_frames is None else (args.local_frames or None)
+    sink = (preset.sink_frames if args.sink_frames is None else args.sink_frames) if local else 0
+    sampler = args.sampler or preset.sampler
+    guidance = args.guidance if args.guidance is not None else (preset.guidance if sampler != "self-forcing" else 1.0)
+    steps = args.steps or (preset.steps if sampler == preset.sampler else (4 if sampler == "self-forcing" else 30))
+    negative = args.negative_prompt
+    if guidance != 1.0 and negative is None:
+        negative = "" if preset.builtin else DEFAULT_NEGATIVE_PROMPT
+    settings = EngineSettings(local_frames=local, sink_frames=sink, frames_per_chunk=args.frames_per_chunk,
+                              num_steps=steps, shift=args.shift or preset.shift, sampler=sampler,
+                              guidance=guidance, negative_prompt=negative if guidance != 1.0 else None)
+    return replace(settings, **kw)
+
+
+def _tiny_decoder(kind: str):
+    """Random-initialised tiny decoder with fixed weights (seeds the global RNG: call under fork_rng)."""
+    import torch
+
+    if kind == "taehv":
+        from streamgen.models.taehv import TAEHV, TAEHVConfig
+
+        return TAEHV(TAEHVConfig.preset("tiny")).init_random_(seed=1), None
+    from streamgen.models.wan_vae import WanVAE, WanVAEConfig
+
+    torch.manual_seed(1)  # fixed random decoder weights
+    vae = WanVAE(WanVAEConfig.preset("tiny"))
+    return vae, vae
+
+
+def _load_decoder(kind: str, path: str, device, dtype):
+    if kind == "taehv":
+        from streamgen.models.taehv import TAEHVConfig, load_taehv
+
+        return load_taehv(path, TAEHVConfig.preset("taew2.1"), device=device, dtype=dtype), None
+    from streamgen.models.wan_vae import WanVAEConfig, load_wan_vae
+
+    vae = load_wan_vae(path, WanVAEConfig.preset("wan2.1"), device=device, dtype=dtype)
+    return vae, vae

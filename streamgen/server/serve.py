@@ -1,0 +1,143 @@
+"""`streamgen serve`: the streaming server (streamgen.server.app) over the pipeline of `--model`.
+
+    streamgen serve                                   # built-in default model, http://127.0.0.1:8765/
+    streamgen serve --model testpattern               # no model: a moving test pattern
+    streamgen serve --model self-forcing-1.3b --checkpoint self_forcing_dmd.pt --vae Wan2.1_VAE.pth \\
+        --text-encoder umt5-xxl/
+
+Every setting is checked before the server listens, with the message a client would get for the
+same value: a server that starts can serve its own defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from streamgen.pipeline import STREAM_MODELS, UsageError, add_model_arguments, positive
+
+log = logging.getLogger(__name__)
+
+TESTPATTERN = "testpattern"
+
+
+def _port(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (1..65535)")
+    if not 1 <= v <= 65535:
+        raise argparse.ArgumentTypeError(f"{v} is not a port number (1..65535)")
+    return v
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p, models=STREAM_MODELS + (TESTPATTERN,))
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1")
+    g.add_argument("--port", type=_port, default=8765)
+    g.add_argument("--token", default=os.environ.get("STREAMGEN_TOKEN"),
+                   help="require this token (?token= or Authorization: Bearer); default $STREAMGEN_TOKEN")
+    g.add_argument("--allowed-origin", action="append", default=[], metavar="ORIGIN",
+                   help="browser origin allowed to open the WebSocket (repeatable; '*' = any). "
+                        "Default: only this server's own origin")
+    g.add_argument("--max-sessions", type=positive, default=4,
+                   help="sessions on this server at once (each holds a KV cache on the engine)")
+    g.add_argument("--max-sessions-per-client", type=positive, default=2, help="sessions per client address")
+    g.add_argument("--queue-fragments", type=positive, default=8,
+                   help="per-client send window; a slower client drops whole fragments beyond it")
+    g.add_argument("--max-lead", type=float, default=3.0,
+                   help="seconds of video generated ahead of the viewer's playhead (<= 0: unpaced)")
+    g.add_argument("--grace", type=float, default=10.0, help="seconds a session waits for `attach` after a disconnect")
+    g.add_argument("--encode-threads", type=positive, default=4, help="H.264 encoder worker threads (shared)")
+    g.add_argument("--preset", default="veryfast", help="libx264 preset (ultrafast..veryslow; default veryfast)")
+    g.add_argument("--width", type=int, default=None, help="width of a start that gives none (default: the model's)")
+    g.add_argument("--height", type=int, default=None, help="height of a start that gives none (default: the model's)")
+    g.add_argument("--fps", type=int, default=None, help="test pattern frame rate (default 16)")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        cfg, factory, executor = _build(args)
+    except UsageError as e:
+        print(f"streamgen serve: error: {e}", file=sys.stderr)
+        return 2
+    from aiohttp import web
+
+    from streamgen.server.app import build_app
+
+    app = build_app(cfg, factory, executor=executor)
+    url = f"http://{args.host}:{args.port}/"
+    if cfg.token:
+        url += f"?token={cfg.token}"
+    log.info("serving model %r at %s", cfg.model, url)
+    try:
+        web.run_app(app, host=args.host, port=args.port, print=None, access_log=None)
+    except OSError as e:  # e.g. the port is in use
+        print(f"streamgen serve: error: --host {args.host} --port {args.port}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _build(args: argparse.Namespace):
+    """Check every setting, then build the frame-source factory (and the engine behind it)."""
+    from concurrent.futures import ThreadPoolExecutor
+    from dataclasses import replace
+
+    from streamgen.media.encode import X264_PRESETS
+    from streamgen.protocol import DEFAULT_LIMITS
+    from streamgen.server.state import ServerConfig
+
+    if args.preset not in X264_PRESETS:
+        raise UsageError(f"--preset {args.preset}: allowed: {', '.join(X264_PRESETS)}")
+    if args.max_sessions_per_client > args.max_sessions:
+        raise UsageError(f"--max-sessions-per-client {args.max_sessions_per_client} exceeds --max-sessions "
+                         f"{args.max_sessions}")
+    cfg = ServerConfig(
+        model=args.model, token=args.token or None, allowed_origins=list(args.allowed_origin),
+        max_sessions=args.max_sessions, max_sessions_per_client=args.max_sessions_per_client,
+        queue_fragments=args.queue_fragments, max_lead_s=args.max_lead if args.max_lead > 0 else None,
+        grace_s=args.grace, encode_threads=args.encode_threads, preset=args.preset,
+    )
+    executor = ThreadPoolExecutor(max_workers=cfg.encode_threads, thread_name_prefix="encode")
+    if args.model == TESTPATTERN:
+        from streamgen.server.sources import TestPatternFactory
+
+        w, h = args.width or 320, args.height or 192
+        _check_size(w, h, DEFAULT_LIMITS)
+        fps = args.fps or 16
+        if not DEFAULT_LIMITS.min_fps <= fps <= DEFAULT_LIMITS.max_fps:
+            raise UsageError(f"--fps {fps}: allowed {DEFAULT_LIMITS.min_fps}..{DEFAULT_LIMITS.max_fps}")
+        return cfg, TestPatternFactory(args.model, width=w, height=h, fps=fps, executor=executor), executor
+    if args.fps is not None:
+        raise UsageError(f"--fps applies to --model {TESTPATTERN}; a model generates at its own rate "
+                         "(ask for more with interpolate 2 or 4)")
+
+    from streamgen.engine.core import Engine, EngineError, GenRequest
+    from streamgen.pipeline import MODELS, build_pipeline, check_options, engine_settings
+
+    preset = check_options(args)
+    limits = replace(DEFAULT_LIMITS, max_pixels=preset.max_pixels)
+    w, h = args.width or preset.width, args.height or preset.height
+    _check_size(w, h, limits)
+    pipe = build_pipeline(args)
+    warmup = GenRequest("warm-up", w, h, interpolate=2 if pipe.rife is not None else 1, chunks=2, name="warm-up")
+    engine = Engine(pipe, engine_settings(args, MODELS[args.model], limits=limits, warmup=warmup))
+    try:  # the defaults must be servable: the same check a client's start gets
+        engine.validate(GenRequest("check", w, h, chunks=None if engine.settings.local_frames else 1))
+    except EngineError as e:
+        raise UsageError(f"--{e.field or 'model'}: {e}") from None
+    from streamgen.server.sources import EngineFactory
+
+    return cfg, EngineFactory(args.model, engine, width=w, height=h, executor=executor), executor
+
+
+def _check_size(w: int, h: int, limits) -> None:
+    for flag, v in (("--width", w), ("--height", h)):
+        if v % limits.size_multiple or not limits.min_size <= v <= limits.max_size:
+            raise UsageError(f"{flag} {v}: must be a multiple of {limits.size_multiple} in "
+                             f"{limits.min_size}..{limits.max_size} (what a client's start may ask for)")
+    if w * h > limits.max_pixels:
+        raise UsageError(f"--width {w} --height {h}: width*height must be <= {limits.max_pixels} for this model")

@@ -1,0 +1,60 @@
+"""What every request handler of the server shares: configuration, the frame-source factory, the
+encoder pool, the metrics, the session registry and the open sockets; access checks. Built once by
+:func:`streamgen.server.app.build_app` and passed to each :class:`~streamgen.server.connection.Connection`."""
+
+from __future__ import annotations
+
+import hmac
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from streamgen.server.metrics import Metrics
+from streamgen.server.sessions import SessionRegistry
+from streamgen.server.sources import SourceFactory
+
+WEB_ROOT = Path(__file__).resolve().parents[2] / "clients" / "web"
+
+
+@dataclass
+class ServerConfig:
+    model: str = "testpattern"
+    token: str | None = None
+    allowed_origins: list[str] = field(default_factory=list)
+    max_sessions: int = 4
+    max_sessions_per_client: int = 2
+    queue_fragments: int = 8
+    log_fragments: int = 64
+    max_lead_s: float | None = 3.0
+    grace_s: float = 10.0
+    unsent_bytes: int | None = 256 << 10  # TCP_NOTSENT_LOWAT per connection (None: OS default)
+    encode_threads: int = 4
+    preset: str = "veryfast"
+    web_root: Path = WEB_ROOT
+
+
+class ServerState:
+    def __init__(self, cfg: ServerConfig, factory: SourceFactory, executor: Executor, metrics: Metrics,
+                 registry: SessionRegistry):
+        self.cfg, self.factory, self.executor, self.metrics, self.registry = cfg, factory, executor, metrics, registry
+        self.sockets: set = set()  # open Connection objects
+
+    def token_ok(self, request) -> bool:
+        if not self.cfg.token:
+            return True
+        got = request.query.get("token")
+        auth = request.headers.get("Authorization", "")
+        if got is None and auth.lower().startswith("bearer "):
+            got = auth[7:].strip()
+        return got is not None and hmac.compare_digest(got.encode(), self.cfg.token.encode())
+
+    def origin_ok(self, request) -> bool:
+        origin = request.headers.get("Origin")
+        if origin is None:
+            return True
+        allowed = self.cfg.allowed_origins
+        if "*" in allowed or origin in allowed:
+            return True
+        if not allowed:  # same origin only
+            return origin in (f"http://{request.host}", f"https://{request.host}")
+        return False
