@@ -135,6 +135,7 @@ def main(argv=None) -> int:
     p.add_argument("--drift-seconds", type=float, default=120)
     p.add_argument("--drift-prompts", type=int, default=60)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--speed-sizes", default="128", help="comma-separated square sizes for the speed section")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--speed-only", action="store_true")
     p.add_argument("--no-speed", action="store_true")
@@ -183,8 +184,9 @@ def main(argv=None) -> int:
             print(f"drift ({n} prompts, {chunks} chunks = {fr.shape[2] / td.FPS:.0f}s): first {first} last {last}", flush=True)
     if not args.no_speed:
         cpu = load_toy("cpu", torch.float32, path=args.weights) if dev.type != "cpu" else (model, text, decoder)
-        res["speed"] = speed(*cpu, threads=args.threads)
-        print(f"speed: {res['speed']}", flush=True)
+        res["speed"] = [speed(*cpu, threads=args.threads, size=int(s)) for s in args.speed_sizes.split(",")]
+        for r in res["speed"]:
+            print(f"speed: {r}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)
