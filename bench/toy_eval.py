@@ -160,7 +160,7 @@ def main(argv=None) -> int:
         res["temporal"] = temporal(frames, starts)
         res["examples"] = [{"prompt": t, "want": dict(zip(ATTRS, c)), **a["per"][i]} for i, (t, c) in
                            enumerate(zip(texts[:8], combos[:8]))]  # fmt: skip
-        print(f"held-out ({len(texts)} prompts, 4 chunks): {res['heldout']}  [{time.perf_counter() - t0:.0f}s]", flush=True)
+        print(f"held-out ({len(texts)} prompts, chunks 1-4): {res['heldout']}  [{time.perf_counter() - t0:.0f}s]", flush=True)
         print(f"temporal: {res['temporal']}", flush=True)
         # 3. prompt switch after 3 chunks
         before, after, what = switch_targets(combos)

@@ -28,10 +28,13 @@ def test_shipped_weights_load(shipped):
     model, text, decoder = shipped
     assert isinstance(model, WanModel) and model.cfg.local_frames == 12 and model.cfg.sink_frames == 3
     meta = toy_metadata()
-    assert meta["sampling"] == TOY_SAMPLING
+    assert meta["sampling"] == TOY_SAMPLING == toy.SAMPLING
     ctx = text.encode(["a red ball moving right on a black background", ""])
     assert ctx.shape == (2, model.cfg.text_len, model.cfg.text_dim) and ctx.dtype == torch.float32
     assert ctx[1, 1:].abs().sum() == 0 and ctx[0, :10].abs().sum(-1).min() > 0  # rows past the tokens are zero
+    from streamgen.models.text import PromptCache
+
+    assert torch.equal(PromptCache(text).encode(["a red ball moving right on a black background"]), ctx[:1])
     state = decoder.new_state()
     fr = decoder.decode_chunk(torch.randn(1, 16, 3, 16, 16), state)
     assert fr.shape == (1, 3, 9, 128, 128) and fr.min() >= -1 and fr.max() <= 1
