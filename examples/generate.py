@@ -16,7 +16,8 @@ import torch
 
 from streamgen.models.text import load_text_encoder
 from streamgen.models.wan import WanConfig, WanModel
-from streamgen.sampling.generate import Mp4Writer, to_uint8
+from streamgen.media.encode import Mp4Writer
+from streamgen.media.frames import to_uint8, unit_frames
 from streamgen.sampling.stream import StreamConfig, SessionState
 
 
@@ -67,7 +68,7 @@ def main() -> None:
                 session.set_prompt("the lighthouse in a thunderstorm at night")
             t0 = time.perf_counter()
             chunk = session.next_chunk()
-            frames = to_uint8(chunk.frames)  # (T, H, W, 3) uint8
+            frames = to_uint8(unit_frames(chunk.frames)).cpu().numpy()  # (T, H, W, 3) uint8
             dt = time.perf_counter() - t0
             writer.write(frames)
             print(f"chunk {chunk.index}: latent frames {chunk.start_frame}..{chunk.start_frame + chunk.latents.shape[2]}, "

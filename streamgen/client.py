@@ -97,6 +97,7 @@ class StreamClient:
         self._ws = None
         self._conn = P.ClientConnection(limits)
         self._send_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task] = set()  # sends in flight (the loop keeps only weak references)
         self._connected = asyncio.Event()
         self._closing = False
         self._stop_requested = False
@@ -190,8 +191,10 @@ class StreamClient:
 
     def _task(self, msg: P.ClientMessage) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(self._send(msg))
+        self._tasks.add(task)
 
         def done(t: asyncio.Task) -> None:
+            self._tasks.discard(t)
             if not t.cancelled() and t.exception() is not None:
                 e = t.exception()
                 log.warning("sending %s failed: %s", msg.TYPE, e)

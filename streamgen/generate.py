@@ -139,13 +139,13 @@ def _log_chunk(i: int, n: int, frames: int, dt: float, total: int, note: str = "
 async def _run_stream(args, pipe, settings, writer, width, height, switches, image) -> None:
     from streamgen.engine.core import Engine, EngineError, GenRequest
 
-    engine = Engine(pipe, settings)
     req = GenRequest(prompt=args.prompt, width=width, height=height, seed=args.seed, chunks=args.chunks,
                      interpolate=args.interpolate, image=image, prompts=switches, name="generate")
     try:
+        engine = Engine(pipe, settings)
         engine.validate(req)
     except EngineError as e:
-        raise UsageError(f"--{e.field}: {e}" if e.field else str(e)) from None
+        raise UsageError(f"--{(e.field or 'model').replace('_', '-')}: {e}") from None
     engine.start()
     loop = asyncio.get_running_loop()
     handle = await engine.open(req)

@@ -656,10 +656,6 @@ class ServerConnection(_Connection):
         self._server_message(msg)
         return data
 
-    def error(self, err: ProtocolError) -> bytes:
-        """The frame answering a ProtocolError raised by ``receive`` (or by the application)."""
-        return self.send(err.to_message())
-
 
 class ClientConnection(_Connection):
     """Client side of one WebSocket: ``send`` client messages, ``receive`` server frames.

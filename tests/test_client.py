@@ -113,14 +113,14 @@ class FakeServer:
                     msg = conn.receive(data)
                 except P.ProtocolError as e:
                     self.received.append(e)
-                    await ws.send(conn.error(e))
+                    await ws.send(conn.send(e.to_message()))
                     continue
                 if msg is None:
                     continue
                 self.received.append(msg)
                 if isinstance(msg, P.Start):
                     if self.refuse:
-                        await ws.send(conn.error(P.ProtocolError(self.refuse, "at the session limit", ref="start")))
+                        await ws.send(conn.send(P.ProtocolError(self.refuse, "at the session limit", ref="start").to_message()))
                         continue
                     sid = f"s{len(self.sessions)}"
                     sess = dict(id=sid, frags=[], prompts=[], prompt=msg.prompt, stop=False, done=None)
@@ -131,8 +131,8 @@ class FakeServer:
                 elif isinstance(msg, P.Attach):
                     sess = self.sessions.get(msg.session)
                     if sess is None:
-                        await ws.send(conn.error(P.ProtocolError("unknown_session", "gone", field="session",
-                                                                 ref="attach")))
+                        await ws.send(conn.send(P.ProtocolError("unknown_session", "gone", field="session",
+                                                                 ref="attach").to_message()))
                         continue
                     producer = asyncio.ensure_future(produce(sess, msg.from_seq))
                 elif isinstance(msg, P.Prompt):

@@ -183,18 +183,18 @@ def test_rejected_start_returns_both_sides_to_idle():
         s.receive(msgpack.packb({"type": "start", "prompt": "x", "width": 100}))
     assert e.value.ref == "start" and s.phase is P.Phase.IDLE
     c.send(P.Start(prompt="x"))
-    c.receive(s.error(e.value))
+    c.receive(s.send(e.value.to_message()))
     assert c.phase is P.Phase.IDLE
     # accepted by the protocol, refused by the application (busy)
     s.receive(c.send(P.Start(prompt="x")))
     busy = P.ProtocolError("busy", "server is at its session limit (4)", ref="start")
-    c.receive(s.error(busy))
+    c.receive(s.send(busy.to_message()))
     assert c.phase is s.phase is P.Phase.IDLE
     # a duplicate start's out_of_order does not cancel the pending start
     s.receive(c.send(P.Start(prompt="x")))
     with raises("out_of_order", "type") as e:
         s.receive(P.encode(P.Start(prompt="y")))
-    c.receive(s.error(e.value))
+    c.receive(s.send(e.value.to_message()))
     assert c.phase is s.phase is P.Phase.STARTING
     c.receive(s.send(READY))
     assert c.phase is P.Phase.ACTIVE
@@ -206,7 +206,7 @@ def test_fatal_error_closes_both_sides():
         s.receive(msgpack.packb({"type": "start", "v": 9, "prompt": "x"}))
     assert e.value.fatal and "1" in e.value.message
     c.send(P.Start(prompt="x"))
-    c.receive(s.error(e.value))
+    c.receive(s.send(e.value.to_message()))
     assert c.phase is s.phase is P.Phase.CLOSED
     assert s.receive(P.encode(P.Stop())) is None and c.receive(P.encode(READY)) is None
     with raises("out_of_order", "type"):

@@ -190,6 +190,10 @@ class Engine:
     def __init__(self, pipeline: Pipeline, settings: EngineSettings | None = None):
         self.pipeline = pipeline
         self.settings = s = settings or EngineSettings()
+        fpc = s.frames_per_chunk or pipeline.model.cfg.frames_per_chunk
+        if s.local_frames and fpc > s.local_frames - s.sink_frames:
+            raise EngineError(f"frames_per_chunk={fpc} does not fit the attention window: need frames_per_chunk <= "
+                              f"local_frames - sink_frames = {s.local_frames} - {s.sink_frames}", "bad_field", "local_frames")
         self.scheduler = Scheduler(s.max_ahead)
         self._cmds: queue.SimpleQueue = queue.SimpleQueue()
         self._handles: dict[int, SessionHandle] = {}

@@ -71,10 +71,6 @@ class InterpolationState:
         """Mark the boundary before the next chunk's first frame as a scene cut."""
         self.cut_pending = True
 
-    def reset(self) -> None:
-        self.prev, self.frames_in, self.frames_out, self.cut_pending = None, 0, 0, False
-        self.forced_cuts.clear()
-
 
 class Interpolator:
     """RIFE ``factor``x frame interpolation of a frame stream, chunk by chunk (see module docstring).
@@ -220,29 +216,26 @@ def scene_scores(seq: "torch.Tensor", bins: int = 16) -> "torch.Tensor":
 # ---- weights lookup -----------------------------------------------------------------------------
 
 def default_weights_path() -> Path | None:
-    """$STREAMGEN_RIFE_WEIGHTS, else weights/rife-v4.26/flownet.pkl, else ../shared/weights/... of the repo."""
+    """$STREAMGEN_RIFE_WEIGHTS, else weights/rife-v4.26/flownet.pkl under the working directory."""
     env = os.environ.get(WEIGHTS_ENV)
     if env:
         return Path(env)
-    repo = Path(__file__).resolve().parents[2]
-    for cand in (Path("weights/rife-v4.26/flownet.pkl"), repo / "weights/rife-v4.26/flownet.pkl",
-                 repo.parent / "shared/weights/rife-v4.26/flownet.pkl"):
-        if cand.is_file():
-            return cand
-    return None
+    cand = Path("weights/rife-v4.26/flownet.pkl")
+    return cand if cand.is_file() else None
 
 
 # ---- `streamgen interpolate` --------------------------------------------------------------------
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from streamgen.pipeline import DTYPES
+
     p.add_argument("input", help="input video file (constant frame rate)")
     p.add_argument("--out", "-o", required=True, help="output MP4 (H.264, video only)")
     p.add_argument("--factor", type=int, default=2, choices=(1, 2, 4), help="frame-rate multiplier (default 2)")
     p.add_argument("--weights", default=None,
                    help=f"RIFE v4.25/v4.26 flownet.pkl (default ${WEIGHTS_ENV} or weights/rife-v4.26/flownet.pkl)")
-    p.add_argument("--device", default="auto", help="cuda, cpu, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
-                   help="conv precision (default fp16 on GPU, fp32 on CPU)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--dtype", default="auto", choices=DTYPES, help="conv precision (default float16 on cuda, float32 on cpu)")
     p.add_argument("--chunk", type=int, default=12, help="input frames per batched forward (default 12)")
     p.add_argument("--scene-threshold", type=float, default=DEFAULT_SCENE_THRESHOLD,
                    help=f"colour-histogram distance above which a pair is a cut (default {DEFAULT_SCENE_THRESHOLD}; "
@@ -262,13 +255,15 @@ def run(args: argparse.Namespace) -> int:
     from streamgen.media.encode import Mp4Writer
     from streamgen.media.frames import from_uint8, to_uint8
     from streamgen.models.rife import load_rife
+    from streamgen.pipeline import UsageError, pick_device, pick_dtype
 
     if args.chunk < 1:
         raise SystemExit("--chunk must be >= 1")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else ("cpu" if args.device == "auto" else args.device))
-    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    dtype = dtypes.get(args.dtype) or (torch.float16 if device.type == "cuda" else torch.float32)
+    try:
+        device = pick_device(args.device)
+        dtype = torch.float16 if args.dtype == "auto" and device.type == "cuda" else pick_dtype(args.dtype, device)
+    except UsageError as e:
+        raise SystemExit(f"streamgen interpolate: error: {e}") from None
     model = None
     if args.factor > 1:
         weights = Path(args.weights) if args.weights else default_weights_path()

@@ -39,19 +39,9 @@ class Metrics:
             d = self._values.setdefault(name, {})
             d[key] = d.get(key, 0.0) + value
 
-    def set(self, name: str, value: float, **labels: str) -> None:
-        with self._lock:
-            self._values.setdefault(name, {})[tuple(sorted(labels.items()))] = float(value)
-
     def gauge_fn(self, name: str, fn: Callable[[], float | dict[tuple, float]]) -> None:
         """Gauge computed when rendered; fn returns a value or {labels tuple: value}."""
         self._callbacks[name] = fn
-
-    def get(self, name: str, **labels: str) -> float:
-        if name in self._callbacks:
-            v = self._callbacks[name]()
-            return v if not isinstance(v, dict) else v.get(tuple(sorted(labels.items())), 0.0)
-        return self._values.get(name, {}).get(tuple(sorted(labels.items())), 0.0)
 
     def render(self) -> str:
         lines = []

@@ -124,11 +124,12 @@ def _build(args: argparse.Namespace):
     _check_size(w, h, limits)
     pipe = build_pipeline(args)
     warmup = GenRequest("warm-up", w, h, interpolate=2 if pipe.rife is not None else 1, chunks=2, name="warm-up")
-    engine = Engine(pipe, engine_settings(args, MODELS[args.model], limits=limits, warmup=warmup))
-    try:  # the defaults must be servable: the same check a client's start gets
+    try:
+        engine = Engine(pipe, engine_settings(args, MODELS[args.model], limits=limits, warmup=warmup))
+        # the defaults must be servable: the same check a client's start gets
         engine.validate(GenRequest("check", w, h, chunks=None if engine.settings.local_frames else 1))
     except EngineError as e:
-        raise UsageError(f"--{e.field or 'model'}: {e}") from None
+        raise UsageError(f"--{(e.field or 'model').replace('_', '-')}: {e}") from None
     from streamgen.server.sources import EngineFactory
 
     return cfg, EngineFactory(args.model, engine, width=w, height=h, executor=executor), executor

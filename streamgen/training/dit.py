@@ -215,8 +215,10 @@ def stream_frames(model, vae, text_encoder, prompt: str, *, chunks: int, sampler
     session = SessionState(model, prompt, height=size, width=size, config=cfg, text_encoder=text_encoder, decoder=vae,
                             negative_prompt="" if guidance != 1.0 else None,
                             total_frames=chunks * model.cfg.frames_per_chunk, device=p.device, dtype=p.dtype)
-    frames = torch.cat([session.next_chunk().frames for _ in range(chunks)], dim=2)[0]  # (3, T, H, W)
-    return frames.float().add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 3, 0).cpu()
+    from streamgen.media.frames import to_uint8, unit_frames
+
+    frames = torch.cat([session.next_chunk().frames for _ in range(chunks)], dim=2)  # (1, 3, T, H, W)
+    return to_uint8(unit_frames(frames)).cpu()
 
 
 def score(frames, prompt: str) -> dict:

@@ -16,7 +16,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT))
 
-from streamgen.engine.source import TestPatternSource  # noqa: E402
+from streamgen.server.sources import TestPatternSource  # noqa: E402
 from streamgen.media.encode import FMP4Encoder  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "fixtures"
