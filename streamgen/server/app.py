@@ -2,7 +2,7 @@
 
 Routes
 ------
-``GET /``            the browser player (clients/web/index.html) and its ES modules / css / icon
+``GET /``            the browser player (``state.WEB_ROOT``: clients/web, installed as streamgen/web)
 ``GET /v1/stream``   WebSocket, protocol v1 (see protocol/README.md), one msgpack map per binary frame
 ``GET /healthz``     JSON {"status": "ok", "model", "sessions"}
 ``GET /metrics``     Prometheus text (sessions, fragments/bytes sent, generation fps, send queue

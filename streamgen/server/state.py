@@ -13,7 +13,17 @@ from streamgen.server.metrics import Metrics
 from streamgen.server.sessions import SessionRegistry
 from streamgen.server.sources import SourceFactory
 
-WEB_ROOT = Path(__file__).resolve().parents[2] / "clients" / "web"
+
+
+def _web_root() -> Path:
+    """The browser player: streamgen/web in an installed copy (clients/web is package data, see
+    pyproject.toml), clients/web beside the package in a source checkout or an editable install."""
+    package = Path(__file__).resolve().parents[1]
+    installed = package / "web"
+    return installed if (installed / "index.html").is_file() else package.parent / "clients" / "web"
+
+
+WEB_ROOT = _web_root()
 
 
 @dataclass
