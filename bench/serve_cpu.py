@@ -1,0 +1,189 @@
+"""Generation speed through `streamgen serve`: one session, encode included, per frame size.
+
+Starts ``python -m streamgen serve`` (the default model unless --serve-args names another) on a
+free loopback port, or uses a running server (--url). For each size it opens one session with
+streamgen.client.StreamClient, lets it warm up, then samples the server's /metrics every
+--window seconds for --seconds: generated frames/s = delta frames_generated_total / delta wall
+time (the engine's busy thread and the encoder both run inside that time, on the same cores),
+plus the share of generate / encode seconds and the session's status.gen_fps. Reports the
+median (and min/max) of the windows.
+
+The server is started unpaced (--max-lead 0) by default, so the figure is what the machine can
+generate, not the viewer's real-time rate; pass --serve-args "" for the server's own pacing.
+
+    python bench/serve_cpu.py                                   # 128x128, 192x192, 256x256
+    python bench/serve_cpu.py --sizes 128x128 --seconds 60 --json out.json
+    python bench/serve_cpu.py --url http://127.0.0.1:8765       # a server already running
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import re
+import shlex
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+
+from streamgen.client import StreamClient
+
+METRICS = ("frames_generated_total", "generate_seconds_total", "encode_seconds_total", "fragments_generated_total")
+PROMPT = "a red ball moving right on a black background"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_metrics(base: str) -> dict[str, float]:
+    text = urllib.request.urlopen(f"{base}/metrics", timeout=5).read().decode()
+    out = {}
+    for name in METRICS:
+        m = re.search(rf"^streamgen_{name} (\S+)$", text, re.M)
+        out[name] = float(m.group(1)) if m else 0.0
+    return out
+
+
+@contextlib.contextmanager
+def serve(extra: list[str]):
+    """``python -m streamgen serve --port P`` + extra; yields the base URL once /healthz answers."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "streamgen", "serve", "--port", str(port), *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr.read()}")
+            try:
+                urllib.request.urlopen(f"{base}/healthz", timeout=1).read()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the server did not answer /healthz within 120 s")
+                time.sleep(0.2)
+        print(f"server: {' '.join(shlex.quote(c) for c in cmd)}", file=sys.stderr)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+async def measure(base: str, width: int, height: int, *, warmup: float, seconds: float, window: float,
+                  prompt: str, seed: int) -> dict:
+    samples, gen_fps = [], []
+    async with StreamClient(base) as c:
+        it = c.start(prompt, width=width, height=height, seed=seed)
+        first = asyncio.get_running_loop().create_future()
+
+        ended: list[BaseException | None] = []
+
+        async def consume():
+            try:
+                async for _ in it:
+                    if not first.done():
+                        first.set_result(time.monotonic())
+                ended.append(None)
+            except Exception as e:
+                ended.append(e)
+                if not first.done():
+                    first.set_exception(e)
+
+        task = asyncio.create_task(consume())
+        try:
+            t_start = time.monotonic()
+            await asyncio.wait_for(asyncio.shield(first), 120)
+            ttff = first.result() - t_start
+            await asyncio.sleep(warmup)
+            prev, t_prev = read_metrics(base), time.monotonic()
+            while len(samples) * window < seconds:
+                await asyncio.sleep(window)
+                cur, t = read_metrics(base), time.monotonic()
+                d = {k: cur[k] - prev[k] for k in METRICS}
+                dt = t - t_prev
+                samples.append({"fps": d["frames_generated_total"] / dt, "frames": d["frames_generated_total"],
+                                "wall_s": dt, "generate_s": d["generate_seconds_total"],
+                                "encode_s": d["encode_seconds_total"]})
+                if c.status is not None and c.status.gen_fps:
+                    gen_fps.append(c.status.gen_fps)
+                prev, t_prev = cur, t
+                if ended:
+                    break
+        finally:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+    if ended or not samples:
+        raise RuntimeError(f"{width}x{height}: the stream ended early: {c.end_reason} {c.errors}")
+    fps = [s["fps"] for s in samples]
+    frames = sum(s["frames"] for s in samples)
+    return {"size": f"{width}x{height}", "first_fragment_s": round(ttff, 2),
+            "fps_median": round(statistics.median(fps), 2), "fps_min": round(min(fps), 2),
+            "fps_max": round(max(fps), 2), "windows": len(fps), "window_s": window,
+            "measured_s": round(sum(s["wall_s"] for s in samples), 1), "frames": int(frames),
+            "encode_ms_per_frame": round(1000 * sum(s["encode_s"] for s in samples) / max(frames, 1), 2),
+            "status_gen_fps_median": round(statistics.median(gen_fps), 2) if gen_fps else None,
+            "fps_windows": [round(x, 2) for x in fps]}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--url", help="a running server (http://host:port); default: start `python -m streamgen serve`")
+    ap.add_argument("--serve-args", default="--max-lead 0",
+                    help="extra `streamgen serve` arguments (default: '--max-lead 0', unpaced)")
+    ap.add_argument("--sizes", default="128x128,192x192,256x256", help="comma-separated WxH")
+    ap.add_argument("--warmup", type=float, default=10.0, help="seconds streamed before sampling")
+    ap.add_argument("--seconds", type=float, default=30.0, help="seconds sampled per size")
+    ap.add_argument("--window", type=float, default=5.0, help="seconds per sample")
+    ap.add_argument("--prompt", default=PROMPT)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args(argv)
+    sizes = [tuple(int(v) for v in s.lower().split("x")) for s in args.sizes.split(",")]
+
+    import torch
+
+    machine = f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), torch {torch.__version__}"
+
+    async def run_all(base):
+        out = []
+        for w, h in sizes:
+            r = await measure(base, w, h, warmup=args.warmup, seconds=args.seconds, window=args.window,
+                              prompt=args.prompt, seed=args.seed)
+            print(json.dumps(r), file=sys.stderr)
+            out.append(r)
+        return out
+
+    with contextlib.ExitStack() as stack:
+        base = args.url.rstrip("/") if args.url else stack.enter_context(serve(shlex.split(args.serve_args)))
+        results = asyncio.run(run_all(base))
+    print(f"machine: {machine}")
+    print(f"{'size':>9} {'gen fps (median)':>17} {'min..max':>13} {'windows':>8} {'encode ms/frame':>16} "
+          f"{'status.gen_fps':>15} {'first fragment s':>17}")
+    for r in results:
+        print(f"{r['size']:>9} {r['fps_median']:>17.2f} {r['fps_min']:>6.2f}..{r['fps_max']:<6.2f} {r['windows']:>8} "
+              f"{r['encode_ms_per_frame']:>16.2f} {str(r['status_gen_fps_median']):>15} {r['first_fragment_s']:>17.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine, "serve_args": args.serve_args, "url": args.url, "results": results}, f,
+                      indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
