@@ -240,7 +240,7 @@ def test_wrong_config(tmp_path, sd):
 def test_corrupt_and_truncated_files(tmp_path, sd):
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"\x00\x01 definitely not safetensors" * 10)
-    with pytest.raises(CheckpointError, match="junk.safetensors.*not a readable safetensors"):
+    with pytest.raises(CheckpointError, match="junk.safetensors.*corrupt or not a safetensors file"):
         load_wan_model(junk)
 
     good = tmp_path / "good.safetensors"
@@ -253,8 +253,19 @@ def test_corrupt_and_truncated_files(tmp_path, sd):
 
     pt = tmp_path / "junk.pt"
     pt.write_bytes(b"garbage" * 100)
-    with pytest.raises(CheckpointError, match="junk.pt: not a readable torch checkpoint"):
+    with pytest.raises(CheckpointError, match="junk.pt: corrupt or not a torch checkpoint") as e:
         load_wan_model(pt)
+    assert "\n" not in str(e.value) and "weights_only" not in str(e.value) and e.value.__cause__ is None
+    torch.save(sd, pt)
+    pt.write_bytes(pt.read_bytes()[:-100])  # a cut-off download
+    with pytest.raises(CheckpointError, match="junk.pt: corrupt or not a torch checkpoint .*damaged") as e:
+        load_wan_model(pt)
+    import numpy as np
+
+    torch.save({"w": np.zeros(3)}, pt)  # pickles a Python object: named, no advice to unpickle it
+    with pytest.raises(CheckpointError, match="junk.pt: the checkpoint pickles a Python object .*numpy") as e:
+        load_wan_model(pt)
+    assert "\n" not in str(e.value) and "weights_only" not in str(e.value)
 
     with pytest.raises(CheckpointError, match="no such file"):
         load_wan_model(tmp_path / "nope.safetensors")
@@ -301,7 +312,7 @@ def test_shared_loader_helpers(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"Thing checkpoint not found: .*gone.pth \(pass thing.pth\)"):
         read_state_dict(tmp_path / "gone.pth", what="Thing", hint="pass thing.pth")
     (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 64)
-    with pytest.raises(CheckpointError, match="bad.safetensors: not a readable safetensors file"):
+    with pytest.raises(CheckpointError, match="bad.safetensors: corrupt or not a safetensors file"):
         read_state_dict(tmp_path / "bad.safetensors", what="Thing")
 
     expected = {f"k{i:02d}": (2, 2) for i in range(12)}

@@ -167,7 +167,7 @@ def read_state_dict(
         try:
             return load_file(p)
         except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{p}: not a readable safetensors file ({e})") from e
+            raise CheckpointError(f"{p}: corrupt or not a safetensors file ({e})") from None
     sd = _torch_load(p)
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]
@@ -307,7 +307,7 @@ def _safetensors_entries(files: list[Path], handles: list, path) -> dict[str, _E
             h = safe_open(str(fpath), framework="pt", device="cpu")
             h.__enter__()
         except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
-            raise _err(path, None, f"{fpath.name} is not a readable safetensors file ({type(e).__name__}: {e})") from e
+            raise _err(path, None, f"{fpath.name} is corrupt or not a safetensors file ({e})") from None
         handles.append(h)
         for k in h.keys():
             sl = h.get_slice(k)
@@ -361,20 +361,36 @@ def _resolve_safetensors(p: Path) -> tuple[list[Path], str]:
 
 
 def _torch_load(p: Path):
-    """``torch.load`` on the CPU, weights only, memory-mapped (zip format) or read (legacy format)."""
+    """``torch.load`` on the CPU, weights only, memory-mapped (zip format) or read (legacy format).
+
+    Any failure is a one-line CheckpointError naming ``p``: a file that is no torch checkpoint, or a
+    damaged one, is reported as corrupt; one that pickles Python objects besides tensors names the
+    object (weights-only loading never runs pickled code, and no advice to turn it off is passed on)."""
     try:
         return torch.load(p, map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError as e:
         if "mmap" not in str(e):
-            raise CheckpointError(f"{p}: not a readable torch checkpoint ({e})") from e
-        try:  # legacy (non-zip) torch.save format cannot be memory-mapped
-            return torch.load(p, map_location="cpu", weights_only=True)
-        except Exception as e2:  # noqa: BLE001
-            raise CheckpointError(f"{p}: not a readable torch checkpoint ({e2})") from e2
+            raise _torch_load_error(p, e) from None
     except Exception as e:  # noqa: BLE001 - pickle/zip errors of every kind
-        raise CheckpointError(
-            f"{p}: not a readable torch checkpoint ({type(e).__name__}: {e}); only weights_only=True loads are done"
-        ) from e
+        raise _torch_load_error(p, e) from None
+    try:  # legacy (non-zip) torch.save format cannot be memory-mapped
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise _torch_load_error(p, e) from None
+
+
+def _torch_load_error(p: Path, e: Exception) -> CheckpointError:
+    text = str(e)
+    m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if m:
+        return CheckpointError(
+            f"{p}: the checkpoint pickles a Python object ({m.group(1)}) besides tensors; streamgen reads "
+            "tensors only and never runs pickled code: re-save its state dict (torch.save or safetensors)")
+    reason = re.search(r"WeightsUnpickler error: ([^\n]*)", text)
+    reason = reason.group(1) if reason else (text.splitlines() or [type(e).__name__])[0]
+    if "zip archive" in reason or "central directory" in reason:
+        reason = "damaged zip archive, e.g. an interrupted download"
+    return CheckpointError(f"{p}: corrupt or not a torch checkpoint ({reason[:120]})")
 
 
 def _torch_entries(p: Path, state_key: str | None) -> tuple[dict[str, _Entry], str]:
