@@ -324,6 +324,16 @@ class SessionState:
             x = stepper.step(i, x, flow)
         return x
 
+    def _chunk_step(self, start: int) -> torch.Tensor:
+        """Denoise the chunk at ``start`` and commit its clean K/V (the cache pass); returns x0.
+        The unit ``streamgen.ops.graphs`` captures as CUDA graphs (it shadows this per session)."""
+        if self.config.sampler == "self-forcing":
+            x0 = self._denoise_self_forcing(start)
+        else:
+            x0 = self._denoise_multistep(start)
+        self._cache_pass(x0, start)
+        return x0
+
     @torch.no_grad()
     def next_chunk(self) -> Chunk:
         """Generate, cache and decode the next chunk."""
@@ -335,11 +345,7 @@ class SessionState:
         switched = self._pending_prompt is not None
         if switched:
             self._apply_prompt_switch()
-        if self.config.sampler == "self-forcing":
-            x0 = self._denoise_self_forcing(start)
-        else:
-            x0 = self._denoise_multistep(start)
-        self._cache_pass(x0, start)
+        x0 = self._chunk_step(start)
         self._remember(start, x0)
         latents, first = x0, start
         if self._image is not None:
