@@ -163,14 +163,8 @@ def close_color(got, prompt: str, tol: int = 24) -> bool:
 
 
 @contextlib.asynccontextmanager
-async def served_page(app):
-    """Serve ``app`` on a loopback port and open a headless Chromium tab over CDP.
-    Yields (cdp, tab session id, port, runner); closes the browser and the server afterwards."""
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
+async def chromium_tab():
+    """A headless Chromium with one blank tab over CDP. Yields (cdp, tab session id); closes the browser."""
     tmp = tempfile.mkdtemp(prefix="streamgen-chromium-")
     proc, browser_url, drainer = await launch_chromium(tmp)
     try:
@@ -181,7 +175,7 @@ async def served_page(app):
                 "sessionId"]
             await cdp.call("Runtime.enable", session=session)
             await cdp.call("Page.enable", session=session)
-            yield cdp, session, port, runner
+            yield cdp, session
             try:
                 await cdp.call("Browser.close", timeout=5)
             except Exception:
@@ -197,6 +191,21 @@ async def served_page(app):
                 await proc.wait()
         drainer.cancel()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.asynccontextmanager
+async def served_page(app):
+    """Serve ``app`` on a loopback port and open a headless Chromium tab over CDP.
+    Yields (cdp, tab session id, port, runner); closes the browser and the server afterwards."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        async with chromium_tab() as (cdp, session):
+            yield cdp, session, port, runner
+    finally:
         await runner.cleanup()
 
 
