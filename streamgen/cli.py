@@ -3,6 +3,13 @@
 Each subcommand lives in the module named in ``COMMANDS``; the module defines
 ``add_arguments(parser)`` and ``run(args) -> int`` and keeps heavy imports (torch, av)
 inside ``run`` so that ``streamgen --help`` stays fast.
+
+Exit status: 0 done; 2 the command line cannot work (a bad option value or combination, a missing,
+unreadable or corrupt input or weights file, an output path that cannot be written, a port that is
+taken); 1 a failure at run time after the inputs were accepted (the server is down or refuses the
+stream, generation fails); 130 Ctrl-C. A status-2 error is one line on stderr,
+``streamgen COMMAND: error: ...``, naming the option or file, what is wrong and what is allowed;
+a run raises :class:`streamgen.pipeline.UsageError` for it.
 """
 
 from __future__ import annotations
@@ -64,8 +71,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (the usage block is left to --help)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="streamgen", description="Streaming video generation engine")
+    parser = Parser(prog="streamgen", description="Streaming video generation engine")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
@@ -86,8 +100,13 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
+    from streamgen.pipeline import UsageError
+
     try:
         return int(args._run(args) or 0)
+    except UsageError as e:
+        print(f"streamgen {args.command}: error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

@@ -40,6 +40,7 @@ from typing import Any, AsyncIterator
 from urllib.parse import urlsplit, urlunsplit
 
 from streamgen import protocol as P
+from streamgen.pipeline import UsageError, check_output
 
 log = logging.getLogger("streamgen.client")
 
@@ -370,10 +371,12 @@ class StreamClient:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from streamgen.pipeline import positive
+
     p.add_argument("url", help="server, e.g. ws://127.0.0.1:8765 or http://host:8765 (path defaults to /v1/stream)")
     p.add_argument("--prompt", required=True, help="text prompt")
     p.add_argument("--out", default="out.mp4", help="output fragmented MP4 ('-': stdout, e.g. | ffplay -)")
-    p.add_argument("--chunks", type=int, help="number of chunks (default: until --seconds, Ctrl-C or the server ends)")
+    p.add_argument("--chunks", type=positive, help="number of chunks (default: until --seconds, Ctrl-C or the server ends)")
     p.add_argument("--seconds", type=float, help="stop after this many seconds of video")
     p.add_argument("--token", help="access token (sent as Authorization: Bearer)")
     p.add_argument("--model", help="model name the server should use")
@@ -394,7 +397,7 @@ def _parse_switches(items: list[str]) -> dict[int, str]:
     for item in items:
         n, sep, prompt = item.partition("=")
         if not sep or not n.strip().isdigit() or not prompt:
-            raise SystemExit(f"--switch expects N=PROMPT (N a fragment number), got {item!r}")
+            raise UsageError(f"--switch {item}: expected N=PROMPT (N a fragment number, PROMPT non-empty)")
         out[int(n)] = prompt
     return out
 
@@ -416,25 +419,41 @@ def stop_on_ctrl_c(c: StreamClient, say) -> None:
         pass
 
 
-async def watch(args: argparse.Namespace) -> int:
+def _check_watch(args: argparse.Namespace) -> dict:
+    """The start fields of `watch`'s options; what cannot work raises UsageError before connecting."""
+    try:
+        stream_url(args.url)
+    except ValueError as e:
+        raise UsageError(f"url {args.url}: {e}") from None
+    if args.out != "-":
+        check_output("--out", args.out, suffixes=())
     fields = {k: getattr(args, k) for k in ("model", "width", "height", "fps", "seed", "chunks", "interpolate")
               if getattr(args, k) is not None}
     if args.image:
-        with open(args.image, "rb") as f:
-            fields["image"] = f.read()
+        try:
+            with open(args.image, "rb") as f:
+                fields["image"] = f.read()
+        except OSError as e:
+            raise UsageError(f"--image {args.image}: {e.strerror or e}") from None
+    return fields
+
+
+async def watch(args: argparse.Namespace) -> int:
+    fields = _check_watch(args)
     switches = _parse_switches(args.switch)
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
-    out = sys.stdout.buffer if args.out == "-" else open(args.out, "wb")
+    out = sys.stdout.buffer if args.out == "-" else None  # the file is made on the first fragment
     try:
         async with StreamClient(args.url, token=args.token, reconnect=not args.no_reconnect) as c:
             stop_on_ctrl_c(c, say)
             try:
                 stream = c.start(args.prompt, **fields)
             except P.ProtocolError as e:
-                print(f"error: {e.message}", file=sys.stderr)
+                print(f"streamgen watch: error: {e.message}", file=sys.stderr)
                 return 2
             async for frag in stream:
                 if c.fragments == 1:
+                    out = out or open(args.out, "wb")
                     out.write(c.init_segment)
                     say(f"ready: session {c.session}, {c.ready.width}x{c.ready.height} @ {c.ready.fps} fps, "
                         f"{c.ready.mime}; first fragment after {c.time_to_first_fragment * 1000:.0f} ms")
@@ -461,10 +480,10 @@ async def watch(args: argparse.Namespace) -> int:
                   file=sys.stderr if args.out == "-" else sys.stdout, flush=True)
             return 0 if s.fragments else 1
     except StreamError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"streamgen watch: error: {e}", file=sys.stderr)
         return 1
     finally:
-        if out is not sys.stdout.buffer:
+        if out is not None and out is not sys.stdout.buffer:
             out.close()
 
 

@@ -21,7 +21,7 @@ import os
 import sys
 import time
 
-from streamgen.pipeline import UsageError, add_model_arguments, positive, positive_float, size16
+from streamgen.pipeline import UsageError, add_model_arguments, check_output, positive, positive_float, size16
 
 
 def _prompt_at(text: str) -> tuple[int, str]:
@@ -64,6 +64,12 @@ def _check(args: argparse.Namespace, preset) -> dict[int, str]:
 
     if args.decoder is None and args.image is not None:
         args.decoder = "wan"
+    if not args.prompt.strip():
+        raise UsageError("--prompt: empty; give the text of the video (the server refuses an empty prompt too)")
+    for text in [args.prompt, *(t for _, t in args.prompt_at)]:
+        if len(text.encode()) > DEFAULT_LIMITS.max_prompt_bytes:
+            raise UsageError(f"--prompt: {len(text.encode())} bytes of UTF-8; allowed at most "
+                             f"{DEFAULT_LIMITS.max_prompt_bytes} (the server's limit)")
     if args.chunks > DEFAULT_LIMITS.max_chunks:
         raise UsageError(f"--chunks {args.chunks}: allowed 1..{DEFAULT_LIMITS.max_chunks}")
     w, h = args.width or preset.width, args.height or preset.height
@@ -88,11 +94,7 @@ def _check(args: argparse.Namespace, preset) -> dict[int, str]:
             raise UsageError(f"--image needs a streaming model; {args.model} is text-to-video only")
     if not 0 <= args.crf <= 51:
         raise UsageError(f"--crf {args.crf}: allowed 0..51")
-    if not args.out.lower().endswith(".mp4"):
-        raise UsageError(f"--out {args.out}: the file must end in .mp4 (H.264 in MP4)")
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(out_dir):
-        raise UsageError(f"--out {args.out}: folder {out_dir} does not exist")
+    check_output("--out", args.out)
     return switches
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -89,6 +90,7 @@ MODELS: dict[str, ModelPreset] = {
 STREAM_MODELS = tuple(n for n, p in MODELS.items() if p.mode == "stream")
 SAMPLER_CHOICES = ("self-forcing", "euler", "unipc")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}  # same on every command
 DEFAULT_NEGATIVE_PROMPT = (  # Wan2.1's default negative prompt
     "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋，"
     "残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，"
@@ -110,10 +112,21 @@ def size16(text: str) -> int:
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer; use a positive multiple of 16 (e.g. 256, 480, 832)")
     if v <= 0 or v % 16:
+        lo = v // 16 * 16
+        near = f"{lo} or {lo + 16}" if lo >= 16 else "16"
         raise argparse.ArgumentTypeError(
             f"{v} is not a positive multiple of 16 (the latent is size/8 and the DiT patch is 2); "
-            f"allowed: 16, 32, ..., e.g. {max(16, v // 16 * 16)} or {max(16, v // 16 * 16 + 16)}")
+            f"allowed: 16, 32, ..., e.g. {near}")
     return v
+
+
+def dtype_name(text: str) -> str:
+    """argparse type of --dtype: a name of ``DTYPES`` or its short form (fp32, bf16, fp16)."""
+    name = DTYPE_ALIASES.get(text.lower(), text.lower())
+    if name not in DTYPES:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a dtype; allowed: auto, float32 (fp32), bfloat16 (bf16), float16 (fp16)")
+    return name
 
 
 def positive(text: str) -> int:
@@ -159,7 +172,9 @@ def add_model_arguments(p: argparse.ArgumentParser, *, models: tuple[str, ...] =
                    help="RIFE v4.25/v4.26 flownet.pkl for interpolation ('auto': $STREAMGEN_RIFE_WEIGHTS or "
                         "weights/rife-v4.26/flownet.pkl; 'none': no interpolation)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: cuda when available)")
-    g.add_argument("--dtype", choices=DTYPES, default="auto", help="model dtype (default: bfloat16 on cuda, float32 on cpu)")
+    g.add_argument("--dtype", type=dtype_name, default="auto",
+                   help="model dtype: auto, float32/fp32, bfloat16/bf16, float16/fp16 (default: bfloat16 on cuda, "
+                        "float32 on cpu)")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the DiT blocks (static shapes; ~1.5x on an H100, falls back to eager)")
     g.add_argument("--quant", choices=("fp8", "int8-weight"), default=None,
@@ -208,6 +223,7 @@ def pick_dtype(name: str, device: "torch.device", flag: str = "--dtype") -> "tor
 
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
+    name = DTYPE_ALIASES.get(name, name)
     if name not in DTYPES:
         raise UsageError(f"{flag} {name}: allowed: {', '.join(DTYPES)}")
     return getattr(torch, name)
@@ -218,6 +234,18 @@ def require_file(flag: str, path: str | None, what: str) -> str:
         raise UsageError(f"{flag} is required for this model ({what})")
     if not os.path.exists(path):
         raise UsageError(f"{flag} {path}: no such file or directory ({what})")
+    return path
+
+
+def check_output(flag: str, path: str, suffixes: tuple[str, ...] = (".mp4",)) -> str:
+    """An output file path that can be written: one of ``suffixes`` (none: any name), in a folder that exists."""
+    if suffixes and not path.lower().endswith(suffixes):
+        raise UsageError(f"{flag} {path}: the file must end in {' or '.join(suffixes)} (H.264 in MP4)")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UsageError(f"{flag} {path}: folder {folder} does not exist")
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path}: is a folder; give a file name")
     return path
 
 
@@ -240,17 +268,17 @@ def rife_path(spec: str | None, *, required: bool) -> str | None:
     return require_file("--rife", str(path), "RIFE v4.25/v4.26 flownet.pkl")
 
 
-def load_rife_model(path: str, device: "torch.device"):
-    """RIFE for interpolation: fp16 + channels_last on CUDA, fp32 on the CPU."""
+def load_rife_model(path: str, device: "torch.device", dtype: "torch.dtype | None" = None, flag: str = "--rife"):
+    """RIFE for interpolation: ``dtype`` (default fp16 on CUDA, fp32 on the CPU), channels_last on CUDA."""
     import torch
 
     from streamgen.models.checkpoints import CheckpointError
     from streamgen.models.rife import load_rife
 
     try:
-        model = load_rife(path, device=device, dtype=torch.float16 if device.type == "cuda" else torch.float32)
-    except CheckpointError as e:
-        raise UsageError(f"--rife {path}: {e}") from e
+        model = load_rife(path, device=device, dtype=dtype or (torch.float16 if device.type == "cuda" else torch.float32))
+    except (CheckpointError, FileNotFoundError) as e:
+        raise UsageError(f"{flag}: {e}") from None
     return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
 
 
@@ -266,7 +294,13 @@ def check_options(args: argparse.Namespace) -> ModelPreset:
                      f"{', '.join(n for n, p in MODELS.items() if p.builtin)}")
         require_file("--vae", args.vae, f"{decoder} decoder weights")
         require_file("--text-encoder", args.text_encoder, "umT5-XXL encoder")
-    elif preset.weights is not None and decoder != preset.decoder:
+    else:
+        given = [f for f, v in (("--checkpoint", args.checkpoint), ("--vae", args.vae),
+                                ("--text-encoder", args.text_encoder)) if v is not None]
+        if given:
+            raise UsageError(f"{given[0]}: --model {args.model} is built in and loads no weight files; models that "
+                             f"take {given[0]}: {', '.join(n for n, p in MODELS.items() if not p.builtin)}")
+    if preset.builtin and preset.weights is not None and decoder != preset.decoder:
         raise UsageError(f"--decoder {decoder}: the built-in {args.model!r} model ships its own "
                          f"{preset.decoder} decoder only (allowed: {preset.decoder})")
     if args.offload is not None and args.compile:
@@ -333,9 +367,13 @@ def build(preset: ModelPreset | str, *, device=None, dtype=None, decoder: str | 
     else:
         from streamgen.models.checkpoints import load_wan_model
 
-        model = load_wan_model(checkpoint, None, device=device if offload is None else torch.device("cpu"), dtype=dtype)
-        text = load_text_encoder(text_encoder, dim=model.cfg.text_dim, device=device, dtype=dtype)
-        dec, vae_model = _load_decoder(decoder, vae, device, dtype)
+        with _reading("--checkpoint"):
+            model = load_wan_model(checkpoint, None, device=device if offload is None else torch.device("cpu"),
+                                   dtype=dtype)
+        with _reading("--text-encoder"):
+            text = load_text_encoder(text_encoder, dim=model.cfg.text_dim, device=device, dtype=dtype)
+        with _reading("--vae"):
+            dec, vae_model = _load_decoder(decoder, vae, device, dtype)
     if quant is not None:
         from streamgen.ops.quant import quantize
 
@@ -358,6 +396,18 @@ def build(preset: ModelPreset | str, *, device=None, dtype=None, decoder: str | 
              decoder, "on" if rife_model is not None else "off")
     return Pipeline(model=model, text_encoder=text, decoder=dec, vae=vae_model, rife=rife_model, fps=preset.fps,
                     device=device, dtype=dtype, preset=preset)
+
+
+@contextmanager
+def _reading(flag: str):
+    """A weights file that cannot be read becomes a UsageError naming the option (and, through the
+    CheckpointError's message, the file and what is wrong with it)."""
+    from streamgen.models.checkpoints import CheckpointError
+
+    try:
+        yield
+    except (CheckpointError, FileNotFoundError) as e:
+        raise UsageError(f"{flag}: {e}") from None
 
 
 def engine_settings(args: argparse.Namespace, preset: ModelPreset, **kw) -> "EngineSettings":

@@ -33,6 +33,7 @@ None disables the check), the pair after
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -227,22 +228,46 @@ def default_weights_path() -> Path | None:
 # ---- `streamgen interpolate` --------------------------------------------------------------------
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from streamgen.pipeline import DTYPES
+    from streamgen.pipeline import dtype_name, positive
 
     p.add_argument("input", help="input video file (constant frame rate)")
-    p.add_argument("--out", "-o", required=True, help="output MP4 (H.264, video only)")
+    p.add_argument("--out", "-o", required=True, help="output .mp4 (H.264, video only)")
     p.add_argument("--factor", type=int, default=2, choices=(1, 2, 4), help="frame-rate multiplier (default 2)")
-    p.add_argument("--weights", default=None,
-                   help=f"RIFE v4.25/v4.26 flownet.pkl (default ${WEIGHTS_ENV} or weights/rife-v4.26/flownet.pkl)")
+    p.add_argument("--rife", "--weights", dest="rife", default="auto", metavar="WEIGHTS",
+                   help="RIFE v4.25/v4.26 flownet.pkl, as for serve/generate (default 'auto': "
+                        f"${WEIGHTS_ENV} or weights/rife-v4.26/flownet.pkl)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: cuda when available)")
-    p.add_argument("--dtype", default="auto", choices=DTYPES, help="conv precision (default float16 on cuda, float32 on cpu)")
-    p.add_argument("--chunk", type=int, default=12, help="input frames per batched forward (default 12)")
+    p.add_argument("--dtype", default="auto", type=dtype_name,
+                   help="conv precision: auto, float32/fp32, bfloat16/bf16, float16/fp16 (default float16 on cuda, "
+                        "float32 on cpu)")
+    p.add_argument("--chunk", type=positive, default=12, help="input frames per batched forward (default 12)")
     p.add_argument("--scene-threshold", type=float, default=DEFAULT_SCENE_THRESHOLD,
                    help=f"colour-histogram distance above which a pair is a cut (default {DEFAULT_SCENE_THRESHOLD}; "
                         "negative disables)")
     p.add_argument("--cut-mode", default="copy", choices=CUT_MODES, help="what a cut gets instead of warping")
     p.add_argument("--scale", type=float, default=1.0, help="RIFE flow scale (0.5 for 4K input)")
     p.add_argument("--crf", type=int, default=18, help="x264 CRF of the output (default 18)")
+
+
+def open_video(path: str):
+    """``av.open(path)`` of a file with a video stream; anything else is a one-line UsageError."""
+    import av
+
+    from streamgen.pipeline import UsageError
+
+    if not os.path.exists(path):
+        raise UsageError(f"input {path}: no such file")
+    if not os.path.isfile(path):
+        raise UsageError(f"input {path}: not a file")
+    try:
+        src = av.open(path)
+    except (av.FFmpegError, UnicodeDecodeError) as e:
+        raise UsageError(f"input {path}: not a video file ffmpeg can read ({getattr(e, 'strerror', None) or e})") from None
+    if not src.streams.video:
+        kinds = ", ".join(sorted({s.type for s in src.streams})) or "none"
+        src.close()
+        raise UsageError(f"input {path}: has no video stream (streams: {kinds})")
+    return src
 
 
 def run(args: argparse.Namespace) -> int:
@@ -254,49 +279,50 @@ def run(args: argparse.Namespace) -> int:
 
     from streamgen.media.encode import Mp4Writer
     from streamgen.media.frames import from_uint8, to_uint8
-    from streamgen.models.rife import load_rife
-    from streamgen.pipeline import UsageError, pick_device, pick_dtype
+    from streamgen.pipeline import UsageError, check_output, load_rife_model, pick_device, pick_dtype, rife_path
 
-    if args.chunk < 1:
-        raise SystemExit("--chunk must be >= 1")
-    try:
-        device = pick_device(args.device)
-        dtype = torch.float16 if args.dtype == "auto" and device.type == "cuda" else pick_dtype(args.dtype, device)
-    except UsageError as e:
-        raise SystemExit(f"streamgen interpolate: error: {e}") from None
-    model = None
-    if args.factor > 1:
-        weights = Path(args.weights) if args.weights else default_weights_path()
-        if weights is None:
-            raise SystemExit(f"no RIFE weights: pass --weights PATH/flownet.pkl or set ${WEIGHTS_ENV}")
-        model = load_rife(weights, device=device, dtype=dtype)
-        if device.type == "cuda":
-            model = model.to(memory_format=torch.channels_last)  # +6-11% on H100, see bench/BENCHMARKS.md
-    threshold = None if args.scene_threshold < 0 else args.scene_threshold
-    interp = Interpolator(model, args.factor, threshold, cut_mode=args.cut_mode, scale=args.scale)
-    state = interp.new_state()
-
-    with av.open(args.input) as src:
+    device = pick_device(args.device)
+    dtype = torch.float16 if args.dtype == "auto" and device.type == "cuda" else pick_dtype(args.dtype, device)
+    if not 0 <= args.crf <= 51:
+        raise UsageError(f"--crf {args.crf}: allowed 0..51")
+    check_output("--out", args.out)
+    weights = rife_path(args.rife, required=True) if args.factor > 1 else None
+    with open_video(args.input) as src:
         vin = src.streams.video[0]
         rate = vin.average_rate or vin.guessed_rate
         if not rate:
-            raise SystemExit(f"{args.input}: cannot tell the frame rate of the video stream")
+            raise UsageError(f"input {args.input}: cannot tell the frame rate of the video stream")
         out_rate = Fraction(rate) * args.factor
-        with Mp4Writer(args.out, vin.codec_context.width, vin.codec_context.height, out_rate, crf=args.crf) as dst:
-            t0 = time.perf_counter()
+        model = load_rife_model(weights, device, dtype) if weights is not None else None
+        threshold = None if args.scene_threshold < 0 else args.scene_threshold
+        interp = Interpolator(model, args.factor, threshold, cut_mode=args.cut_mode, scale=args.scale)
+        state = interp.new_state()
+        t0 = time.perf_counter()
+        try:
+            with Mp4Writer(args.out, vin.codec_context.width, vin.codec_context.height, out_rate, crf=args.crf) as dst:
 
-            def emit(batch: list[np.ndarray]) -> None:
-                y = interp.process(from_uint8(np.stack(batch), device), state)
-                dst.write(to_uint8(y).cpu().numpy())
+                def emit(batch: list[np.ndarray]) -> None:
+                    y = interp.process(from_uint8(np.stack(batch), device), state)
+                    dst.write(to_uint8(y).cpu().numpy())
 
-            batch: list[np.ndarray] = []
-            for frame in src.decode(vin):
-                batch.append(frame.to_ndarray(format="rgb24"))
-                if len(batch) == args.chunk:
+                batch: list[np.ndarray] = []
+                try:
+                    for frame in src.decode(vin):
+                        batch.append(frame.to_ndarray(format="rgb24"))
+                        if len(batch) == args.chunk:
+                            emit(batch)
+                            batch = []
+                except av.FFmpegError as e:
+                    raise UsageError(f"input {args.input}: cannot decode video frame {state.frames_in + len(batch)} "
+                                     f"({e.strerror or e})") from None
+                if batch:
                     emit(batch)
-                    batch = []
-            if batch:
-                emit(batch)
+                if state.frames_in == 0:
+                    raise UsageError(f"input {args.input}: the video stream holds no frames")
+        except BaseException:
+            with contextlib.suppress(OSError):  # no half-written output is left behind
+                os.remove(args.out)
+            raise
     dt = time.perf_counter() - t0
     log.info("%d -> %d frames (%s fps -> %s fps), %d scene cuts forced, %.1f s (%.1f output frames/s)",
              state.frames_in, state.frames_out, float(rate), float(out_rate), len(state.forced_cuts), dt,

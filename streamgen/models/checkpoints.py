@@ -307,7 +307,8 @@ def _safetensors_entries(files: list[Path], handles: list, path) -> dict[str, _E
             h = safe_open(str(fpath), framework="pt", device="cpu")
             h.__enter__()
         except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
-            raise _err(path, None, f"{fpath.name} is corrupt or not a safetensors file ({e})") from None
+            what = "corrupt or not a safetensors file" if fpath == Path(path) else f"{fpath.name} is corrupt or not a safetensors file"
+            raise _err(path, None, f"{what} ({e})") from None
         handles.append(h)
         for k in h.keys():
             sl = h.get_slice(k)
@@ -386,8 +387,11 @@ def _torch_load_error(p: Path, e: Exception) -> CheckpointError:
         return CheckpointError(
             f"{p}: the checkpoint pickles a Python object ({m.group(1)}) besides tensors; streamgen reads "
             "tensors only and never runs pickled code: re-save its state dict (torch.save or safetensors)")
-    reason = re.search(r"WeightsUnpickler error: ([^\n]*)", text)
-    reason = reason.group(1) if reason else (text.splitlines() or [type(e).__name__])[0]
+    m = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
+    reason = m.group(1).strip() if m else next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    reason = reason or type(e).__name__
+    if reason.isdigit():  # the unpickler names a byte it does not know
+        reason = f"unknown pickle opcode {reason}"
     if "zip archive" in reason or "central directory" in reason:
         reason = "damaged zip archive, e.g. an interrupted download"
     return CheckpointError(f"{p}: corrupt or not a torch checkpoint ({reason[:120]})")

@@ -12,6 +12,7 @@ same value: a server that starts can serve its own defaults.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -90,6 +91,7 @@ def _build(args: argparse.Namespace):
     from streamgen.protocol import DEFAULT_LIMITS
     from streamgen.server.state import ServerConfig
 
+    _check_port(args.host, args.port)
     if args.preset not in X264_PRESETS:
         raise UsageError(f"--preset {args.preset}: allowed: {', '.join(X264_PRESETS)}")
     if args.max_sessions_per_client > args.max_sessions:
@@ -133,6 +135,24 @@ def _build(args: argparse.Namespace):
     from streamgen.server.sources import EngineFactory
 
     return cfg, EngineFactory(args.model, engine, width=w, height=h, executor=executor), executor
+
+
+def _check_port(host: str, port: int) -> None:
+    """Fail before the model is built when the address cannot be bound (port taken, unknown host)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise UsageError(f"--host {host}: cannot resolve it ({e.strerror or e})") from None
+    for family, kind, proto, _, addr in infos[:1]:
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp does: TIME_WAIT is no conflict
+            try:
+                s.bind(addr)
+            except OSError as e:
+                why = "already in use by another program" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
+                raise UsageError(f"--port {port}: cannot listen on {host}:{port}: {why}; pick another --port") from None
 
 
 def _check_size(w: int, h: int, limits) -> None:

@@ -1,0 +1,139 @@
+"""Every misuse of the command line ends in one line on stderr, `streamgen CMD: error: ...`, naming the
+option or file, and exit status 2 (a runtime failure after the inputs were accepted: status 1); never
+a traceback (streamgen/cli.py states the convention)."""
+
+from __future__ import annotations
+
+import socket
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from streamgen.cli import build_parser, main
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("misuse")
+    (d / "text.txt").write_text("hello\n")
+    (d / "random.bin").write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    (d / "bad.pt").write_bytes(np.random.default_rng(1).integers(0, 256, 3000, dtype=np.uint8).tobytes())
+    with av.open(str(d / "audio.m4a"), "w") as c:  # audio only
+        s = c.add_stream("aac", rate=16000)
+        for i in range(4):
+            f = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+            f.sample_rate, f.pts = 16000, i * 1024
+            c.mux(s.encode(f))
+        c.mux(s.encode(None))
+    with av.open(str(d / "clip.mp4"), "w") as c:
+        s = c.add_stream("libx264", rate=8)
+        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+        for i in range(3):
+            c.mux(s.encode(av.VideoFrame.from_ndarray(np.full((48, 64, 3), 40 * i, np.uint8), format="rgb24")))
+        c.mux(s.encode(None))
+    return d
+
+
+@pytest.fixture
+def busy_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield s.getsockname()[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(argv, capsys) -> tuple[int, str]:
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # argparse's own errors
+        rc = e.code
+    return rc, capsys.readouterr().err
+
+
+I, G = ["interpolate", "{d}/clip.mp4", "--out", "{d}/o.mp4"], ["generate", "--prompt", "a cat", "--out", "{d}/o.mp4"]
+CASES = {
+    # interpolate
+    "interpolate missing input": (["interpolate", "{d}/nosuch.mp4", "--out", "{d}/o.mp4"], ["nosuch.mp4", "no such file"]),
+    "interpolate text file": (["interpolate", "{d}/text.txt", "--out", "{d}/o.mp4"], ["text.txt", "not a video file"]),
+    "interpolate random bytes": (["interpolate", "{d}/random.bin", "--out", "{d}/o.mp4"], ["random.bin", "not a video"]),
+    "interpolate audio only": (["interpolate", "{d}/audio.m4a", "--out", "{d}/o.mp4"], ["audio.m4a", "no video stream",
+                                                                                       "audio"]),
+    "interpolate --out missing folder": (I[:3] + ["{d}/nodir/o.mp4"], ["--out", "nodir", "does not exist"]),
+    "interpolate --out x.txt": (I[:3] + ["{d}/x.txt"], ["--out", "x.txt", ".mp4"]),
+    "interpolate --weights missing": (I + ["--weights", "{d}/nosuch.pkl"], ["--rife", "nosuch.pkl", "no such file"]),
+    "interpolate --weights corrupt": (I + ["--weights", "{d}/bad.pt"], ["--rife", "bad.pt", "corrupt"]),
+    "interpolate --weights text": (I + ["--rife", "{d}/text.txt"], ["--rife", "text.txt", "corrupt"]),
+    "interpolate --device cuda": (I + ["--device", "cuda"], ["--device cuda", "no CUDA device", "cpu"]),
+    "interpolate --chunk 0": (I + ["--chunk", "0"], ["--chunk", ">= 1"]),
+    "interpolate --dtype bogus": (I + ["--dtype", "fp99"], ["--dtype", "bf16", "float16"]),
+    # generate
+    "generate --out a.txt": (G[:4] + ["{d}/a.txt"], ["--out", "a.txt", ".mp4"]),
+    "generate --out missing folder": (G[:4] + ["{d}/nodir/a.mp4"], ["--out", "does not exist"]),
+    "generate --image not an image": (G + ["--image", "{d}/text.txt"], ["--image", "text.txt", "PNG or JPEG"]),
+    "generate --chunks huge": (G + ["--chunks", "1000000000"], ["--chunks 1000000000", "allowed 1.."]),
+    "generate 4096x4096": (G + ["--width", "4096", "--height", "4096"], ["--width 4096 --height 4096", "<="]),
+    "generate --width 8": (G + ["--width", "8"], ["--width", "e.g. 16 ", "multiple of 16"]),
+    "generate --prompt empty": (["generate", "--prompt", " ", "--out", "{d}/o.mp4"], ["--prompt", "empty"]),
+    "generate --checkpoint for a built-in": (G + ["--model", "tiny", "--checkpoint", "{d}/bad.pt"],
+                                             ["--checkpoint", "built in", "self-forcing-1.3b"]),
+    "generate corrupt --checkpoint": (G + ["--model", "self-forcing-1.3b", "--checkpoint", "{d}/bad.pt", "--vae",
+                                           "{d}/bad.pt", "--text-encoder", "{d}/bad.pt"],
+                                      ["--checkpoint", "bad.pt", "corrupt or not a torch checkpoint"]),
+    "generate --dtype bogus": (G + ["--dtype", "half-ish"], ["--dtype", "fp16"]),
+    # serve
+    "serve --port 99999": (["serve", "--port", "99999"], ["--port", "1..65535"]),
+    "serve port in use": (["serve", "--model", "testpattern", "--port", "{busy}"], ["--port {busy}", "in use"]),
+    "serve --model nosuch": (["serve", "--model", "nosuch"], ["--model", "nosuch", "testpattern"]),
+    # watch
+    "watch ftp url": (["watch", "ftp://example.com/x", "--prompt", "a"], ["ftp://example.com/x", "ws://"]),
+    "watch --out missing folder": (["watch", "ws://127.0.0.1:{free}", "--prompt", "a", "--out", "{d}/nodir/w.mp4"],
+                                   ["--out", "nodir", "does not exist"]),
+    "watch --switch malformed": (["watch", "ws://127.0.0.1:{free}", "--prompt", "a", "--switch", "x"], ["--switch x"]),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_misuse_is_one_line_with_status_2(name, files, request, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same answer on a GPU machine
+    argv, needles = CASES[name]
+    fill = {"d": files}
+    if any("{busy}" in a for a in argv):
+        fill["busy"] = request.getfixturevalue("busy_port")
+    fill["free"] = _free_port()
+    argv = [a.format(**fill) for a in argv]
+    rc, err = _run(argv, capsys)
+    assert rc == 2, err
+    assert err.startswith(f"streamgen {argv[0]}: error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err and "weights_only" not in err, err
+    for n in needles:
+        assert n.format(**fill) in err, (n, err)
+    assert not (files / "o.mp4").exists(), "no output is left behind"
+
+
+def test_watch_with_the_server_down_fails_in_one_line_and_leaves_no_file(tmp_path, capsys):
+    out = tmp_path / "w.mp4"
+    rc, err = _run(["watch", f"ws://127.0.0.1:{_free_port()}", "--prompt", "a", "--out", str(out), "--no-reconnect"],
+                   capsys)
+    assert rc == 1, err
+    assert err.startswith("streamgen watch: error: cannot connect") and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+def test_dtype_has_the_same_spellings_on_every_command():
+    p = build_parser()
+    for short, name in (("fp32", "float32"), ("bf16", "bfloat16"), ("fp16", "float16"), ("float16", "float16"),
+                        ("auto", "auto")):
+        assert p.parse_args(["generate", "--prompt", "a", "--out", "o.mp4", "--dtype", short]).dtype == name
+        assert p.parse_args(["serve", "--dtype", short]).dtype == name
+        assert p.parse_args(["interpolate", "in.mp4", "--out", "o.mp4", "--dtype", short]).dtype == name
+    # one option name for the RIFE weights everywhere (--weights stays as interpolate's alias)
+    assert p.parse_args(["interpolate", "in.mp4", "--out", "o.mp4", "--weights", "f.pkl"]).rife == "f.pkl"
+    assert p.parse_args(["interpolate", "in.mp4", "--out", "o.mp4", "--rife", "f.pkl"]).rife == "f.pkl"
