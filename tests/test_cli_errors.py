@@ -137,3 +137,20 @@ def test_dtype_has_the_same_spellings_on_every_command():
     # one option name for the RIFE weights everywhere (--weights stays as interpolate's alias)
     assert p.parse_args(["interpolate", "in.mp4", "--out", "o.mp4", "--weights", "f.pkl"]).rife == "f.pkl"
     assert p.parse_args(["interpolate", "in.mp4", "--out", "o.mp4", "--rife", "f.pkl"]).rife == "f.pkl"
+
+
+def test_interpolate_keeps_an_odd_size(tmp_path, capsys):
+    """4:2:0 H.264 needs even sizes; an odd-sized input is written 4:4:4 at its own size, not cropped."""
+    src, out = tmp_path / "odd.mp4", tmp_path / "out.mp4"
+    with av.open(str(src), "w") as c:
+        s = c.add_stream("libx264", rate=8)
+        s.width, s.height, s.pix_fmt = 33, 17, "yuv444p"
+        for i in range(3):
+            c.mux(s.encode(av.VideoFrame.from_ndarray(np.full((17, 33, 3), 60 * i, np.uint8), format="rgb24")))
+        c.mux(s.encode(None))
+    assert main(["interpolate", str(src), "--out", str(out), "--device", "cpu"]) == 0, capsys.readouterr().err
+    with av.open(str(out)) as c:
+        v = c.streams.video[0]
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(v)]
+    assert (v.codec_context.width, v.codec_context.height) == (33, 17)
+    assert len(frames) == 6 and frames[0].shape == (17, 33, 3)

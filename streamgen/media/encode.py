@@ -311,18 +311,18 @@ class FMP4Encoder:
 
 
 class Mp4Writer:
-    """An MP4 file of H.264 (libx264 with :func:`x264_options`, yuv420p) from uint8 RGB frames
-    ``(T, H, W, 3)``; frame n has pts n / fps. Use as a context manager; ``frames`` counts frames written."""
+    """An MP4 file of H.264 (libx264 with :func:`x264_options`, ``pix_fmt`` yuv420p, which needs even
+    sizes; yuv444p takes any) from uint8 RGB frames ``(T, H, W, 3)``; frame n has pts n / fps. Use as a context manager; ``frames`` counts frames written."""
 
     def __init__(self, path: str, width: int, height: int, fps: float | Fraction, *, crf: int = 18,
-                 preset: str = "medium"):
+                 preset: str = "medium", pix_fmt: str = "yuv420p"):
         import av
 
         self.fps = Fraction(fps).limit_denominator(1001)
         self.container = av.open(path, mode="w")
         try:
             self.stream = self.container.add_stream("libx264", rate=self.fps)
-            self.stream.width, self.stream.height, self.stream.pix_fmt = width, height, "yuv420p"
+            self.stream.width, self.stream.height, self.stream.pix_fmt = width, height, pix_fmt
             self.stream.time_base = 1 / self.fps
             self.stream.options = x264_options(preset, crf=crf)
         except BaseException:

@@ -299,7 +299,11 @@ def run(args: argparse.Namespace) -> int:
         state = interp.new_state()
         t0 = time.perf_counter()
         try:
-            with Mp4Writer(args.out, vin.codec_context.width, vin.codec_context.height, out_rate, crf=args.crf) as dst:
+            w, h = vin.codec_context.width, vin.codec_context.height
+            pix_fmt = "yuv420p" if w % 2 == 0 and h % 2 == 0 else "yuv444p"  # 4:2:0 needs even sizes; no crop
+            if pix_fmt != "yuv420p":
+                log.info("%dx%d is odd: writing H.264 4:4:4 (yuv444p) to keep every pixel", w, h)
+            with Mp4Writer(args.out, w, h, out_rate, crf=args.crf, pix_fmt=pix_fmt) as dst:
 
                 def emit(batch: list[np.ndarray]) -> None:
                     y = interp.process(from_uint8(np.stack(batch), device), state)
