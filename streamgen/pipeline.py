@@ -164,13 +164,16 @@ def add_model_arguments(p: argparse.ArgumentParser, *, models: tuple[str, ...] =
     g = p.add_argument_group("model")
     g.add_argument("--model", default=DEFAULT_MODEL, choices=list(models),
                    help=f"model preset (default: {DEFAULT_MODEL}, built in)")
-    g.add_argument("--checkpoint", help="DiT weights: a file or a checkpoint folder (not needed for built-in models)")
-    g.add_argument("--vae", help="decoder weights: Wan2.1_VAE.pth / diffusers AutoencoderKLWan folder, or taew2_1.pth")
-    g.add_argument("--text-encoder", help="umT5-XXL: HF folder or models_t5_umt5-xxl-enc-bf16.pth")
+    hub = " (or a hub reference ORG/NAME[@REV][:FILE] in the local Hugging Face cache)"
+    g.add_argument("--checkpoint", help="DiT weights: a file or a checkpoint folder" + hub + "; not for built-in models")
+    g.add_argument("--vae", help="decoder weights: Wan2.1_VAE.pth / diffusers AutoencoderKLWan folder, or taew2_1.pth"
+                   + hub)
+    g.add_argument("--text-encoder", help="umT5-XXL: HF folder or models_t5_umt5-xxl-enc-bf16.pth" + hub)
     g.add_argument("--decoder", choices=("wan", "taehv"), default=None, help="video decoder (default: per model)")
     g.add_argument("--rife", default="auto", metavar="PATH",
-                   help="RIFE v4.25/v4.26 flownet.pkl for interpolation ('auto': $STREAMGEN_RIFE_WEIGHTS or "
-                        "weights/rife-v4.26/flownet.pkl; 'none': no interpolation)")
+                   help="RIFE v4.25/v4.26 flownet.pkl (or a .zip holding it, or a hub reference) for interpolation "
+                        "('auto': $STREAMGEN_RIFE_WEIGHTS, weights/rife-v4.26/flownet.pkl, or hzwer/RIFE's "
+                        "v4.26 zip in the Hugging Face cache; 'none': no interpolation)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: cuda when available)")
     g.add_argument("--dtype", type=dtype_name, default="auto",
                    help="model dtype: auto, float32/fp32, bfloat16/bf16, float16/fp16 (default: bfloat16 on cuda, "
@@ -252,20 +255,24 @@ def check_output(flag: str, path: str, suffixes: tuple[str, ...] = (".mp4",)) ->
 def rife_path(spec: str | None, *, required: bool) -> str | None:
     """--rife: 'none', 'auto' (the default search path) or a path. Returns the weights path or None
     (none found and not ``required``)."""
-    from streamgen.media.interpolate import WEIGHTS_ENV, default_weights_path
+    from streamgen.media.interpolate import RIFE_DOWNLOAD, WEIGHTS_ENV, default_weights_path
 
     if spec == "none":
         if required:
             raise UsageError("--rife none: interpolation needs RIFE weights; pass --rife PATH/flownet.pkl")
         return None
-    path = default_weights_path() if spec in (None, "auto") else spec
+    from streamgen.hub import resolve
+
+    path = default_weights_path() if spec in (None, "auto") else resolve("--rife", spec)
     if path is None:
         if required:
             raise UsageError(f"interpolation needs RIFE weights: pass --rife PATH/flownet.pkl (Practical-RIFE "
-                             f"v4.25/v4.26) or set ${WEIGHTS_ENV}")
+                             f"v4.25/v4.26) or set ${WEIGHTS_ENV}, or fetch them once with: {RIFE_DOWNLOAD}")
         log.info("RIFE weights not found (set --rife PATH or $%s): interpolation is off", WEIGHTS_ENV)
         return None
-    return require_file("--rife", str(path), "RIFE v4.25/v4.26 flownet.pkl")
+    path = require_file("--rife", str(path), "RIFE v4.25/v4.26 flownet.pkl")
+    log.info("RIFE weights: %s", path)
+    return path
 
 
 def load_rife_model(path: str, device: "torch.device", dtype: "torch.dtype | None" = None, flag: str = "--rife"):
@@ -287,9 +294,14 @@ def load_rife_model(path: str, device: "torch.device", dtype: "torch.dtype | Non
 
 def check_options(args: argparse.Namespace) -> ModelPreset:
     """Validate the model options (no weights are read); returns the preset."""
+    from streamgen.hub import resolve
+
     preset = MODELS[args.model]
     decoder = args.decoder or preset.decoder
-    if not preset.builtin:
+    if not preset.builtin:  # each takes a path or a hub reference ORG/NAME[@REV][:FILE] (streamgen.hub)
+        args.checkpoint = resolve("--checkpoint", args.checkpoint)
+        args.vae = resolve("--vae", args.vae)
+        args.text_encoder = resolve("--text-encoder", args.text_encoder)
         require_file("--checkpoint", args.checkpoint, f"DiT weights for {args.model}; built in: "
                      f"{', '.join(n for n, p in MODELS.items() if p.builtin)}")
         require_file("--vae", args.vae, f"{decoder} decoder weights")

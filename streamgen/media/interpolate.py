@@ -216,13 +216,23 @@ def scene_scores(seq: "torch.Tensor", bins: int = 16) -> "torch.Tensor":
 
 # ---- weights lookup -----------------------------------------------------------------------------
 
+# Practical-RIFE v4.26 (MIT) as its author publishes it on the Hugging Face Hub: a zip holding flownet.pkl
+RIFE_HUB = "hzwer/RIFE:RIFEv4.26_0921.zip"
+RIFE_DOWNLOAD = "hf download hzwer/RIFE RIFEv4.26_0921.zip"
+
+
 def default_weights_path() -> Path | None:
-    """$STREAMGEN_RIFE_WEIGHTS, else weights/rife-v4.26/flownet.pkl under the working directory."""
+    """$STREAMGEN_RIFE_WEIGHTS, else weights/rife-v4.26/flownet.pkl under the working directory, else
+    ``RIFE_HUB`` in the local Hugging Face cache (``RIFE_DOWNLOAD`` puts it there)."""
+    from streamgen import hub
+
     env = os.environ.get(WEIGHTS_ENV)
     if env:
         return Path(env)
     cand = Path("weights/rife-v4.26/flownet.pkl")
-    return cand if cand.is_file() else None
+    if cand.is_file():
+        return cand
+    return hub.find(hub.parse(RIFE_HUB))[0]
 
 
 # ---- `streamgen interpolate` --------------------------------------------------------------------
@@ -234,8 +244,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", "-o", required=True, help="output .mp4 (H.264, video only)")
     p.add_argument("--factor", type=int, default=2, choices=(1, 2, 4), help="frame-rate multiplier (default 2)")
     p.add_argument("--rife", "--weights", dest="rife", default="auto", metavar="WEIGHTS",
-                   help="RIFE v4.25/v4.26 flownet.pkl, as for serve/generate (default 'auto': "
-                        f"${WEIGHTS_ENV} or weights/rife-v4.26/flownet.pkl)")
+                   help="RIFE v4.25/v4.26 flownet.pkl, a .zip holding it or a hub reference, as for serve/generate "
+                        f"(default 'auto': ${WEIGHTS_ENV}, weights/rife-v4.26/flownet.pkl or {RIFE_HUB} in the "
+                        f"Hugging Face cache: {RIFE_DOWNLOAD})")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--dtype", default="auto", type=dtype_name,
                    help="conv precision: auto, float32/fp32, bfloat16/bf16, float16/fp16 (default float16 on cuda, "

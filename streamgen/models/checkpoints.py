@@ -148,7 +148,8 @@ def read_state_dict(
 ) -> dict[str, torch.Tensor]:
     """One state dict, read to the CPU: a ``.safetensors`` file, a ``torch.save`` file (weights only,
     memory-mapped when it is in the zip format; a top-level ``{"state_dict": {...}}`` is unwrapped),
-    or a folder holding one of ``names`` (paths relative to it, tried in order).
+    a folder holding one of ``names`` (paths relative to it, tried in order), or a ``.zip`` archive
+    holding one of ``names``.
 
     A missing file raises FileNotFoundError naming ``what`` (e.g. "Wan VAE") and ``hint``; an
     unreadable one a CheckpointError naming the file."""
@@ -160,6 +161,8 @@ def read_state_dict(
         p = found
     if not p.is_file():
         raise FileNotFoundError(f"{what} checkpoint not found: {p}" + (f" ({hint})" if hint else ""))
+    if p.suffix == ".zip":  # a release archive (e.g. Practical-RIFE's) holding one of ``names``
+        return _read_zip_member(p, what=what, names=names)
     if p.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -173,6 +176,38 @@ def read_state_dict(
         sd = sd["state_dict"]
     if not isinstance(sd, dict):
         raise CheckpointError(f"{p}: holds a {type(sd).__name__}, not a state dict")
+    return sd
+
+
+def _read_zip_member(p: Path, *, what: str, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The state dict in a .zip archive: the one member whose file name is in ``names`` (any
+    .pkl/.pth/.pt/.safetensors member when ``names`` is empty), read weights-only into memory."""
+    import io
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(p) as z:
+            wanted = {Path(n).name for n in names}
+            members = [m for m in z.namelist() if not m.endswith("/") and "__MACOSX" not in m
+                       and (Path(m).name in wanted if wanted else Path(m).suffix in (".pkl", ".pth", ".pt", ".safetensors"))]
+            if len(members) != 1:
+                raise CheckpointError(f"{p}: expected one {what} weights file ({', '.join(sorted(wanted)) or 'any'}) in "
+                                      f"the archive, found {members or 'none'}")
+            data = z.read(members[0])
+    except (zipfile.BadZipFile, OSError) as e:
+        raise CheckpointError(f"{p}: corrupt or not a zip archive ({e})") from None
+    if members[0].endswith(".safetensors"):
+        from safetensors.torch import load
+
+        return load(data)
+    try:
+        sd = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise _torch_load_error(Path(f"{p}!{members[0]}"), e) from None
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{p}!{members[0]}: holds a {type(sd).__name__}, not a state dict")
     return sd
 
 

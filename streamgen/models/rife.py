@@ -294,8 +294,9 @@ def convert_rife_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 
 def load_rife(path: str | Path, cfg: RIFEConfig | None = None, *, device: str | torch.device = "cpu",
               dtype: torch.dtype = torch.float32) -> IFNet:
-    """Build an IFNet and load ``flownet.pkl`` (v4.25/v4.26) into it, in eval mode."""
-    sd = read_state_dict(path, what="RIFE", hint="pass the path of flownet.pkl from Practical-RIFE v4.25/v4.26")
+    """Build an IFNet and load ``flownet.pkl`` (v4.25/v4.26; or a release .zip holding it) into it, in eval mode."""
+    sd = read_state_dict(path, what="RIFE", names=("flownet.pkl",),
+                         hint="pass the path of flownet.pkl from Practical-RIFE v4.25/v4.26, or its release .zip")
     sd = convert_rife_state_dict(sd)
     model = IFNet(cfg or RIFEConfig.preset("v4.26"))
     check_keys(model.state_dict(), sd, what=f"{path} is not a RIFE v4.25/v4.26 IFNet checkpoint:")
