@@ -175,3 +175,14 @@ def test_a_zip_without_the_weights_is_named(tmp_path, capsys):
     rc = main(["interpolate", str(src), "--out", str(tmp_path / "o.mp4"), "--rife", str(bad), "--device", "cpu"])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "other.zip: expected one RIFE weights file (flownet.pkl)" in err, err
+
+
+def test_a_wan_repo_root_as_vae_reads_the_vae_not_the_dit(tmp_path):
+    """Wan2.1-T2V-1.3B's root holds the DiT as diffusion_pytorch_model.safetensors beside Wan2.1_VAE.pth."""
+    from streamgen.models.checkpoints import CheckpointError
+    from streamgen.models.wan_vae import load_wan_vae
+
+    (tmp_path / "diffusion_pytorch_model.safetensors").write_bytes(b"dit" * 10)
+    (tmp_path / "Wan2.1_VAE.pth").write_bytes(b"vae" * 10)
+    with pytest.raises(CheckpointError, match=r"Wan2\.1_VAE\.pth: corrupt"):
+        load_wan_vae(tmp_path)

@@ -522,8 +522,9 @@ def load_wan_vae(
 ) -> WanVAE:
     """Build a WanVAE and load ``Wan2.1_VAE.pth`` or a diffusers ``AutoencoderKLWan`` checkpoint into it."""
     cfg = cfg or WanVAEConfig()
+    # a Wan2.1 repo root holds Wan2.1_VAE.pth beside the DiT's diffusion_pytorch_model.*: the VAE file first
     sd = read_state_dict(path, what="Wan VAE", names=[f"{sub}{name}" for sub in ("vae/", "") for name in (
-        "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin", "Wan2.1_VAE.pth")])
+        "Wan2.1_VAE.pth", "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")])
     sd = convert_wan_vae_state_dict(sd, cfg)
     with torch.device("meta"):
         vae = WanVAE(cfg)
