@@ -98,6 +98,65 @@ def _check(args: argparse.Namespace, preset) -> dict[int, str]:
     return switches
 
 
+def _preset_config(preset):
+    from streamgen.models.wan import WanConfig
+
+    try:
+        return WanConfig.preset(preset.wan)
+    except ValueError:  # a trained built-in model: its config comes with its weights
+        return None
+
+
+def available_memory(device) -> int:
+    """Bytes free on ``device``: CUDA's free memory, or the host's MemAvailable (physical memory where
+    /proc/meminfo is absent)."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def memory_needed(cfg, *, full: bool, windowless: bool, frames: int, width: int, height: int, bytes_per: int,
+                  branches: int) -> int:
+    """An estimate of the bytes that grow with the video's length (0 when nothing does): the whole
+    clip's latents and one block's activations for bidirectional sampling, the KV cache of every frame
+    for a stream without an attention window. ``branches``: 2 with CFG."""
+    tokens = frames * (height // 16) * (width // 16)  # latent /8, DiT patch 2
+    if full:
+        latents = frames * cfg.in_dim * (height // 8) * (width // 8) * 4  # fp32 noise / x0
+        return latents * 2 + branches * tokens * (5 * cfg.dim + cfg.ffn_dim) * bytes_per
+    if windowless:
+        return branches * cfg.num_layers * 2 * tokens * cfg.dim * bytes_per  # K and V of every layer
+    return 0
+
+
+def _check_memory(args, preset, settings, cfg, width, height) -> None:
+    """--chunks bounded by what the device holds, checked before anything is allocated."""
+    from streamgen.pipeline import pick_device, pick_dtype
+
+    device = pick_device(args.device)
+    bytes_per = pick_dtype(args.dtype, device).itemsize
+    fpc = args.frames_per_chunk or cfg.frames_per_chunk
+    kw = dict(full=preset.mode == "full", windowless=not settings.local_frames, width=width, height=height,
+              bytes_per=bytes_per, branches=2 if settings.guidance != 1.0 else 1)
+    need = memory_needed(cfg, frames=args.chunks * fpc, **kw)
+    have = available_memory(device)
+    if need > have:
+        per_chunk = max(1, memory_needed(cfg, frames=fpc, **kw))
+        why = "the whole clip is sampled at once" if kw["full"] else "the KV cache holds every frame (no window)"
+        raise UsageError(f"--chunks {args.chunks}: needs about {need / 2**30:.1f} GiB on {device} ({why}), "
+                         f"{have / 2**30:.1f} GiB are free; allowed here: at most --chunks {max(1, have // per_chunk)} "
+                         f"at {width}x{height}")
+
+
 def _run(args: argparse.Namespace) -> int:
     from streamgen.media.encode import Mp4Writer
     from streamgen.pipeline import build_pipeline, check_options, engine_settings
@@ -113,8 +172,13 @@ def _run(args: argparse.Namespace) -> int:
             image = read_image(args.image, width, height)
         except ImageError as e:
             raise UsageError(f"--image {args.image}: {e}") from None
-    pipe = build_pipeline(args, rife_required=args.interpolate > 1)
     settings = engine_settings(args, preset, max_ahead=2)
+    cfg = _preset_config(preset)
+    if cfg is not None:  # refuse before reading any weights
+        _check_memory(args, preset, settings, cfg, width, height)
+    pipe = build_pipeline(args, rife_required=args.interpolate > 1)
+    if cfg is None:
+        _check_memory(args, preset, settings, pipe.model.cfg, width, height)
     fps = args.fps * args.interpolate
     print(f"streamgen generate: {args.model} {width}x{height} {args.chunks} chunks, sampler {settings.sampler} "
           f"{settings.num_steps} steps shift {settings.shift}" + (f" cfg {settings.guidance:g}" if settings.guidance != 1.0 else "")
