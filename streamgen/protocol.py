@@ -61,6 +61,7 @@ class Limits:
     max_chunks: int = 1_000_000
     max_text_bytes: int = 4096  # error.message
     max_pixels: int = 1280 * 720  # width * height of a stream (a served model may lower it); checked by the engine
+    max_lead_s: float = 10.0  # start.lead
 
 
 DEFAULT_LIMITS = Limits()
@@ -127,6 +128,7 @@ SCHEMA: dict[str, tuple[Field, ...]] = {
         Field("chunks", "int", False, min=1, max="max_chunks"),
         Field("interpolate", "int", False, one_of=INTERPOLATE_FACTORS),
         Field("image", "bin", False, min=1, max="max_image_bytes"),
+        Field("lead", "float", False, min=0, max="max_lead_s"),
     ),
     "prompt": (Field("prompt", "str", min=1, max="max_prompt_bytes"),),
     "pause": (),
@@ -218,6 +220,7 @@ class Start:
     chunks: int | None = None  # None: until stopped
     interpolate: int | None = None
     image: bytes | None = field(default=None, repr=False)
+    lead: float | None = None  # seconds generated ahead of the viewer (None: the server's default)
     v: int = VERSION
 
 

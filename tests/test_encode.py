@@ -154,3 +154,14 @@ def test_encoder_in_worker_thread_and_bad_input():
         FMP4Encoder(161, 96, 16)
     # the encoder is still usable after rejected input
     assert enc.encode_chunk(_frames(1)).seq == 1
+
+
+@pytest.mark.parametrize("preset", ["ultrafast", "veryfast", "medium"])
+def test_sps_signals_no_frame_reordering(preset):
+    """Low latency: the SPS's VUI bitstream restriction says 0 reorder frames, so a browser decoder
+    outputs each frame as soon as it is decoded."""
+    from h264_sps import parse_sps
+
+    sps = parse_sps(FMP4Encoder(W, H, 16, preset=preset)._sps)
+    assert sps["vui"] == 1 and sps["bitstream_restriction"] == 1, sps
+    assert sps["max_num_reorder_frames"] == 0, sps

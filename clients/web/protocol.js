@@ -32,6 +32,7 @@ export const DEFAULT_LIMITS = Object.freeze({
   max_chunks: 1000000,
   max_text_bytes: 4096,
   max_pixels: 921600, // width * height, checked by the server's engine
+  max_lead_s: 10.0,
 });
 
 export class ProtocolError extends Error {
@@ -64,6 +65,7 @@ export const SCHEMA = {
     F('chunks', 'int', false, { min: 1, max: 'max_chunks' }),
     F('interpolate', 'int', false, { one_of: [1, 2, 4] }),
     F('image', 'bin', false, { min: 1, max: 'max_image_bytes' }),
+    F('lead', 'float', false, { min: 0, max: 'max_lead_s' }),
   ],
   prompt: [F('prompt', 'str', true, { min: 1, max: 'max_prompt_bytes' })],
   pause: [],

@@ -131,6 +131,7 @@ class _EngineSession:
         self.state, self.interp, self.istate = state, interp, interp.new_state()
         self.prompts = dict(req.prompts)
         self.name = req.name
+        self.pending_prompt: str | None = None  # the latest `prompt` command; encoded at the next chunk
 
 
 class SessionHandle:
@@ -323,8 +324,8 @@ class Engine:
             return  # the session ended already
         elif kind == "consumed":
             self.scheduler.consumed(sid)
-        elif kind == "prompt":
-            self._sessions[sid].state.set_prompt(arg)
+        elif kind == "prompt":  # coalesced: a flood of prompts costs one text encoding per chunk
+            self._sessions[sid].pending_prompt = arg
         elif kind in ("pause", "resume"):
             self.scheduler.set_paused(sid, kind == "pause")
 
@@ -411,7 +412,9 @@ class Engine:
         """One chunk of one session: generate, decode, interpolate, uint8, copy to (pinned) host memory."""
         st = es.state
         switch = es.prompts.pop(st.chunk_index, None)
-        if switch is not None and st.chunk_index > 0:
+        if es.pending_prompt is not None:
+            switch, es.pending_prompt = es.pending_prompt, None
+        if switch is not None and switch != st.prompt:
             st.set_prompt(switch)
         chunk = st.next_chunk()
         if chunk.switched:

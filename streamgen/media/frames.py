@@ -39,8 +39,12 @@ def from_uint8(frames: np.ndarray | torch.Tensor, device=None) -> torch.Tensor:
     return x.permute(0, 3, 1, 2).float().div_(255.0)
 
 
+MAX_IMAGE_PIXELS = 4096 * 4096  # of an image to decode, read from its header first (no decompression bombs)
+
+
 def read_image(source: bytes | str | os.PathLike, width: int, height: int) -> np.ndarray:
-    """PNG/JPEG bytes or file -> uint8 (height, width, 3) RGB, resized. Raises ImageError."""
+    """PNG/JPEG bytes or file -> uint8 (height, width, 3) RGB, resized. Raises ImageError, also for
+    an image whose header declares more than MAX_IMAGE_PIXELS (checked before anything is decoded)."""
     import av
 
     what = f"{len(source)} bytes" if isinstance(source, (bytes, bytearray)) else str(source)
@@ -49,6 +53,10 @@ def read_image(source: bytes | str | os.PathLike, width: int, height: int) -> np
         with av.open(f) as c:
             if not c.streams.video:
                 raise ImageError(f"{what} hold no image (no video stream)")
+            cc = c.streams.video[0].codec_context
+            if cc.width * cc.height > MAX_IMAGE_PIXELS or cc.width <= 0 or cc.height <= 0:
+                raise ImageError(f"{what}: the image is {cc.width}x{cc.height}; at most {MAX_IMAGE_PIXELS} pixels "
+                                 "(e.g. 4096x4096) are decoded")
             frame = next(c.decode(video=0))
             return frame.reformat(width=width, height=height, format="rgb24").to_ndarray()
     except (av.FFmpegError, StopIteration, OSError) as e:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from concurrent.futures import Executor, ThreadPoolExecutor
 
 from aiohttp import web
@@ -77,6 +78,10 @@ def build_app(cfg: ServerConfig, factory: SourceFactory, *, executor: Executor |
         if own_executor:
             executor.shutdown(wait=False, cancel_futures=True)
 
+    async def on_prepare(request, response):
+        response.headers["Server"] = "streamgen"  # not the Python / aiohttp versions
+
+    app.on_response_prepare.append(on_prepare)
     app.on_shutdown.append(on_shutdown)
     app.on_cleanup.append(on_cleanup)
     return app
@@ -101,10 +106,15 @@ class _Handlers:
         return web.Response(body=path.read_bytes(), content_type=ctype, headers={"Cache-Control": "no-cache"})
 
     async def healthz(self, request):
+        """Liveness for anyone; the model and the session count only with the token (when one is set)."""
         st = self.state
+        if st.cfg.token and not st.token_ok(request):
+            return web.json_response({"status": "ok"})
         return web.json_response({"status": "ok", "model": st.cfg.model, "sessions": len(st.registry.sessions)})
 
     async def metrics(self, request):
+        if not self.state.host_ok(request):
+            raise web.HTTPForbidden(text=f"host {request.host!r} is not served without a token (see --public-host)")
         if not self.state.token_ok(request):
             raise web.HTTPUnauthorized(text="missing or wrong token")
         return web.Response(text=self.state.metrics.render(), content_type="text/plain", charset="utf-8",
@@ -112,6 +122,13 @@ class _Handlers:
 
     async def stream(self, request):
         st = self.state
+        if not st.host_ok(request):
+            st.metrics.inc("errors_total", code="forbidden_host")
+            raise web.HTTPForbidden(text=f"host {request.host!r} is not served without a token (see --public-host)")
+        if len(st.sockets) >= st.cfg.max_connections:
+            st.metrics.inc("errors_total", code="busy")
+            raise web.HTTPServiceUnavailable(text=f"the server holds its limit of {st.cfg.max_connections} "
+                                                  "connections; try again later")
         if not st.token_ok(request):
             st.metrics.inc("errors_total", code="unauthorized")
             raise web.HTTPUnauthorized(text="missing or wrong token: pass ?token=... or Authorization: Bearer ...")
@@ -150,3 +167,7 @@ def _describe_metrics(m: Metrics, state: ServerState) -> None:
     m.gauge_fn("send_queue_fragments_max",
                lambda: max([sub.depth for s in reg.sessions.values() for sub in s.subscribers], default=0))
     m.gauge_fn("fragment_log_bytes", lambda: sum(s.log.bytes for s in reg.sessions.values()))
+    m.describe("stuck_subscribers", "gauge", "viewers whose socket has not taken a fragment for 5 s")
+    m.gauge_fn("stuck_subscribers", lambda: sum(1 for s in reg.sessions.values() for sub in s.subscribers
+                                                 if sub.blocked_since is not None
+                                                 and time.monotonic() - sub.blocked_since > 5.0))

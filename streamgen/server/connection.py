@@ -22,6 +22,7 @@ import asyncio
 import itertools
 import logging
 import socket
+import time
 
 from aiohttp import WSMsgType, web
 
@@ -46,6 +47,7 @@ class Connection:
         self.ws = web.WebSocketResponse(max_msg_size=self.limits.max_message_bytes + (1 << 20),
                                         heartbeat=30.0, compress=False, timeout=2.0)
         self._lock = asyncio.Lock()
+        self._bucket = _TokenBucket(state.cfg.messages_per_s, state.cfg.messages_burst)
         self.session: Session | None = None
         self.sub: Subscriber | None = None
 
@@ -134,6 +136,11 @@ class Connection:
     # -- reading -----------------------------------------------------------------------------------
 
     async def _on_frame(self, data: bytes | str) -> None:
+        if not self._bucket.take():
+            self.state.metrics.inc("bad_messages_total")
+            await self._error("busy", f"too many messages: at most {self.state.cfg.messages_per_s:g} per second "
+                              "on one connection; this one was dropped", ref=None)
+            return
         try:
             msg = self.proto.receive(data)
         except P.ProtocolError as e:
@@ -190,5 +197,30 @@ class Connection:
                 "unknown_session", f"attach.session: no live session {msg.session!r} (a session is kept "
                 f"{self.state.cfg.grace_s:g} s after its last client disconnects)", ref="attach", field="session")
             return
+        if msg.from_seq > session.log.next_seq:
+            await self._error("bad_field", f"attach.from_seq: {msg.from_seq} is beyond the next fragment of this "
+                              f"session ({session.log.next_seq})", ref="attach", field="from_seq")
+            return
+        if len(session.subscribers) >= self.state.cfg.max_viewers_per_session:
+            await self._error("busy", f"session {session.id} already has {len(session.subscribers)} viewers (the "
+                              f"limit is {self.state.cfg.max_viewers_per_session})", ref="attach")
+            return
         log.info("%s: attached to session %s from seq %d", self.id, session.id, msg.from_seq)
         self._subscribe(session, msg.from_seq)
+
+
+class _TokenBucket:
+    """``rate`` messages per second on average, ``burst`` at once."""
+
+    def __init__(self, rate: float, burst: float):
+        self.rate, self.burst = rate, burst
+        self.tokens, self.t = burst, time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.t) * self.rate)
+        self.t = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True

@@ -49,8 +49,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-sessions-per-client", type=positive, default=2, help="sessions per client address")
     g.add_argument("--queue-fragments", type=positive, default=8,
                    help="per-client send window; a slower client drops whole fragments beyond it")
-    g.add_argument("--max-lead", type=float, default=3.0,
-                   help="seconds of video generated ahead of the viewer's playhead (<= 0: unpaced)")
+    g.add_argument("--max-lead", type=float, default=0.75,
+                   help="seconds of video generated ahead of the viewer's playhead when a start gives no `lead` "
+                        "(default 0.75: about one chunk, so a prompt change shows at the next chunk; more rides "
+                        "out network jitter, at the cost of reaction time; <= 0: unpaced)")
+    g.add_argument("--public-host", action="append", default=[], metavar="NAME",
+                   help="a Host name this server answers to besides loopback when it runs without --token "
+                        "(repeatable; guards against DNS rebinding)")
     g.add_argument("--grace", type=float, default=10.0, help="seconds a session waits for `attach` after a disconnect")
     g.add_argument("--encode-threads", type=positive, default=4, help="H.264 encoder worker threads (shared)")
     g.add_argument("--preset", default="veryfast", help="libx264 preset (ultrafast..veryslow; default veryfast)")
@@ -71,9 +76,8 @@ def run(args: argparse.Namespace) -> int:
 
     app = build_app(cfg, factory, executor=executor)
     url = f"http://{args.host}:{args.port}/"
-    if cfg.token:
-        url += f"?token={cfg.token}"
-    log.info("serving model %r at %s", cfg.model, url)
+    log.info("serving model %r at %s%s", cfg.model, url, " (token required: ?token=...)" if cfg.token else "")
+    logging.getLogger("aiohttp.server").addFilter(_one_line_bad_requests)
     try:
         web.run_app(app, host=args.host, port=args.port, print=None, access_log=None)
     except OSError as e:  # e.g. the port is in use
@@ -102,6 +106,7 @@ def _build(args: argparse.Namespace):
         max_sessions=args.max_sessions, max_sessions_per_client=args.max_sessions_per_client,
         queue_fragments=args.queue_fragments, max_lead_s=args.max_lead if args.max_lead > 0 else None,
         grace_s=args.grace, encode_threads=args.encode_threads, preset=args.preset,
+        public_hosts=list(args.public_host),
     )
     executor = ThreadPoolExecutor(max_workers=cfg.encode_threads, thread_name_prefix="encode")
     if args.model == TESTPATTERN:
@@ -162,3 +167,15 @@ def _check_size(w: int, h: int, limits) -> None:
                              f"{limits.min_size}..{limits.max_size} (what a client's start may ask for)")
     if w * h > limits.max_pixels:
         raise UsageError(f"--width {w} --height {h}: width*height must be <= {limits.max_pixels} for this model")
+
+
+def _one_line_bad_requests(record: logging.LogRecord) -> bool:
+    """aiohttp logs every malformed HTTP request with a traceback at ERROR: one line at DEBUG instead,
+    so a client cannot flood the log."""
+    from aiohttp.http_exceptions import HttpProcessingError
+
+    exc = record.exc_info[1] if record.exc_info else None
+    if isinstance(exc, HttpProcessingError):
+        log.debug("bad HTTP request: %s", exc)
+        return False
+    return True

@@ -20,10 +20,14 @@ and nothing else slows down or grows. Control
 messages (ready/init/status/error/end) go through a small per-subscriber deque; status
 messages are coalesced.
 
-Pacing: the producer generates ahead of the viewer by at most ``max_lead_s`` seconds of video.
-The viewer position is the largest ``playhead`` acked (seconds of media time); before any ack
-with a playhead, the end of the latest acked fragment; before any ack at all, wall-clock time
-since the first fragment was produced (real-time playback). ``max_lead_s=None`` disables pacing.
+Pacing: the producer generates ahead of the viewer by at most ``lead`` seconds of video (the
+start's ``lead``, else ``max_lead_s``: by default 0.75 s, about one chunk, so a prompt change
+shows at the next chunk; None disables pacing). The viewer position is the furthest ``playhead``
+acked (seconds of media time), moved on at real time since that ack (a viewer that stops acking,
+e.g. after a reconnect at the live edge, is assumed to play on), and never beyond the end of what
+was sent to a current viewer (an ack of a far-future playhead buys nothing). An acked playhead is
+clamped to what that viewer was sent. Before any ack with a playhead: the end of the latest acked
+fragment; before any ack at all: wall-clock time since the first fragment (real-time playback).
 
 When the last subscriber leaves, the session waits ``grace_s`` for an ``attach`` and is then
 closed (its source freed). A session that ends (stop, chunk limit, source error) keeps its log
@@ -147,6 +151,11 @@ class Subscriber:
         self.sent_bytes = 0
         self.acked_seq = -1
         self.playhead: float | None = None
+        self.sent_end_s = 0.0  # media end of the last fragment sent to this subscriber
+        self.t_ack = 0.0  # monotonic time of the ack that set ``playhead``
+        self.first_sent: tuple[float, float] | None = None  # (monotonic time, pts) of its first fragment
+        self.replay_end = from_seq  # fragments below this were logged before it subscribed: never window-dropped
+        self.blocked_since: float | None = None  # a send in progress since (monotonic), for "stuck" in /metrics
         self.finished = False  # `end` was sent
         self.task: asyncio.Task | None = None
 
@@ -175,12 +184,16 @@ class Subscriber:
             while True:
                 # 1. control messages first (ready, init, status, errors)
                 if self._control:
-                    await self._send(self._control.popleft())
+                    msg = self._control.popleft()
+                    await self._send(msg)
+                    if isinstance(msg, P.Ready):
+                        s.ready_delivered = True
                     continue
                 # 2. fragments in seq order; skip whole fragments beyond the send window
                 head = lg.next_seq
                 if self.cursor < head:
-                    oldest_allowed = max(lg.first_seq, head - self.queue_fragments)
+                    window = lg.first_seq if self.cursor < self.replay_end else head - self.queue_fragments
+                    oldest_allowed = max(lg.first_seq, window)
                     if self.cursor < oldest_allowed:
                         n = oldest_allowed - self.cursor
                         self.cursor = oldest_allowed
@@ -189,7 +202,12 @@ class Subscriber:
                         await self._send(s.status_message(dropped=self.dropped, queue=self.depth))
                         continue
                     entry = lg.get(self.cursor)  # held: first_seq <= cursor < head
+                    self.blocked_since = time.monotonic()
                     n = await self._send(entry.message)
+                    self.blocked_since = None
+                    if self.first_sent is None:
+                        self.first_sent = (time.monotonic(), entry.fragment.pts)
+                    self.sent_end_s = entry.end_s
                     self.cursor += 1
                     self.sent_fragments += 1
                     self.sent_bytes += n
@@ -216,7 +234,8 @@ class SessionLimits:
     queue_fragments: int = 8  # per-subscriber send window
     log_fragments: int = 64  # replay ring
     log_bytes: int = 64 << 20
-    max_lead_s: float | None = 3.0  # None = generate as fast as possible
+    max_lead_s: float | None = 0.75  # default lead (about one chunk); None = generate as fast as possible
+    lead_cap_s: float = 10.0  # the largest lead a start may ask for
     grace_s: float = 10.0  # how long a session waits for `attach` after its last subscriber left
     status_interval_s: float = 1.0
 
@@ -226,7 +245,8 @@ class Session:
 
     def __init__(self, *, source: FrameSource, encoder: FMP4Encoder, metrics: Metrics,
                  executor: Executor | None, client: str, limits: SessionLimits, chunks: int | None = None,
-                 on_closed: Callable[["Session"], None] | None = None, session_id: str | None = None):
+                 on_closed: Callable[["Session"], None] | None = None, session_id: str | None = None,
+                 lead: float | None = None):
         self.id = session_id or new_session_id()
         self.source, self.encoder, self.metrics = source, encoder, metrics
         self.executor = executor
@@ -248,6 +268,13 @@ class Session:
         self._t_first: float | None = None
         self._acked_end_s: float | None = None
         self._playhead: float | None = None
+        self._t_ack = 0.0  # monotonic time of the ack that set _playhead
+        self.lead = lead if lead is not None else limits.max_lead_s
+        if self.lead is not None:
+            self.lead = min(self.lead, limits.lead_cap_s)
+        self.ready_delivered = False  # some client got `ready` (knows the id, so it could attach)
+        self._prompt_pending = False
+        self.prompt_seq: int | None = None  # first fragment made under the latest prompt
         self._grace: asyncio.TimerHandle | None = None
         self._on_closed = on_closed
         self._closed = False
@@ -263,6 +290,7 @@ class Session:
 
     def set_prompt(self, prompt: str) -> None:
         self.source.set_prompt(prompt)
+        self._prompt_pending = True
 
     def pause(self) -> None:
         if self.ended is None:
@@ -279,8 +307,12 @@ class Session:
             self._resume.set()
             self.source.resume()
             if self._paused_at is not None:  # the wall-clock viewer did not move while paused
+                paused = time.monotonic() - self._paused_at
                 if self._t_first is not None:
-                    self._t_first += time.monotonic() - self._paused_at
+                    self._t_first += paused
+                self._t_ack += paused
+                for sub in self.subscribers:
+                    sub.t_ack += paused
                 self._paused_at = None
             self._broadcast_status()
 
@@ -340,6 +372,10 @@ class Session:
             self._grace.cancel()
             self._grace = None
         sub = Subscriber(self, send, from_seq=from_seq, queue_fragments=self.limits.queue_fragments, conn_id=conn_id)
+        sub.replay_end = self.log.next_seq
+        before = self.log.get(from_seq - 1) or self.log.get(self.log.first_seq)
+        if before is not None and from_seq > 0:  # the client has what came before from_seq
+            sub.sent_end_s = before.end_s if before.seq == from_seq - 1 else before.fragment.pts
         sub.push_control(self.ready_message())
         sub.push_control(P.Init(data=self.encoder.init_segment))
         if from_seq < self.log.first_seq:
@@ -357,7 +393,9 @@ class Session:
         if sub in self.subscribers:
             self.subscribers.remove(sub)
         if not self.subscribers and not self._closed:
-            self._arm_grace(0.0 if sub.finished else self.limits.grace_s)
+            # only a live session whose id some client has seen can be attached to: others go at once
+            reachable = self.ready_delivered and self.ended is None and not sub.finished
+            self._arm_grace(self.limits.grace_s if reachable else 0.0)
 
     def _arm_grace(self, delay: float | None = None) -> None:
         if self._grace is None and not self._closed:
@@ -373,15 +411,26 @@ class Session:
         if entry is not None:
             self._acked_end_s = max(self._acked_end_s or 0.0, entry.end_s)
         if playhead is not None:
-            sub.playhead = playhead
-            self._playhead = max(self._playhead or 0.0, playhead)
+            # a viewer cannot play what it was not sent, nor faster than real time since its first fragment
+            playhead = min(playhead, sub.sent_end_s)
+            if sub.first_sent is not None:
+                t0, pts0 = sub.first_sent
+                playhead = min(playhead, pts0 + time.monotonic() - t0 + 0.25)
+            sub.playhead, sub.t_ack = playhead, time.monotonic()
+            self._playhead, self._t_ack = playhead, sub.t_ack  # the latest ack, for a viewer that reconnects
         self._pace.notify()
 
     # -- pacing and status -----------------------------------------------------------------------
 
     def viewer_position(self) -> float:
-        if self._playhead is not None:
-            return self._playhead
+        now = self._paused_at if self._paused_at is not None else time.monotonic()  # paused: no time passes
+        acked = [min(sub.playhead + now - sub.t_ack, sub.sent_end_s) for sub in self.subscribers
+                 if sub.playhead is not None]
+        if acked:
+            return max(acked)  # the furthest current viewer
+        if self._playhead is not None:  # acked on an earlier connection: assume it plays on
+            pos = self._playhead + now - self._t_ack
+            return min(pos, max(sub.sent_end_s for sub in self.subscribers)) if self.subscribers else pos
         if self._acked_end_s is not None:
             return self._acked_end_s
         if self._t_first is None:
@@ -393,8 +442,11 @@ class Session:
 
     def status_message(self, **fields: Any) -> P.Status:
         """Status now; ``fields`` adds the per-subscriber ``queue`` / ``dropped`` counts."""
+        extra = {"frames": self.generated_frames}
+        if self.prompt_seq is not None:
+            extra["prompt_seq"] = self.prompt_seq
         return P.Status(state=self.state, gen_fps=round(self.gen_fps, 2), lead_s=round(self.lead_s(), 3),
-                        chunk=self.log.next_seq, extra={"frames": self.generated_frames}, **fields)
+                        chunk=self.log.next_seq, extra=extra, **fields)
 
     def _broadcast_status(self) -> None:
         for sub in self.subscribers:
@@ -402,7 +454,7 @@ class Session:
         self._last_status = time.monotonic()
 
     async def _wait_for_pace(self) -> None:
-        lead = self.limits.max_lead_s
+        lead = self.lead
         while True:
             await self._resume.wait()
             if lead is None or self.lead_s() < lead:
@@ -428,6 +480,9 @@ class Session:
                 self.log.append(LogEntry(frag.seq, frag, P.Fragment(
                     seq=frag.seq, data=frag.data, pts=frag.pts, duration=frag.duration, frames=frag.frames,
                     keyframe=frag.keyframe)))
+                switched = self._prompt_pending and self.source.switched
+                if switched:
+                    self._prompt_pending, self.prompt_seq = False, frag.seq
                 for sub in self.subscribers:
                     sub.wake()
                 if self._t_first is None:
@@ -443,7 +498,7 @@ class Session:
                 m.inc("generate_seconds_total", t1 - t0)
                 m.inc("encode_seconds_total", t2 - t1)
                 m.inc("fragment_bytes_total", len(frag.data))
-                if time.monotonic() - self._last_status >= self.limits.status_interval_s or seq == 1:
+                if switched or time.monotonic() - self._last_status >= self.limits.status_interval_s or seq == 1:
                     self._broadcast_status()
             self._finish("done")
         except EOFError:  # the source made its last chunk
@@ -513,7 +568,7 @@ class SessionRegistry:
                 raise
             session = Session(source=source, encoder=encoder, metrics=self.metrics, executor=self.executor,
                               client=client, limits=self.limits, chunks=start.chunks, on_closed=self.remove,
-                              session_id=sid)
+                              session_id=sid, lead=start.lead)
             self.sessions[sid] = session
         finally:
             n = self._reserved[client] - 1

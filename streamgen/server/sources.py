@@ -59,11 +59,13 @@ class GenerationError(RuntimeError):
 
 class FrameSource(ABC):
     """One session's producer of video chunks. Attributes fixed at creation: width, height and
-    fps (an int: frames per second of the frames produced, after any interpolation)."""
+    fps (an int: frames per second of the frames produced, after any interpolation). ``switched``:
+    the chunk ``next_chunk`` returned last is the first made under a prompt given by ``set_prompt``."""
 
     width: int
     height: int
     fps: int
+    switched: bool = False
 
     @abstractmethod
     async def next_chunk(self) -> np.ndarray:
@@ -141,7 +143,7 @@ class TestPatternSource(FrameSource):
             raise SourceError("width", f"width must be >= {_CODE_BITS * 2} for the test pattern, got {width}")
         self.width, self.height, self.fps = width, height, fps
         self.frames_per_chunk = frames_per_chunk
-        self._prompt = prompt
+        self._prompt = self._last_prompt = prompt
         self._executor = executor
         self._delay_s = delay_s
         self._image = image  # (h, w, 3) inset or None
@@ -182,6 +184,8 @@ class TestPatternSource(FrameSource):
         if self._closed:
             raise RuntimeError("source is closed")
         start, count, prompt = self._next, self.frames_per_chunk, self._prompt
+        self.switched = start > 0 and prompt != self._last_prompt
+        self._last_prompt = prompt
         self._next += count
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self._render, start, count, prompt)
@@ -240,9 +244,11 @@ class EngineSource(FrameSource):
         from streamgen.engine.core import EngineError
 
         try:
-            return await self._h.get()
+            frames = await self._h.get()
         except EngineError as e:
             raise GenerationError(str(e)) from None
+        self.switched = self._h.last_switched
+        return frames
 
     def set_prompt(self, prompt: str) -> None:
         self._h.set_prompt(prompt)

@@ -24,6 +24,7 @@ def _web_root() -> Path:
 
 
 WEB_ROOT = _web_root()
+_LOOPBACK = ("localhost", "127.0.0.1", "::1")
 
 
 @dataclass
@@ -35,12 +36,17 @@ class ServerConfig:
     max_sessions_per_client: int = 2
     queue_fragments: int = 8
     log_fragments: int = 64
-    max_lead_s: float | None = 3.0
+    max_lead_s: float | None = 0.75  # default lead, about one chunk (None: unpaced); start.lead overrides
     grace_s: float = 10.0
     unsent_bytes: int | None = 256 << 10  # TCP_NOTSENT_LOWAT per connection (None: OS default)
     encode_threads: int = 4
     preset: str = "veryfast"
     web_root: Path = WEB_ROOT
+    max_connections: int = 256
+    max_viewers_per_session: int = 8
+    messages_per_s: float = 50.0  # per connection, on average
+    messages_burst: float = 200.0
+    public_hosts: list[str] = field(default_factory=list)  # Host names served besides loopback
 
 
 class ServerState:
@@ -48,6 +54,15 @@ class ServerState:
                  registry: SessionRegistry):
         self.cfg, self.factory, self.executor, self.metrics, self.registry = cfg, factory, executor, metrics, registry
         self.sockets: set = set()  # open Connection objects
+
+    def host_ok(self, request) -> bool:
+        """Without a token only loopback Host names (and ``public_hosts``) are served: a page on another
+        site that rebinds its DNS name to this machine sends its own name as Host and is refused."""
+        if self.cfg.token:
+            return True
+        host = (request.host or "").lower()
+        name = host[1:host.index("]")] if host.startswith("[") and "]" in host else host.rsplit(":", 1)[0]
+        return name in _LOOPBACK or name in [h.lower() for h in self.cfg.public_hosts]
 
     def token_ok(self, request) -> bool:
         if not self.cfg.token:
@@ -65,6 +80,4 @@ class ServerState:
         allowed = self.cfg.allowed_origins
         if "*" in allowed or origin in allowed:
             return True
-        if not allowed:  # same origin only
-            return origin in (f"http://{request.host}", f"https://{request.host}")
-        return False
+        return origin in (f"http://{request.host}", f"https://{request.host}")  # the server's own page
