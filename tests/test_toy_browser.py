@@ -141,6 +141,7 @@ async def test_default_serve_shows_the_typed_prompt_and_a_typed_change(path):
 
             # before the switch: a red object on black, in (nearly) every frame, and never blue
             before = await frames_over(cdp, session, 1.5)
+            assert len(before) >= 3, before
             colours = Counter(a["colour"] for a, _ in before)
             backgrounds = Counter(a["background"] for a, _ in before)
             assert "blue" not in colours, colours
@@ -173,6 +174,7 @@ async def test_default_serve_shows_the_typed_prompt_and_a_typed_change(path):
                 raise AssertionError(f"the player never showed blue after the switch: {seen}")
             assert t - switch["mediaTime"] <= allowed, (t - switch["mediaTime"], switch, seen)
             after = await frames_over(cdp, session, 1.0)
+            assert len(after) >= 3, after
             colours = Counter(a["colour"] for a, _ in after)
             assert colours["blue"] >= 0.8 * len(after) and "red" not in colours, colours
             assert Counter(a["background"] for a, _ in after)["black"] >= 0.9 * len(after), after
