@@ -157,4 +157,4 @@ def test_interpolate_keeps_an_odd_size(tmp_path, capsys):
         v = c.streams.video[0]
         frames = [f.to_ndarray(format="rgb24") for f in c.decode(v)]
     assert (v.codec_context.width, v.codec_context.height) == (33, 17)
-    assert len(frames) == 6 and frames[0].shape == (17, 33, 3)
+    assert len(frames) == 5 and frames[0].shape == (17, 33, 3)  # 2 * (3 - 1) + 1

@@ -202,5 +202,5 @@ def test_cli_doubles_the_frame_rate(tmp_path, photo, monkeypatch):
         v = c.streams.video[0]
         assert v.average_rate == 16
         decoded = [f for f in c.decode(v)]
-    assert len(decoded) == 14
-    assert [f.time for f in decoded] == pytest.approx([m / 16 for m in range(14)])
+    assert len(decoded) == 13  # factor * (N - 1) + 1: input frame k at output index 2k
+    assert [f.time for f in decoded] == pytest.approx([m / 16 for m in range(13)])

@@ -17,6 +17,11 @@ timing error; an encoder that wants the input frames on their original timestamp
 lag. The very first frame of a stream has no predecessor: it is held (repeated ``factor`` times).
 ``source_time(m, factor)`` gives the input time of output frame m as an exact Fraction.
 
+`streamgen interpolate` (a file tool, not a stream) does not keep that lag: it drops the held first
+frames, so N input frames become ``factor * (N - 1) + 1`` output frames, output frame m shows input
+time ``m / factor`` exactly (input frame k keeps its timestamp k / fps, at output index factor*k) and
+the file ends on the last input frame. Audio (and subtitle) streams are copied through unchanged.
+
 The last input frame of a chunk is kept (on the model's device, fp32) in the state, so the pair that
 straddles a chunk boundary is interpolated like any other: chunked output equals whole-sequence output.
 All pairs of a chunk (times all ``factor - 1`` timesteps) go through the model in one batched forward
@@ -241,7 +246,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from streamgen.pipeline import dtype_name, positive
 
     p.add_argument("input", help="input video file (constant frame rate)")
-    p.add_argument("--out", "-o", required=True, help="output .mp4 (H.264, video only)")
+    p.add_argument("--out", "-o", required=True, help="output .mp4 (H.264; audio streams are copied through)")
     p.add_argument("--factor", type=int, default=2, choices=(1, 2, 4), help="frame-rate multiplier (default 2)")
     p.add_argument("--rife", "--weights", dest="rife", default="auto", metavar="WEIGHTS",
                    help="RIFE v4.25/v4.26 flownet.pkl, a .zip holding it or a hub reference, as for serve/generate "
@@ -315,18 +320,30 @@ def run(args: argparse.Namespace) -> int:
             if pix_fmt != "yuv420p":
                 log.info("%dx%d is odd: writing H.264 4:4:4 (yuv444p) to keep every pixel", w, h)
             with Mp4Writer(args.out, w, h, out_rate, crf=args.crf, pix_fmt=pix_fmt) as dst:
+                copied = _copy_streams(src, vin, dst.container)
+                # The streaming Interpolator holds the first frame (factor - 1) extra times (its lag
+                # convention); a file drops those, so output frame m shows input time m / factor.
+                hold = args.factor - 1
 
                 def emit(batch: list[np.ndarray]) -> None:
-                    y = interp.process(from_uint8(np.stack(batch), device), state)
-                    dst.write(to_uint8(y).cpu().numpy())
+                    nonlocal hold
+                    y = to_uint8(interp.process(from_uint8(np.stack(batch), device), state)).cpu().numpy()
+                    dst.write(y[hold:])
+                    hold = 0
 
                 batch: list[np.ndarray] = []
                 try:
-                    for frame in src.decode(vin):
-                        batch.append(frame.to_ndarray(format="rgb24"))
-                        if len(batch) == args.chunk:
-                            emit(batch)
-                            batch = []
+                    for packet in src.demux(vin, *(src.streams[i] for i in copied)):
+                        if packet.stream.index != vin.index:
+                            if packet.dts is not None:  # not the demuxer's end-of-stream marker
+                                packet.stream = copied[packet.stream.index]
+                                dst.container.mux(packet)
+                            continue
+                        for frame in packet.decode():
+                            batch.append(frame.to_ndarray(format="rgb24"))
+                            if len(batch) == args.chunk:
+                                emit(batch)
+                                batch = []
                 except av.FFmpegError as e:
                     raise UsageError(f"input {args.input}: cannot decode video frame {state.frames_in + len(batch)} "
                                      f"({e.strerror or e})") from None
@@ -334,13 +351,33 @@ def run(args: argparse.Namespace) -> int:
                     emit(batch)
                 if state.frames_in == 0:
                     raise UsageError(f"input {args.input}: the video stream holds no frames")
+                written = dst.frames
         except BaseException:
             with contextlib.suppress(OSError):  # no half-written output is left behind
                 os.remove(args.out)
             raise
     dt = time.perf_counter() - t0
     log.info("%d -> %d frames (%s fps -> %s fps), %d scene cuts forced, %.1f s (%.1f output frames/s)",
-             state.frames_in, state.frames_out, float(rate), float(out_rate), len(state.forced_cuts), dt,
-             state.frames_out / max(dt, 1e-9))
-    print(f"wrote {args.out}: {state.frames_out} frames at {float(out_rate):g} fps")
+             state.frames_in, written, float(rate), float(out_rate), len(state.forced_cuts), dt, written / max(dt, 1e-9))
+    extra = f", {len(copied)} other stream(s) copied" if copied else ""
+    print(f"wrote {args.out}: {written} frames at {float(out_rate):g} fps from {state.frames_in} "
+          f"in {dt:.1f} s{extra}")
     return 0
+
+
+def _copy_streams(src, vin, out) -> dict:
+    """Add to ``out`` a copy of each audio / subtitle stream of ``src`` that MP4 can hold (packets
+    are copied, not re-encoded); returns {input stream index: output stream}. A stream MP4 cannot
+    hold is left out with a warning."""
+    import av
+
+    copied = {}
+    for s in src.streams:
+        if s.index == vin.index or s.type not in ("audio", "subtitle"):
+            continue
+        try:
+            copied[s.index] = out.add_stream_from_template(s)
+        except (av.FFmpegError, ValueError) as e:
+            log.warning("stream %d (%s %s) cannot go into MP4, left out: %s", s.index, s.type,
+                        s.codec_context.name if s.codec_context else "?", e)
+    return copied
