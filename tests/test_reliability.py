@@ -15,21 +15,7 @@ import pytest
 
 from streamgen import protocol as P
 from streamgen.server.sources import prompt_color
-from test_server import FPC, FPS, Raw, start_server
-
-
-@pytest.fixture
-async def server():
-    servers = []
-
-    async def make(**cfg):
-        s = await start_server(**cfg)
-        servers.append(s)
-        return s
-
-    yield make
-    for s in servers:
-        await s.runner.cleanup()
+from test_server import FPC, FPS, Raw, server  # noqa: F401 - the server fixture
 
 
 async def _until(cond, what, timeout=10.0):
