@@ -48,6 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="RIFE frame interpolation between the decoder and the file: N times the frames, "
                         "written at N times --fps (default: 1, off)")
     g.add_argument("--out", required=True, help="output .mp4 path")
+    g.add_argument("-q", "--quiet", action="store_true", help="print only the final line (no progress)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -180,16 +181,17 @@ def _run(args: argparse.Namespace) -> int:
     if cfg is None:
         _check_memory(args, preset, settings, pipe.model.cfg, width, height)
     fps = args.fps * args.interpolate
-    print(f"streamgen generate: {args.model} {width}x{height} {args.chunks} chunks, sampler {settings.sampler} "
+    say = (lambda *a, **k: None) if args.quiet else print
+    say(f"streamgen generate: {args.model} {width}x{height} {args.chunks} chunks, sampler {settings.sampler} "
           f"{settings.num_steps} steps shift {settings.shift}" + (f" cfg {settings.guidance:g}" if settings.guidance != 1.0 else "")
           + f", {pipe.device} {str(pipe.dtype).replace('torch.', '')}"
           + (f", RIFE {args.interpolate}x" if args.interpolate > 1 else ""), file=sys.stderr)
     t_start = time.perf_counter()
-    with Mp4Writer(args.out, width, height, fps, crf=args.crf) as writer:
+    with Mp4Writer(args.out, width, height, fps, crf=args.crf) as writer, _Progress(args) as progress:
         if preset.mode == "full":
-            _run_full(args, pipe, settings, writer, width, height)
+            _run_full(args, pipe, settings, writer, width, height, progress)
         else:
-            asyncio.run(_run_stream(args, pipe, settings, writer, width, height, switches, image))
+            asyncio.run(_run_stream(args, pipe, settings, writer, width, height, switches, image, progress))
         total = writer.frames
     elapsed = time.perf_counter() - t_start
     print(f"wrote {args.out}: {total} frames {width}x{height} at {fps:g} fps "
@@ -197,12 +199,33 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _log_chunk(i: int, n: int, frames: int, dt: float, total: int, note: str = "") -> None:
-    print(f"chunk {i + 1}/{n}: {frames} frames in {dt:.2f} s ({frames / max(dt, 1e-9):.1f} frames/s), "
-          f"{total} total{note}", file=sys.stderr)
+class _Progress:
+    """One update per chunk: a tqdm bar on a terminal, a line per chunk otherwise, nothing with --quiet."""
+
+    def __init__(self, args):
+        from tqdm import tqdm
+
+        self.quiet, self.n = args.quiet, args.chunks
+        self.bar = tqdm(total=args.chunks, unit="chunk", desc="generate", file=sys.stderr,
+                        disable=True if args.quiet else None)  # None: off when stderr is not a terminal
+
+    def chunk(self, i: int, frames: int, dt: float, total: int, note: str = "") -> None:
+        rate = f"{frames / max(dt, 1e-9):.1f} frames/s"
+        if not self.bar.disable:
+            self.bar.set_postfix_str(rate + note, refresh=False)
+            self.bar.update(1)
+        elif not self.quiet:
+            print(f"chunk {i + 1}/{self.n}: {frames} frames in {dt:.2f} s ({rate}), {total} total{note}",
+                  file=sys.stderr)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.close()
 
 
-async def _run_stream(args, pipe, settings, writer, width, height, switches, image) -> None:
+async def _run_stream(args, pipe, settings, writer, width, height, switches, image, progress) -> None:
     from streamgen.engine.core import Engine, EngineError, GenRequest
 
     req = GenRequest(prompt=args.prompt, width=width, height=height, seed=args.seed, chunks=args.chunks,
@@ -225,13 +248,13 @@ async def _run_stream(args, pipe, settings, writer, width, height, switches, ima
             dt = time.perf_counter() - t0
             await loop.run_in_executor(None, writer.write, frames)
             note = f"  [prompt: {switches[i][:40]!r}]" if handle.last_switched and i in switches else ""
-            _log_chunk(i, args.chunks, len(frames), dt, writer.frames, note)
+            progress.chunk(i, len(frames), dt, writer.frames, note)
     finally:
         handle.cancel()
         await loop.run_in_executor(None, engine.close)
 
 
-def _run_full(args, pipe, settings, writer, width, height) -> None:
+def _run_full(args, pipe, settings, writer, width, height, progress) -> None:
     """Bidirectional checkpoints: sample all latent frames at once (CFG), decode chunk by chunk."""
     import torch
 
@@ -249,7 +272,8 @@ def _run_full(args, pipe, settings, writer, width, height) -> None:
     x0 = sample_clip(pipe.model, ctx, neg, frames=args.chunks * fpc, height=height, width=width,
                      sampler=settings.sampler, steps=settings.num_steps, shift=settings.shift,
                      guidance=settings.guidance, seed=args.seed)
-    print(f"sampled {args.chunks * fpc} latent frames in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    if not args.quiet:
+        print(f"sampled {args.chunks * fpc} latent frames in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     interp = Interpolator(pipe.rife if args.interpolate > 1 else None, args.interpolate, settings.scene_threshold)
     istate, dstate = interp.new_state(), pipe.decoder.new_state()
     for i in range(args.chunks):
@@ -258,4 +282,4 @@ def _run_full(args, pipe, settings, writer, width, height) -> None:
             decoded = pipe.decoder.decode_chunk(x0[:, :, i * fpc:(i + 1) * fpc], dstate)
             frames = to_uint8(interp.process(unit_frames(decoded), istate)).cpu().numpy()
         writer.write(frames)
-        _log_chunk(i, args.chunks, len(frames), time.perf_counter() - t0, writer.frames)
+        progress.chunk(i, len(frames), time.perf_counter() - t0, writer.frames)

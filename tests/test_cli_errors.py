@@ -158,3 +158,13 @@ def test_interpolate_keeps_an_odd_size(tmp_path, capsys):
         frames = [f.to_ndarray(format="rgb24") for f in c.decode(v)]
     assert (v.codec_context.width, v.codec_context.height) == (33, 17)
     assert len(frames) == 5 and frames[0].shape == (17, 33, 3)  # 2 * (3 - 1) + 1
+
+
+def test_generate_quiet_prints_only_the_final_line_with_numbers(tmp_path, capsys):
+    out = tmp_path / "o.mp4"
+    assert main(["generate", "--model", "tiny", "--prompt", "a cat", "--chunks", "1", "--out", str(out), "-q"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"wrote {out}: ") and "frames/s" in err, err
+    assert main(["generate", "--model", "tiny", "--prompt", "a cat", "--chunks", "2", "--out", str(out)]) == 0
+    err = capsys.readouterr().err  # not a terminal: one line per chunk instead of a bar
+    assert "chunk 1/2:" in err and "chunk 2/2:" in err and "\r" not in err, err

@@ -41,6 +41,7 @@ import argparse
 import contextlib
 import logging
 import os
+import sys
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -263,6 +264,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cut-mode", default="copy", choices=CUT_MODES, help="what a cut gets instead of warping")
     p.add_argument("--scale", type=float, default=1.0, help="RIFE flow scale (0.5 for 4K input)")
     p.add_argument("--crf", type=int, default=18, help="x264 CRF of the output (default 18)")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only the final line (no progress bar)")
 
 
 def open_video(path: str):
@@ -292,6 +294,7 @@ def run(args: argparse.Namespace) -> int:
     import av
     import numpy as np
     import torch
+    from tqdm import tqdm
 
     from streamgen.media.encode import Mp4Writer
     from streamgen.media.frames import from_uint8, to_uint8
@@ -319,17 +322,22 @@ def run(args: argparse.Namespace) -> int:
             pix_fmt = "yuv420p" if w % 2 == 0 and h % 2 == 0 else "yuv444p"  # 4:2:0 needs even sizes; no crop
             if pix_fmt != "yuv420p":
                 log.info("%dx%d is odd: writing H.264 4:4:4 (yuv444p) to keep every pixel", w, h)
-            with Mp4Writer(args.out, w, h, out_rate, crf=args.crf, pix_fmt=pix_fmt) as dst:
+            with contextlib.ExitStack() as stack, Mp4Writer(args.out, w, h, out_rate, crf=args.crf,
+                                                             pix_fmt=pix_fmt) as dst:
                 copied = _copy_streams(src, vin, dst.container)
                 # The streaming Interpolator holds the first frame (factor - 1) extra times (its lag
                 # convention); a file drops those, so output frame m shows input time m / factor.
                 hold = args.factor - 1
+                bar = tqdm(total=vin.frames or None, unit="frame", desc="interpolate", file=sys.stderr,
+                           disable=True if args.quiet else None)  # None: off when stderr is not a terminal
+                stack.callback(bar.close)
 
                 def emit(batch: list[np.ndarray]) -> None:
                     nonlocal hold
                     y = to_uint8(interp.process(from_uint8(np.stack(batch), device), state)).cpu().numpy()
                     dst.write(y[hold:])
                     hold = 0
+                    bar.update(len(batch))
 
                 batch: list[np.ndarray] = []
                 try:
