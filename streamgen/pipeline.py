@@ -306,6 +306,7 @@ def check_options(args: argparse.Namespace) -> ModelPreset:
                      f"{', '.join(n for n, p in MODELS.items() if p.builtin)}")
         require_file("--vae", args.vae, f"{decoder} decoder weights")
         require_file("--text-encoder", args.text_encoder, "umT5-XXL encoder")
+        _require_modules("--text-encoder", ("transformers", "sentencepiece"), "the umT5-XXL encoder and its tokenizer")
     else:
         given = [f for f, v in (("--checkpoint", args.checkpoint), ("--vae", args.vae),
                                 ("--text-encoder", args.text_encoder)) if v is not None]
@@ -408,6 +409,15 @@ def build(preset: ModelPreset | str, *, device=None, dtype=None, decoder: str | 
              decoder, "on" if rife_model is not None else "off")
     return Pipeline(model=model, text_encoder=text, decoder=dec, vae=vae_model, rife=rife_model, fps=preset.fps,
                     device=device, dtype=dtype, preset=preset)
+
+
+def _require_modules(flag: str, modules: tuple[str, ...], what: str) -> None:
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UsageError(f"{flag}: reading {what} needs {', '.join(missing)}, which is not installed: "
+                         "pip install 'streamgen[wan]' (from a checkout: pip install -e '.[wan]')")
 
 
 @contextmanager

@@ -168,3 +168,15 @@ def test_generate_quiet_prints_only_the_final_line_with_numbers(tmp_path, capsys
     assert main(["generate", "--model", "tiny", "--prompt", "a cat", "--chunks", "2", "--out", str(out)]) == 0
     err = capsys.readouterr().err  # not a terminal: one line per chunk instead of a bar
     assert "chunk 1/2:" in err and "chunk 2/2:" in err and "\r" not in err, err
+
+
+def test_real_text_encoder_without_transformers_says_what_to_install(files, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sentencepiece" else real(name, *a))
+    bad = str(files / "bad.pt")
+    rc, err = _run(["generate", "--model", "self-forcing-1.3b", "--checkpoint", bad, "--vae", bad, "--text-encoder", bad,
+                    "--prompt", "a", "--out", str(files / "o.mp4")], capsys)
+    assert rc == 2 and err.count("\n") == 1, err
+    assert "--text-encoder" in err and "sentencepiece" in err and "streamgen[wan]" in err, err
