@@ -21,11 +21,12 @@ import sys
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "info": ("streamgen.cli", "version, torch, device and the detected attention backends / kernels"),
+    "info": ("streamgen.cli", "version, torch, device, attention backends / kernels, which presets are ready"),
     "generate": ("streamgen.generate", "generate a video chunk by chunk into an MP4 file"),
     "interpolate": ("streamgen.media.interpolate", "RIFE frame interpolation of a video file"),
     "serve": ("streamgen.server.serve", "run the streaming server (WebSocket + browser player)"),
     "watch": ("streamgen.client", "record a stream from a server to a file"),
+    "download": ("streamgen.download", "fetch a model preset's weights into the local Hugging Face cache"),
 }
 
 
@@ -65,6 +66,16 @@ def run(args: argparse.Namespace) -> int:
             rows.append((mod, getattr(m, "__version__", "installed")))
         except ImportError:
             rows.append((mod, "MISSING"))
+    from streamgen import hub
+    from streamgen.download import status
+    from streamgen.media.interpolate import default_weights_path
+    from streamgen.pipeline import MODELS
+
+    rows.append(("hub cache", str(hub.cache_dir())))
+    for name in MODELS:
+        rows.append((f"model {name}", status(name)))
+    rife = default_weights_path()
+    rows.append(("rife", str(rife) if rife else status("rife")))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")

@@ -81,9 +81,10 @@ def find(ref: HubRef) -> tuple[Path | None, str]:
     return target, ""
 
 
-def resolve(flag: str, spec: str | None) -> str | None:
+def resolve(flag: str, spec: str | None, *, hint: str | None = None) -> str | None:
     """A weights option's value -> a local path: existing paths unchanged, hub references looked up
-    in the cache (see the module docstring); anything else unchanged (the caller reports it missing)."""
+    in the cache (see the module docstring); anything else unchanged (the caller reports it missing).
+    ``hint``: the download command the error names (default: the ``hf download`` of the reference)."""
     if spec is None or os.path.exists(spec):
         return spec
     ref = parse(spec)
@@ -93,6 +94,18 @@ def resolve(flag: str, spec: str | None) -> str | None:
     if path is None:
         from streamgen.pipeline import UsageError
 
-        raise UsageError(f"{flag} {spec}: no such file, and {why}; download it with: {ref.download_command()} "
-                         "(huggingface_hub's CLI; `huggingface-cli download` in older versions)")
+        how = hint or f"{ref.download_command()} (huggingface_hub's CLI; `huggingface-cli download` in older versions)"
+        raise UsageError(f"{flag} {spec}: no such file, and {why}; download it with: {how}")
     return str(path)
+
+
+def missing_files(ref: HubRef, patterns: tuple[str, ...]) -> list[str]:
+    """The ``patterns`` (globs relative to the repo) with no cached file of ``ref``'s snapshot; all of
+    them when the snapshot is not cached."""
+    import fnmatch
+
+    path, _ = find(HubRef(ref.repo, ref.revision))
+    if path is None:
+        return list(patterns)
+    names = [p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()]  # is_file follows the link
+    return [pat for pat in patterns if not any(fnmatch.fnmatch(n, pat) for n in names)]

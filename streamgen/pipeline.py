@@ -38,6 +38,35 @@ DEFAULT_MODEL = "toy"
 
 
 @dataclass(frozen=True)
+class WeightSource:
+    """Where a preset's weights file comes from: the hub reference an option defaults to
+    (streamgen.hub) and the repo files it needs (globs; what `streamgen download` fetches)."""
+
+    option: str  # "checkpoint" | "vae" | "text_encoder" | "rife"
+    ref: str
+    patterns: tuple[str, ...]
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.option.replace("_", "-")
+
+
+_WAN13, _WAN14 = "Wan-AI/Wan2.1-T2V-1.3B", "Wan-AI/Wan2.1-T2V-14B"
+_UMT5 = ("models_t5_umt5-xxl-enc-bf16.pth", "google/umt5-xxl/*")
+
+
+def _wan_files(repo: str, dit: WeightSource | None = None) -> tuple[WeightSource, ...]:
+    """Wan2.1's VAE and umT5 text encoder from ``repo``, and the DiT (default: the repo's own)."""
+    dit = dit or WeightSource("checkpoint", repo, ("diffusion_pytorch_model*.safetensors*", "config.json"))
+    return (dit, WeightSource("vae", f"{repo}:Wan2.1_VAE.pth", ("Wan2.1_VAE.pth",)),
+            WeightSource("text_encoder", f"{repo}:models_t5_umt5-xxl-enc-bf16.pth", _UMT5))
+
+
+# Practical-RIFE v4.26 (MIT) as its author publishes it: a release zip holding flownet.pkl
+RIFE_SOURCE = WeightSource("rife", "hzwer/RIFE:RIFEv4.26_0921.zip", ("RIFEv4.26_0921.zip",))
+
+
+@dataclass(frozen=True)
 class ModelPreset:
     """What ``--model NAME`` means.
 
@@ -64,6 +93,7 @@ class ModelPreset:
     builtin: bool = False
     weights: str | None = None
     fps: int = 16
+    files: tuple[WeightSource, ...] = ()  # defaults of --checkpoint/--vae/--text-encoder (hub references)
 
 
 MODELS: dict[str, ModelPreset] = {
@@ -81,11 +111,15 @@ MODELS: dict[str, ModelPreset] = {
     # trained built-in model (streamgen/weights/README.md): a coloured shape moving on a plain background
     "shapes": ModelPreset("shapes", "stream", "self-forcing", 4, 5.0, 1.0, 128, 128, max_pixels=512 * 512,
                           builtin=True, weights="shapes"),
-    "self-forcing-1.3b": ModelPreset("wan2.1-t2v-1.3b", "stream", "self-forcing", 4, 5.0, 1.0, 832, 480),
+    # Self-Forcing's distilled block-causal DiT on Wan2.1 1.3B's VAE and text encoder
+    "self-forcing-1.3b": ModelPreset("wan2.1-t2v-1.3b", "stream", "self-forcing", 4, 5.0, 1.0, 832, 480,
+                                     files=_wan_files(_WAN13, WeightSource(
+                                         "checkpoint", "gdhe17/Self-Forcing:checkpoints/self_forcing_dmd.pt",
+                                         ("checkpoints/self_forcing_dmd.pt",)))),
     "wan2.1-t2v-1.3b": ModelPreset("wan2.1-t2v-1.3b", "full", "unipc", 50, 5.0, 5.0, 832, 480,
-                                   local_frames=None, sink_frames=0),
+                                   local_frames=None, sink_frames=0, files=_wan_files(_WAN13)),
     "wan2.1-t2v-14b": ModelPreset("wan2.1-t2v-14b", "full", "unipc", 50, 5.0, 5.0, 832, 480,
-                                  local_frames=None, sink_frames=0),
+                                  local_frames=None, sink_frames=0, files=_wan_files(_WAN14)),
 }
 STREAM_MODELS = tuple(n for n, p in MODELS.items() if p.mode == "stream")
 SAMPLER_CHOICES = ("self-forcing", "euler", "unipc")
@@ -299,6 +333,10 @@ def check_options(args: argparse.Namespace) -> ModelPreset:
     preset = MODELS[args.model]
     decoder = args.decoder or preset.decoder
     if not preset.builtin:  # each takes a path or a hub reference ORG/NAME[@REV][:FILE] (streamgen.hub)
+        for src in preset.files:  # unset: the preset's own source, from the local hub cache
+            given = getattr(args, src.option)
+            hint = f"streamgen download {args.model}" if given is None else None
+            setattr(args, src.option, resolve(src.flag, given or src.ref, hint=hint))
         args.checkpoint = resolve("--checkpoint", args.checkpoint)
         args.vae = resolve("--vae", args.vae)
         args.text_encoder = resolve("--text-encoder", args.text_encoder)
