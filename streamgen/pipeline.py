@@ -276,13 +276,13 @@ def require_file(flag: str, path: str | None, what: str) -> str:
 
 def check_output(flag: str, path: str, suffixes: tuple[str, ...] = (".mp4",)) -> str:
     """An output file path that can be written: one of ``suffixes`` (none: any name), in a folder that exists."""
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path}: is a folder; give a file name")
     if suffixes and not path.lower().endswith(suffixes):
         raise UsageError(f"{flag} {path}: the file must end in {' or '.join(suffixes)} (H.264 in MP4)")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise UsageError(f"{flag} {path}: folder {folder} does not exist")
-    if os.path.isdir(path):
-        raise UsageError(f"{flag} {path}: is a folder; give a file name")
     return path
 
 

@@ -68,6 +68,7 @@ CASES = {
                                                                                        "audio"]),
     "interpolate --out missing folder": (I[:3] + ["{d}/nodir/o.mp4"], ["--out", "nodir", "does not exist"]),
     "interpolate --out x.txt": (I[:3] + ["{d}/x.txt"], ["--out", "x.txt", ".mp4"]),
+    "interpolate --out a folder": (I[:3] + ["{d}"], ["--out", "folder"]),
     "interpolate --weights missing": (I + ["--weights", "{d}/nosuch.pkl"], ["--rife", "nosuch.pkl", "no such file"]),
     "interpolate --weights corrupt": (I + ["--weights", "{d}/bad.pt"], ["--rife", "bad.pt", "corrupt"]),
     "interpolate --weights text": (I + ["--rife", "{d}/text.txt"], ["--rife", "text.txt", "corrupt"]),
@@ -100,6 +101,8 @@ CASES = {
     "watch ftp url": (["watch", "ftp://example.com/x", "--prompt", "a"], ["ftp://example.com/x", "ws://"]),
     "watch --out missing folder": (["watch", "ws://127.0.0.1:{free}", "--prompt", "a", "--out", "{d}/nodir/w.mp4"],
                                    ["--out", "nodir", "does not exist"]),
+    "watch --image missing": (["watch", "ws://127.0.0.1:{free}", "--prompt", "a", "--image", "{d}/nosuch.png"],
+                              ["--image", "nosuch.png", "No such file"]),
     "watch --switch malformed": (["watch", "ws://127.0.0.1:{free}", "--prompt", "a", "--switch", "x"], ["--switch x"]),
 }
 
