@@ -542,10 +542,11 @@ class SessionRegistry:
         self._reserved: dict[str, int] = {}  # client -> sessions being created
 
     def _check_capacity(self, client: str) -> None:
-        total = len(self.sessions) + sum(self._reserved.values())
+        live = [s for s in self.sessions.values() if s.ended is None]  # ended ones are only draining
+        total = len(live) + sum(self._reserved.values())
         if total >= self.max_sessions:
             raise Refused("busy", f"server is at its limit of {self.max_sessions} sessions; try again later")
-        mine = sum(1 for s in self.sessions.values() if s.client == client) + self._reserved.get(client, 0)
+        mine = sum(1 for s in live if s.client == client) + self._reserved.get(client, 0)
         if mine >= self.max_sessions_per_client:
             raise Refused("busy", f"this client already has {mine} session(s); the limit per client is "
                                   f"{self.max_sessions_per_client}")
