@@ -333,17 +333,16 @@ def check_options(args: argparse.Namespace) -> ModelPreset:
     preset = MODELS[args.model]
     decoder = args.decoder or preset.decoder
     if not preset.builtin:  # each takes a path or a hub reference ORG/NAME[@REV][:FILE] (streamgen.hub)
-        for src in preset.files:  # unset: the preset's own source, from the local hub cache
-            given = getattr(args, src.option)
-            hint = f"streamgen download {args.model}" if given is None else None
-            setattr(args, src.option, resolve(src.flag, given or src.ref, hint=hint))
-        args.checkpoint = resolve("--checkpoint", args.checkpoint)
-        args.vae = resolve("--vae", args.vae)
-        args.text_encoder = resolve("--text-encoder", args.text_encoder)
-        require_file("--checkpoint", args.checkpoint, f"DiT weights for {args.model}; built in: "
-                     f"{', '.join(n for n, p in MODELS.items() if p.builtin)}")
-        require_file("--vae", args.vae, f"{decoder} decoder weights")
-        require_file("--text-encoder", args.text_encoder, "umT5-XXL encoder")
+        defaults = {src.option: src.ref for src in preset.files}  # the preset's own files, from the hub cache
+        if decoder != "wan":  # the presets name the Wan VAE; a TAEHV decoder's weights are the user's
+            defaults.pop("vae", None)
+        for option, what in (("checkpoint", f"DiT weights for {args.model}; built in: "
+                                            f"{', '.join(n for n, p in MODELS.items() if p.builtin)}"),
+                             ("vae", f"{decoder} decoder weights"), ("text_encoder", "umT5-XXL encoder")):
+            flag, given = "--" + option.replace("_", "-"), getattr(args, option)
+            hint = f"streamgen download {args.model} (or pass {flag} PATH)" if given is None else None
+            setattr(args, option, resolve(flag, given or defaults.get(option), hint=hint))
+            require_file(flag, getattr(args, option), what)
         _require_modules("--text-encoder", ("transformers", "sentencepiece"), "the umT5-XXL encoder and its tokenizer")
     else:
         given = [f for f, v in (("--checkpoint", args.checkpoint), ("--vae", args.vae),

@@ -82,7 +82,8 @@ def _rc(argv, capsys, *needles):
         assert n in err, err
 
 
-def test_bad_arguments_name_the_problem(tmp_path, capsys):
+def test_bad_arguments_name_the_problem(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))  # an empty hub cache
     out = str(tmp_path / "o.mp4")
     base = ["--prompt", "p", "--out", out]
     _fails(base + ["--width", "100"], capsys, "--width", "multiple of 16", "96", "112")
@@ -92,7 +93,8 @@ def test_bad_arguments_name_the_problem(tmp_path, capsys):
     _fails(base + ["--prompt-at", "two:x"], capsys, "--prompt-at", "CHUNK:TEXT")
     _fails(base + ["--decoder", "vqgan"], capsys, "--decoder", "wan", "taehv")
     _fails(["--out", out], capsys, "--prompt")
-    _rc(base + ["--model", "self-forcing-1.3b"], capsys, "--checkpoint", "required", "tiny")
+    _rc(base + ["--model", "self-forcing-1.3b"], capsys, "--checkpoint", "gdhe17/Self-Forcing",
+        "streamgen download self-forcing-1.3b", "--checkpoint PATH")
     missing = str(tmp_path / "nope" / "model.pt")
     _rc(base + ["--model", "self-forcing-1.3b", "--checkpoint", missing], capsys, missing)
     _rc(base + ["--chunks", "4", "--prompt-at", "4:later"], capsys, "--prompt-at", "0..3")
