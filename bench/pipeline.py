@@ -55,7 +55,7 @@ def build(decoder: str, compile_dit: bool, dev: torch.device, smoke: bool = Fals
 
 
 async def run_stream(pipeline: Pipeline, chunks: int, warmup: int, width: int, height: int) -> dict:
-    engine = Engine(pipeline, EngineSettings(local_frames=12, sink_frames=3)).start()
+    engine = Engine(pipeline, EngineSettings(local_frames=12, sink_frames=3, max_ahead=1)).start()  # throughput: one ahead
     try:
         h = await engine.open(GenRequest("a red fox running through snow", width, height, seed=0, interpolate=2))
         times, frames = [], []

@@ -30,15 +30,15 @@ def test_scheduler_round_robin_credits_pause_and_limit():
         s.served(slot.sid)
     assert order == [1, 2, 3, 1, 2, 3]  # round robin until credits (max_ahead=2) run out
     assert s.next() is None  # every consumer is 2 chunks behind: nothing more is made
-    s.consumed(2)
+    s.requested(2)
     assert s.next().sid == 2
     s.set_paused(2, True)
     assert s.next() is None
     s.set_paused(2, False)
-    s.consumed(3)
+    s.requested(3)
     s.served(3)  # third chunk of a 3-chunk stream
     assert s.slots[3].done
-    s.consumed(3)
+    s.requested(3)
     assert s.next().sid == 2  # a finished session is never picked again
     s.remove(3)
     assert 3 not in s.slots
@@ -48,8 +48,19 @@ def test_scheduler_credit_never_exceeds_max_ahead():
     s = Scheduler(max_ahead=1)
     s.admit(7)
     for _ in range(5):
-        s.consumed(7)
+        s.requested(7)
     s.served(7)
+    s.served(7)
+    assert s.next() is None  # one asked for + one ahead, however often it was asked
+
+
+def test_scheduler_on_demand_makes_only_what_is_asked():
+    s = Scheduler(max_ahead=0)
+    s.admit(1)
+    assert s.next() is None  # nothing before the first request
+    s.requested(1)
+    assert s.next().sid == 1
+    s.served(1)
     assert s.next() is None
 
 
@@ -365,8 +376,9 @@ async def test_server_pause_busy_disconnect_and_shutdown_reach_the_engine(tiny):
     assert len(engine.scheduler.slots) == 1  # the refused start never reached the engine
     # 3. an abrupt disconnect: after the grace period the session and its engine cache are freed
     a.ws.transport.abort()
-    await _until(lambda: not engine._sessions and not engine.scheduler.slots, "the engine session to be freed", 15)
-    assert not server.app[app_module.STATE].registry.sessions
+    reg = server.app[app_module.STATE].registry
+    await _until(lambda: not engine._sessions and not engine.scheduler.slots and not reg.sessions,
+                 "the session and its engine cache to be freed", 15)
     # 4. the slot is usable again; stopping the server with that session in flight ends it cleanly
     await b.send(P.Start(prompt="second, again"))
     await b.until(P.Fragment)

@@ -9,7 +9,7 @@ Flow of one chunk (busy thread)::
                      -> handle's asyncio.Queue via call_soon_threadsafe
 
 The event-loop side (:class:`SessionHandle`) awaits the event in a worker thread, so neither loop
-ever blocks the other. Commands (open, prompt, pause, cancel, consumed) are queued to the busy
+ever blocks the other. Commands (open, prompt, pause, cancel, request) are queued to the busy
 thread, which is the only thread that touches models, caches and CUDA state. A failure inside one
 session (bad image, OOM, a prompt the text encoder rejects, a bug) is delivered to that session's
 handle as :class:`EngineError` and the loop goes on with the others; a cancelled session's cache
@@ -97,13 +97,14 @@ class GenRequest:
 
 @dataclass
 class EngineSettings:
-    """max_ahead: chunks a session may have made beyond what its consumer took; local_frames /
+    """max_ahead: chunks a session may make before its consumer asks for them (0: on demand, which
+    keeps a prompt change one chunk from the screen; more: throughput for files); local_frames /
     sink_frames: attention window of every session (None: no window, each session's cache is sized
     for its ``chunks``); sampler / guidance / negative_prompt: the chunk loop's sampler (CFG only
     for euler/unipc); scene_threshold: RIFE scene-cut detection; limits: the request limits
     (streamgen.protocol.Limits, shared with the wire protocol)."""
 
-    max_ahead: int = 1
+    max_ahead: int = 0
     local_frames: int | None = 12
     sink_frames: int = 3
     scene_threshold: float | None = 0.15
@@ -155,6 +156,7 @@ class SessionHandle:
         """The next chunk; raises EngineError if generation failed, EOFError after the last chunk."""
         if self._closed:
             raise EOFError("session is closed")
+        self._engine._command("request", self.sid)
         item = await self._queue.get()
         if isinstance(item, BaseException):
             self._closed = True
@@ -162,7 +164,6 @@ class SessionHandle:
         if item is None:
             self._closed = True
             raise EOFError("no more chunks")
-        self._engine._command("consumed", self.sid)
         self.last_switched = item.switched
         if item.ready is not None:
             await asyncio.get_running_loop().run_in_executor(None, item.ready.synchronize)
@@ -322,8 +323,8 @@ class Engine:
             self._drop(sid)
         elif sid not in self._sessions:
             return  # the session ended already
-        elif kind == "consumed":
-            self.scheduler.consumed(sid)
+        elif kind == "request":
+            self.scheduler.requested(sid)
         elif kind == "prompt":  # coalesced: a flood of prompts costs one text encoding per chunk
             self._sessions[sid].pending_prompt = arg
         elif kind in ("pause", "resume"):

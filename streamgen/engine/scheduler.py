@@ -1,10 +1,12 @@
 """Which session the engine's busy loop serves next. Pure bookkeeping: no torch, no threads.
 
-Each session has *credits*: how many more chunks it may produce before its consumer takes one
-(``max_ahead`` at admission; one spent per chunk made, one returned per chunk taken). A session
-is ready when it has credits and is neither paused nor finished. Among ready sessions the one
-served longest ago goes first (round robin), so a fast consumer cannot starve a slow one and a
-slow consumer costs no GPU time beyond its ``max_ahead`` chunks.
+Each session has *credits*: how many more chunks it may produce now. It starts with ``max_ahead``
+(chunks made before anyone asks: prefetch); each chunk its consumer asks for adds one, each chunk
+made spends one, and it never holds more than ``max_ahead + 1``. A session is ready when it has
+credits and is neither paused nor finished. Among ready sessions the one served longest ago goes
+first (round robin), so a fast consumer cannot starve a slow one and a slow consumer costs no GPU
+time beyond its ``max_ahead`` chunks. ``max_ahead=0`` (the server's default) makes a chunk only
+when it is asked for, so a prompt change applies to the very next chunk the viewer will see.
 
 The scheduler runs on the busy loop's thread only; the event loop talks to it through the
 engine's command queue.
@@ -30,9 +32,9 @@ class Scheduler:
     """Round-robin choice of the next session to run (admission is the caller's: every session
     given is scheduled)."""
 
-    def __init__(self, max_ahead: int = 1):
-        if max_ahead < 1:
-            raise ValueError(f"max_ahead must be >= 1, got {max_ahead}")
+    def __init__(self, max_ahead: int = 0):
+        if max_ahead < 0:
+            raise ValueError(f"max_ahead must be >= 0, got {max_ahead}")
         self.max_ahead = max_ahead
         self.slots: dict[int, SessionSlot] = {}
         self._tick = 0
@@ -47,11 +49,11 @@ class Scheduler:
     def remove(self, sid: int) -> None:
         self.slots.pop(sid, None)
 
-    def consumed(self, sid: int) -> None:
-        """The consumer took one chunk: one more may be made."""
+    def requested(self, sid: int) -> None:
+        """The consumer asks for one chunk: one more may be made."""
         slot = self.slots.get(sid)
         if slot is not None:
-            slot.credits = min(slot.credits + 1, self.max_ahead)
+            slot.credits = min(slot.credits + 1, self.max_ahead + 1)
 
     def set_paused(self, sid: int, paused: bool) -> None:
         slot = self.slots.get(sid)
