@@ -214,6 +214,9 @@ def add_model_arguments(p: argparse.ArgumentParser, *, models: tuple[str, ...] =
                         "float32 on cpu)")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the DiT blocks (static shapes; ~1.5x on an H100, falls back to eager)")
+    g.add_argument("--cuda-graphs", action="store_true",
+                   help="replay each session's whole chunk step (4 steps + cache pass) as CUDA graphs (streamgen.ops."
+                        "graphs; +7%% on top of --compile on an H200; eager with one log line where it cannot apply)")
     g.add_argument("--quant", choices=("fp8", "int8-weight"), default=None,
                    help="quantize the DiT blocks' linear layers (fp8: 1.1x on 14B, half the weight memory)")
     g.add_argument("--offload", type=non_negative, default=None, metavar="PREFETCH",
@@ -355,6 +358,8 @@ def check_options(args: argparse.Namespace) -> ModelPreset:
                          f"{preset.decoder} decoder only (allowed: {preset.decoder})")
     if args.offload is not None and args.compile:
         raise UsageError("--offload and --compile cannot be combined (offload hooks every block call); pick one")
+    if args.offload is not None and args.cuda_graphs:
+        raise UsageError("--offload and --cuda-graphs cannot be combined (weights move between replays); pick one")
     sampler = args.sampler or preset.sampler
     if preset.mode == "full" and sampler == "self-forcing":
         raise UsageError(f"--sampler self-forcing needs a distilled block-causal model; {args.model} is bidirectional "
@@ -372,13 +377,13 @@ def build_pipeline(args: argparse.Namespace, *, rife_required: bool = False) -> 
     rife = rife_path(args.rife, required=rife_required)
     return build(preset, device=device, dtype=dtype, decoder=args.decoder, checkpoint=args.checkpoint,
                  vae=args.vae, text_encoder=args.text_encoder, offload=args.offload, quant=args.quant,
-                 compile=args.compile, rife=rife)
+                 compile=args.compile, rife=rife, cuda_graphs=args.cuda_graphs)
 
 
 def build(preset: ModelPreset | str, *, device=None, dtype=None, decoder: str | None = None,
           checkpoint: str | None = None, vae: str | None = None, text_encoder: str | None = None,
           offload: int | None = None, quant: str | None = None, compile: bool = False,
-          rife: str | None = None) -> "Pipeline":
+          rife: str | None = None, cuda_graphs: bool = False) -> "Pipeline":
     """The pipeline of ``preset`` on ``device`` / ``dtype`` (defaults: CPU, float32).
 
     offload: None keeps the DiT resident; N >= 0 loads it into host memory and streams its blocks
@@ -440,12 +445,17 @@ def build(preset: ModelPreset | str, *, device=None, dtype=None, decoder: str | 
         from streamgen.ops.compile import compile_blocks
 
         compile_blocks(model)
+    graphs = None
+    if cuda_graphs:
+        from streamgen.ops.graphs import ChunkGraphs
+
+        graphs = ChunkGraphs(model)  # sessions are attached by the engine; falls back to eager with one log line
     dec = dec.to(device=device, dtype=dtype).eval().requires_grad_(False)
     rife_model = load_rife_model(rife, device) if rife is not None else None
     log.info("pipeline: %s on %s %s, decoder %s, RIFE %s", preset.wan, device, str(dtype).replace("torch.", ""),
              decoder, "on" if rife_model is not None else "off")
     return Pipeline(model=model, text_encoder=text, decoder=dec, vae=vae_model, rife=rife_model, fps=preset.fps,
-                    device=device, dtype=dtype, preset=preset)
+                    device=device, dtype=dtype, preset=preset, graphs=graphs)
 
 
 def _require_modules(flag: str, modules: tuple[str, ...], what: str) -> None:

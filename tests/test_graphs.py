@@ -118,3 +118,25 @@ def test_not_applicable_sessions_stay_eager(model, caplog):
     other = WanModel(WanConfig.preset("tiny")).eval()
     with pytest.raises(ValueError, match="another model"):
         graphs.attach(SessionState(other, _ctx(1), height=H, width=W, config=StreamConfig(), total_frames=9))
+
+
+def test_cuda_graphs_option_reaches_every_engine_session(tmp_path, caplog):
+    """`generate --cuda-graphs` on the CPU: the transform is built, each engine session is offered to
+    it, it falls back to eager with one log line, and the file is the same as without the option."""
+    import logging
+
+    import av
+
+    from streamgen.cli import main
+
+    out = {}
+    for name, extra in (("eager", []), ("graphs", ["--cuda-graphs"])):
+        path = tmp_path / f"{name}.mp4"
+        with caplog.at_level(logging.INFO):
+            assert main(["generate", "--model", "tiny", "--prompt", "a fox", "--chunks", "2", "--out", str(path)]
+                        + extra) == 0
+        with av.open(str(path)) as c:
+            out[name] = [f.to_ndarray() for f in c.decode(video=0)]
+    assert len(out["graphs"]) == len(out["eager"]) == 21
+    assert all((a == b).all() for a, b in zip(out["graphs"], out["eager"]))
+    assert any("graph" in r.getMessage().lower() and r.name == "streamgen.ops.graphs" for r in caplog.records)

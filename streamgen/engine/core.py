@@ -64,7 +64,8 @@ class Pipeline:
     model: WanModel (block-causal); text_encoder: ``encode(list[str])`` (a PromptCache);
     decoder: ``new_state()`` / ``decode_chunk``; vae: WanVAE for image start, or None;
     rife: IFNet for interpolation, or None; fps: frame rate of decoded video (before RIFE);
-    preset: the streamgen.pipeline.ModelPreset it was built from (None when assembled by hand).
+    preset: the streamgen.pipeline.ModelPreset it was built from (None when assembled by hand);
+    graphs: a ChunkGraphs transform that every new session is attached to, or None.
     """
 
     model: Any
@@ -76,6 +77,7 @@ class Pipeline:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
     preset: Any = None
+    graphs: Any = None  # streamgen.ops.graphs.ChunkGraphs: each session's chunk step replayed as CUDA graphs
 
 
 @dataclass
@@ -348,6 +350,8 @@ class Engine:
         state = SessionState(p.model, req.prompts.get(0, req.prompt), height=req.height, width=req.width, config=cfg,
                              text_encoder=p.text_encoder, decoder=p.decoder, negative_prompt=s.negative_prompt,
                              image=image, total_frames=total, device=p.device, dtype=p.dtype)
+        if p.graphs is not None:
+            p.graphs.attach(state)
         return _EngineSession(state, self._interpolator(req.interpolate), req)
 
     def _open_session(self, sid: int, req: GenRequest) -> None:
