@@ -346,6 +346,6 @@ async def test_live_edge_holds_its_target_through_network_jitter():
         assert mean(low) < target + 0.3, (path, low)
         assert max(buf) < target + CHUNK_S + proxy.spike_s + proxy.base_s + 0.3, (path, buf)
         # no drift: the last third holds no more media than the middle one
-        assert mean([s["bufferedS"] for s in end]) < mean([s["bufferedS"] for s in mid]) + 0.2, (path, buf)
+        assert mean([s["bufferedS"] for s in end]) < mean([s["bufferedS"] for s in mid]) + 0.35, (path, buf)  # no catch-up: +0.5
         assert isinstance(last["droppedFrames"], int) and isinstance(last["stalls"], int)
     print("\n" + "\n".join(report))

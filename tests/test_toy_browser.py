@@ -140,7 +140,7 @@ async def test_default_serve_shows_the_typed_prompt_and_a_typed_change(path):
             assert s["path"] == ("webcodecs" if path == "auto" else "mse"), s
 
             # before the switch: a red object on black, in (nearly) every frame, and never blue
-            before = await frames_over(cdp, session, 1.5)
+            before = await frames_over(cdp, session, 2.0)
             assert len(before) >= 3, before
             colours = Counter(a["colour"] for a, _ in before)
             backgrounds = Counter(a["background"] for a, _ in before)
@@ -173,7 +173,7 @@ async def test_default_serve_shows_the_typed_prompt_and_a_typed_change(path):
             else:
                 raise AssertionError(f"the player never showed blue after the switch: {seen}")
             assert t - switch["mediaTime"] <= allowed, (t - switch["mediaTime"], switch, seen)
-            after = await frames_over(cdp, session, 1.0)
+            after = await frames_over(cdp, session, 2.0)  # >= 3 frames even on two busy cores
             assert len(after) >= 3, after
             colours = Counter(a["colour"] for a, _ in after)
             assert colours["blue"] >= 0.8 * len(after) and "red" not in colours, colours
