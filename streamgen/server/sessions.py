@@ -30,8 +30,9 @@ clamped to what that viewer was sent. Before any ack with a playhead: the end of
 fragment; before any ack at all: wall-clock time since the first fragment (real-time playback).
 
 When the last subscriber leaves, the session waits ``grace_s`` for an ``attach`` and is then
-closed (its source freed). A session that ends (stop, chunk limit, source error) keeps its log
-until its subscribers have drained it and received ``end``, then closes. End reasons: ``done``,
+closed (its source freed); it goes at once when no client can attach (its ``ready`` was never
+delivered) or none needs to (that subscriber was sent ``end``, or the session was stopped). A
+session that ends (stop, chunk limit, source error) keeps its log until its subscribers have drained it and received ``end``, then closes. End reasons: ``done``,
 ``stopped``, ``error`` (after a non-fatal ``generation_failed`` error), ``shutdown``.
 """
 
@@ -393,8 +394,10 @@ class Session:
         if sub in self.subscribers:
             self.subscribers.remove(sub)
         if not self.subscribers and not self._closed:
-            # only a live session whose id some client has seen can be attached to: others go at once
-            reachable = self.ready_delivered and self.ended is None and not sub.finished
+            # only a session whose id some client has seen can be attached to, and only while that client
+            # may still miss something: a session that ended (but not by `stop`) while its viewer had not
+            # been sent `end` keeps its tail for the grace period; the others go at once
+            reachable = self.ready_delivered and not sub.finished and self.ended in (None, "done", "error")
             self._arm_grace(self.limits.grace_s if reachable else 0.0)
 
     def _arm_grace(self, delay: float | None = None) -> None:

@@ -61,11 +61,15 @@ def _rss_mib() -> float:
 
 
 class Viewer:
-    """A healthy viewer: starts (or attaches) and reads every fragment, recording seqs, drops and
-    the time of each fragment. ``ack``: None | "seq" | "edge" | "wall"."""
+    """A healthy viewer: starts (or, with ``attach=(session, from_seq)``, attaches) and reads every
+    fragment, recording seqs, drops and the time of each fragment, until ``end``, ``seconds`` or
+    ``stop()``. ``ack``: None | "seq" | "edge" | "wall"; ``pause_after``: send pause after that many
+    fragments."""
 
-    def __init__(self, url: str, prompt: str = "healthy", ack: str | None = None, **start):
+    def __init__(self, url: str, prompt: str = "healthy", ack: str | None = None, *, attach=None,
+                 pause_after: int | None = None, **start):
         self.url, self.prompt, self.ack, self.start_kw = url, prompt, ack, start
+        self.attach, self.pause_after = attach, pause_after
         self.seqs: list[int] = []
         self.times: list[float] = []
         self.dropped = 0
@@ -73,10 +77,11 @@ class Viewer:
         self.session: str | None = None
         self.t0: float | None = None  # monotonic time of the first fragment (wall-clock playhead)
         self.task: asyncio.Task | None = None
+        self._stop = asyncio.Event()
 
-    async def _read(self, c: Raw, stop_after: int | None = None) -> None:
+    async def _read(self, c: Raw) -> None:
         while True:
-            m = await c.recv(timeout=10)
+            m = await c.recv(timeout=30)
             if isinstance(m, P.Ready):
                 self.session = m.session
             elif isinstance(m, P.Status) and m.dropped:
@@ -95,29 +100,41 @@ class Viewer:
                     await c.send(P.Ack(seq=m.seq, playhead=m.pts + m.duration))
                 elif self.ack == "wall":
                     await c.send(P.Ack(seq=m.seq, playhead=now - self.t0))
-                if stop_after is not None and len(self.seqs) >= stop_after:
-                    return
+                if self.pause_after is not None and len(self.seqs) == self.pause_after:
+                    await c.send(P.Pause())
 
     async def run(self, seconds: float) -> None:
         c = await Raw.open(self.url)
-        await c.send(P.Start(prompt=self.prompt, **self.start_kw))
-        try:
-            await asyncio.wait_for(self._read(c), seconds)
-        except asyncio.TimeoutError:
-            pass
+        if self.attach:
+            await c.send(P.Attach(session=self.attach[0], from_seq=self.attach[1]))
+        else:
+            await c.send(P.Start(prompt=self.prompt, **self.start_kw))
+        reader = asyncio.create_task(self._read(c))
+        stop = asyncio.create_task(self._stop.wait())
+        await asyncio.wait([reader, stop], timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if not reader.done():
+            reader.cancel()
+        await asyncio.wait([reader])
+        if not reader.cancelled() and reader.exception() is not None:
+            raise reader.exception()
         await c.close()
 
     def spawn(self, seconds: float) -> "Viewer":
         self.task = asyncio.create_task(self.run(seconds))
         return self
 
-    def check_contiguous(self) -> None:
+    async def stop(self) -> None:
+        self._stop.set()
+        await self.task
+
+    def check_contiguous(self, first: int = 0) -> None:
         assert self.seqs, "the viewer got no fragments"
-        assert self.seqs == list(range(len(self.seqs))), f"gaps or duplicates: {self.seqs}"
+        assert self.seqs == list(range(first, first + len(self.seqs))), f"gaps or duplicates: {self.seqs}"
         assert self.dropped == 0
 
     def rate(self) -> float:
-        """Fragments per second over the steady part (after the first fragment)."""
+        """Fragments per second from the first fragment to the last."""
         if len(self.times) < 2:
             return 0.0
         return (len(self.times) - 1) / (self.times[-1] - self.times[0])
@@ -362,3 +379,316 @@ async def test_fuzzed_frames_next_to_a_healthy_viewer(server, soak_s, caplog):
     after = Viewer(srv.url, chunks=2).spawn(10)
     await after.task
     assert after.end == "done" and after.seqs == [0, 1]
+
+
+# ------------------------------------------------------------------------------------------ churn
+
+
+async def _start_in_a_slot(c: Raw, prompt: str, until) -> None:
+    """Start, retrying on `busy`: slots held by sessions in grace (or by a start of the last round
+    still in flight) must come back within 2 s."""
+    for _ in range(40):
+        await c.send(P.Start(prompt=prompt))
+        m = await c.until((until, P.Error))
+        if not isinstance(m, P.Error):
+            return
+        assert m.code == "busy", m
+        await asyncio.sleep(0.05)
+    raise AssertionError("no slot came back within 2 s")
+
+
+async def _churn_round(srv, owner: Viewer, k: int) -> None:
+    url = srv.url
+    kind = k % 8
+    c = await Raw.open(url)
+    if kind == 0:  # start, then abort before reading anything
+        await c.send(P.Start(prompt=f"churn {k}"))
+        c.ws.transport.abort()
+    elif kind == 1:  # start, read ready, abort (a session someone could attach to: grace)
+        await _start_in_a_slot(c, f"churn {k}", P.Ready)
+        c.ws.transport.abort()
+    elif kind == 2:  # start, a fragment, stop, end, clean close
+        await _start_in_a_slot(c, f"churn {k}", P.Fragment)
+        await c.send(P.Stop())
+        assert (await c.until(P.End)).reason == "stopped"
+        await c.close()
+    elif kind == 3:  # attach to the owner's session, then abort
+        await c.send(P.Attach(session=owner.session, from_seq=owner.seqs[-1] + 1))
+        await c.until(P.Ready)
+        c.ws.transport.abort()
+    elif kind == 4:  # attach, read a fragment, clean close
+        await c.send(P.Attach(session=owner.session, from_seq=owner.seqs[-1]))
+        await c.until(P.Fragment)
+        await c.close()
+    elif kind == 5:  # plain open / close
+        await c.close()
+    elif kind == 6:  # plain open / abort
+        c.ws.transport.abort()
+    else:  # start and close cleanly before ready arrives
+        await c.send(P.Start(prompt=f"churn {k}"))
+        await c.close()
+
+
+async def test_connect_disconnect_churn_returns_to_baseline(server, soak_s, caplog):
+    """Start+abort, start+ready+abort, stop+close, attach+abort, attach+close, open/close, open/abort,
+    start+close for ``soak_s``: afterwards sessions, slots, sockets and this process's fds are back
+    to their baseline, every slot can be used, and the owner's stream had no gap."""
+    caplog.set_level(logging.WARNING)
+    srv = await server(grace_s=0.3, max_sessions=6, max_sessions_per_client=6)
+    st, reg = srv.state, srv.state.registry
+    owner = Viewer(srv.url, "owner").spawn(soak_s + 30)
+    await _until(lambda: owner.seqs, "the owner's first fragment")
+    (owned,) = reg.sessions.values()
+
+    def settled() -> bool:
+        return (list(reg.sessions.values()) == [owned] and len(owned.subscribers) == 1 and len(st.sockets) == 1
+                and not reg._reserved)
+
+    for k in range(8):  # warm-up: one of each, so lazily opened files count in the baseline
+        await _churn_round(srv, owner, k)
+    await _until(settled, "the warm-up to settle", 5)
+    await asyncio.sleep(0.3)
+    fd0 = _fds()
+    rounds, t_end = 0, time.monotonic() + soak_s
+    peak = 0
+    while time.monotonic() < t_end or rounds < 40:
+        # a live session whose `ready` reached the socket waits grace_s for attach (the server cannot
+        # tell whether the client read it): those come back within grace, the rest at once
+        peak = max(peak, len(reg.sessions))
+        await _until(lambda: len(reg.sessions) < reg.max_sessions, "a free slot within the grace period", 2.0)
+        await _churn_round(srv, owner, rounds)
+        rounds += 1
+    await _until(settled, f"sessions/sockets back to baseline after {rounds} rounds "
+                          f"({len(reg.sessions)} sessions, {len(st.sockets)} sockets)", 5)
+    await _until(lambda: _fds() <= fd0, f"fds back to {fd0} (now {_fds()})", 5)
+    assert _fds() == fd0
+    # every other slot is free now
+    others = [await Raw.open(srv.url) for _ in range(reg.max_sessions - 1)]
+    for c in others:
+        await c.send(P.Start(prompt="after churn"))
+    for c in others:
+        await c.until(P.Ready)
+    for c in others:
+        await c.close()
+    await owner.stop()
+    print(f"churn: {rounds} rounds, fds {fd0}, peak sessions {peak}")
+    owner.check_contiguous()
+    bad = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not bad, [r.getMessage() for r in bad]
+
+
+# ------------------------------------------------------------------------------------------ stuck readers
+
+
+async def test_slow_and_stuck_consumers_keep_memory_bounded_and_others_at_rate(server, soak_s):
+    """Stuck readers (tiny receive buffer, never reading) with their own sessions, stuck viewers of
+    the normal viewer's session, a liar (acks playhead 1e12, then never reads) and a slow reader, for
+    ``soak_s``: RSS stops growing, every buffer stays within its bound, and the normal viewer gets
+    every fragment at real time."""
+    srv = await server(max_sessions=16, max_sessions_per_client=16)
+    size = dict(width=320, height=192)
+    normal = Viewer(srv.url, "normal", ack="wall", **size).spawn(soak_s + 30)
+    await _until(lambda: normal.seqs, "the normal viewer's first fragment")
+    stuck = []
+    for i in range(6):
+        c = await Raw.open(srv.url, sock=_small_rcvbuf_socket(srv.port), max_queue=1)
+        await c.send(P.Start(prompt=f"stuck {i} " + "q" * i, **size))
+        stuck.append(c)
+    for _ in range(2):
+        c = await Raw.open(srv.url, sock=_small_rcvbuf_socket(srv.port), max_queue=1)
+        await c.send(P.Attach(session=normal.session, from_seq=normal.seqs[-1]))
+        stuck.append(c)
+    liar = await Raw.open(srv.url, sock=_small_rcvbuf_socket(srv.port), max_queue=1)
+    await liar.send(P.Start(prompt="liar", **size))
+    first = await liar.until(P.Fragment)
+    await liar.send(P.Ack(seq=first.seq, playhead=1e12))
+    slow = await Raw.open(srv.url, sock=_small_rcvbuf_socket(srv.port), max_queue=1)
+    await slow.send(P.Start(prompt="slow", **size))
+
+    async def read_slowly():
+        while True:
+            await slow.recv_raw()
+            await asyncio.sleep(0.5)
+
+    slow_task = asyncio.create_task(read_slowly())
+    try:
+        await asyncio.sleep(1.0)
+        rss0, n0, t0 = _rss_mib(), len(normal.seqs), time.monotonic()
+        await asyncio.sleep(soak_s / 3)
+        rss1 = _rss_mib()
+        await asyncio.sleep(2 * soak_s / 3)
+        rss2, n2, t2 = _rss_mib(), len(normal.seqs), time.monotonic()
+        reg = srv.state.registry
+        frag_max = max(len(e.fragment.data) for s in reg.sessions.values()
+                       for e in (s.log.get(i) for i in range(s.log.first_seq, s.log.next_seq)))
+        for s in reg.sessions.values():
+            assert len(s.log) <= 64 and s.generated_s <= (time.monotonic() - t0) + 10, s.generated_s
+            for sub in s.subscribers:
+                assert len(sub._control) <= 64 and sub.depth <= 8
+        for conn in srv.state.sockets:
+            assert conn.request.transport.get_write_buffer_size() <= conn.ws._writer_limit + 2 * frag_max
+        log_mib = sum(s.log.bytes for s in reg.sessions.values()) / 2**20
+    finally:
+        slow_task.cancel()
+        for c in stuck + [liar, slow]:
+            c.ws.transport.abort()
+    await normal.stop()
+    rate = (n2 - n0) / (t2 - t0)
+    print(f"stuck: RSS {rss0:.1f} -> {rss1:.1f} -> {rss2:.1f} MiB, logs {log_mib:.1f} MiB, "
+          f"fragment <= {frag_max} B, normal viewer {rate:.2f} fragments/s")
+    normal.check_contiguous()
+    assert rate >= 0.85 / CHUNK_S, rate  # real time: 4 fragments/s
+    assert rss2 - rss1 < 24, (rss0, rss1, rss2)  # no growth with time
+    assert rss2 - rss0 < 48 + log_mib, (rss0, rss1, rss2)
+
+
+# ------------------------------------------------------------------------------------------ reconnect
+
+
+async def _reconnecting_viewer(url: str, ack: str | None, total: int, rng: random.Random, abort: bool) -> dict:
+    """Starts a ``total``-chunk session, drops the connection 3 times at random points (abort or
+    clean close), re-attaches from the last seq + 1 after a random pause, and acks in style ``ack``
+    throughout. Returns every fragment seq received, per connection."""
+    cuts = sorted(rng.sample(range(2, total - 2), 3))
+    per_conn: list[list[int]] = [[]]
+    gaps: list[float] = []
+    t0 = None
+    c = await Raw.open(url)
+    await c.send(P.Start(prompt=f"reconnect {ack}", chunks=total))
+    session, dropped, end = None, 0, None
+    while end is None:
+        t = time.monotonic()
+        try:
+            m = await c.recv(timeout=10)
+        except asyncio.TimeoutError:
+            raise AssertionError(f"stalled: ack={ack} abort={abort} per_conn={per_conn} dropped={dropped} "
+                                 f"phase={c.conn.phase} last={c.conn.last_seq}") from None
+        if isinstance(m, P.Ready):
+            session = m.session
+        elif isinstance(m, P.Status) and m.dropped:
+            dropped += m.dropped
+        elif isinstance(m, P.End):
+            end = m.reason
+        elif isinstance(m, P.Fragment):
+            gaps.append(time.monotonic() - t)
+            now = time.monotonic()
+            t0 = t0 or now
+            per_conn[-1].append(m.seq)
+            if ack == "seq":
+                await c.send(P.Ack(seq=m.seq))
+            elif ack == "edge":
+                await c.send(P.Ack(seq=m.seq, playhead=m.pts + m.duration))
+            elif ack == "wall":
+                await c.send(P.Ack(seq=m.seq, playhead=now - t0))
+            if cuts and m.seq >= cuts[0]:
+                cuts.pop(0)
+                if abort:
+                    c.ws.transport.abort()
+                else:
+                    await c.close()
+                await asyncio.sleep(rng.uniform(0.0, 0.6))
+                c = await Raw.open(url)
+                await c.send(P.Attach(session=session, from_seq=m.seq + 1))
+                per_conn.append([])
+    await c.close()
+    return {"per_conn": per_conn, "dropped": dropped, "end": end, "max_wait": max(gaps)}
+
+
+async def test_reconnect_with_every_ack_style_gets_every_fragment_once(server, soak_s):
+    """No acks, ack seq only, ack the live edge, ack a wall-clock playhead; each drops its connection
+    three times (abort or clean close) and attaches from last seq + 1: every fragment arrives exactly
+    once, in order, none is dropped, and the stream never stalls after a reconnect."""
+    srv = await server(max_sessions=16, max_sessions_per_client=16, grace_s=5.0)
+    total = max(16, int(soak_s / CHUNK_S))
+    seed = int(os.environ.get("STREAMGEN_SOAK_SEED") or time.time_ns() % 100000)
+    runs = [(ack, abort) for ack in (None, "seq", "edge", "wall") for abort in (True, False)]
+    results = await asyncio.gather(*(_reconnecting_viewer(srv.url, ack, total, random.Random(seed + i), abort)
+                                     for i, (ack, abort) in enumerate(runs)))
+    for (ack, abort), r in zip(runs, results):
+        what = f"ack={ack} abort={abort} seed={seed}: {r}"
+        seqs = [s for conn in r["per_conn"] for s in conn]
+        assert r["end"] == "done" and r["dropped"] == 0, what
+        assert seqs == list(range(total)), what  # exactly once, in order, across 4 connections
+        assert all(conn for conn in r["per_conn"]), what  # every re-attach got fragments
+        assert r["max_wait"] < 2.0, what  # no stalled reconnect
+
+
+# ------------------------------------------------------------------------------------------ SIGTERM
+
+
+async def test_sigterm_with_sessions_in_flight(soak_s):
+    """`python -m streamgen serve --model testpattern` with streaming, paused, second-viewer and
+    wall-clock-acking sessions in flight (and a session waiting for attach): SIGTERM gives every
+    viewer `end {reason: shutdown}` and the process exits 0 within a few seconds, logging no traceback."""
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "streamgen", "serve", "--model", "testpattern", "--port", str(port),
+                             "--width", "128", "--height", "64", "--preset", "ultrafast", "--max-sessions", "8",
+                             "--max-sessions-per-client", "8", "--grace", "60"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        url = f"ws://127.0.0.1:{port}/v1/stream"
+        for _ in range(400):
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                assert proc.poll() is None, proc.stdout.read().decode()
+                await asyncio.sleep(0.05)
+        viewers = [Viewer(url, "plain").spawn(60), Viewer(url, "wall", ack="wall").spawn(60),
+                   Viewer(url, "paused", pause_after=2).spawn(60), Viewer(url, "edge", ack="edge").spawn(60)]
+        await _until(lambda: all(len(v.seqs) >= 2 for v in viewers), "every viewer streaming", 20)
+        viewers.append(Viewer(url, attach=(viewers[0].session, viewers[0].seqs[-1] + 1)).spawn(60))
+        orphan = await Raw.open(url)
+        await orphan.send(P.Start(prompt="orphan"))
+        await orphan.until(P.Fragment)
+        orphan.ws.transport.abort()  # a live session waiting for attach (grace 60 s)
+        with socket.create_connection(("127.0.0.1", port)) as bad:  # a malformed HTTP request: one line, no traceback
+            bad.sendall(b"GARBAGE \x01\x02 HTTP/9\r\n\r\n")
+            bad.recv(1000)
+        await _until(lambda: len(viewers[-1].seqs) >= 1, "the second viewer streaming", 10)
+        await asyncio.sleep(min(soak_s, 2.0))
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(asyncio.gather(*(v.task for v in viewers)), 10)
+        rc = await asyncio.get_running_loop().run_in_executor(None, proc.wait, 10)
+        took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    out = proc.stdout.read().decode(errors="replace")
+    assert [v.end for v in viewers] == ["shutdown"] * len(viewers), (out[-3000:], [v.end for v in viewers])
+    for v in viewers:
+        v.check_contiguous(first=v.seqs[0])
+    assert rc == 0, out[-3000:]
+    assert took < 4.0, took
+    assert "Traceback" not in out and " ERROR " not in out, out[-3000:]
+
+
+# ------------------------------------------------------------------------------------------ defects the soak found
+
+
+async def test_a_session_that_ended_while_its_viewer_was_away_can_still_be_attached(server):
+    """Found by the reconnect soak: a session whose last chunk was made (end `done`) while its viewer
+    was still behind freed itself as soon as that viewer's connection dropped, so the re-attach got
+    `unknown_session` and the tail of the stream (and `end`) was lost. A viewer that had not received
+    everything keeps the session for the grace period; one that asked to `stop` does not."""
+    srv = await server(max_lead_s=None, grace_s=5.0)
+    reg = srv.state.registry
+    c = await Raw.open(srv.url, sock=_small_rcvbuf_socket(srv.port), max_queue=1)
+    await c.send(P.Start(prompt="tail", chunks=6))
+    ready = await c.until(P.Ready)
+    for _ in range(2):
+        await c.until(P.Fragment)
+    (session,) = reg.sessions.values()
+    await _until(lambda: session.ended == "done", "the last chunk")
+    c.ws.transport.abort()
+    await asyncio.sleep(0.3)
+    c2 = await Raw.open(srv.url)
+    await c2.send(P.Attach(session=ready.session, from_seq=2))
+    got = []
+    m = await c2.until((P.End, P.Error), collect=got)
+    assert isinstance(m, P.End) and m.reason == "done", m
+    assert [f.seq for f in got if isinstance(f, P.Fragment)] == [2, 3, 4, 5]
+    await c2.close()
+    await _until(lambda: not reg.sessions, "the delivered session to go at once", 2)
