@@ -222,15 +222,14 @@ def scene_scores(seq: "torch.Tensor", bins: int = 16) -> "torch.Tensor":
 
 # ---- weights lookup -----------------------------------------------------------------------------
 
-# Practical-RIFE v4.26 (MIT) as its author publishes it on the Hugging Face Hub: a zip holding flownet.pkl
-RIFE_HUB = "hzwer/RIFE:RIFEv4.26_0921.zip"
-RIFE_DOWNLOAD = "hf download hzwer/RIFE RIFEv4.26_0921.zip"
+RIFE_DOWNLOAD = "streamgen download rife"  # puts pipeline.RIFE_SOURCE into the local Hugging Face cache
 
 
 def default_weights_path() -> Path | None:
     """$STREAMGEN_RIFE_WEIGHTS, else weights/rife-v4.26/flownet.pkl under the working directory, else
-    ``RIFE_HUB`` in the local Hugging Face cache (``RIFE_DOWNLOAD`` puts it there)."""
+    ``pipeline.RIFE_SOURCE`` (Practical-RIFE v4.26's release zip) in the local Hugging Face cache."""
     from streamgen import hub
+    from streamgen.pipeline import RIFE_SOURCE
 
     env = os.environ.get(WEIGHTS_ENV)
     if env:
@@ -238,7 +237,7 @@ def default_weights_path() -> Path | None:
     cand = Path("weights/rife-v4.26/flownet.pkl")
     if cand.is_file():
         return cand
-    return hub.find(hub.parse(RIFE_HUB))[0]
+    return hub.find(hub.parse(RIFE_SOURCE.ref))[0]
 
 
 # ---- `streamgen interpolate` --------------------------------------------------------------------
@@ -251,7 +250,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--factor", type=int, default=2, choices=(1, 2, 4), help="frame-rate multiplier (default 2)")
     p.add_argument("--rife", "--weights", dest="rife", default="auto", metavar="WEIGHTS",
                    help="RIFE v4.25/v4.26 flownet.pkl, a .zip holding it or a hub reference, as for serve/generate "
-                        f"(default 'auto': ${WEIGHTS_ENV}, weights/rife-v4.26/flownet.pkl or {RIFE_HUB} in the "
+                        f"(default 'auto': ${WEIGHTS_ENV}, weights/rife-v4.26/flownet.pkl or the v4.26 zip in the "
                         f"Hugging Face cache: {RIFE_DOWNLOAD})")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--dtype", default="auto", type=dtype_name,
