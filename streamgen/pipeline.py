@@ -193,11 +193,31 @@ def positive_float(text: str) -> float:
     return v
 
 
+def model_type(models: tuple[str, ...]):
+    """argparse type of --model: a preset name, or the hub repo (ORG/NAME) a preset's DiT comes from."""
+    from streamgen.hub import parse
+
+    by_repo = {parse(src.ref).repo: name for name in models if name in MODELS
+               for src in MODELS[name].files if src.option == "checkpoint"}
+
+    def model(text: str) -> str:
+        if text in models:
+            return text
+        if text in by_repo:
+            return by_repo[text]
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a model; allowed: {', '.join(models)}"
+            + (f", or a preset's hub repo: {', '.join(sorted(by_repo))}" if by_repo else ""))
+
+    return model
+
+
 def add_model_arguments(p: argparse.ArgumentParser, *, models: tuple[str, ...] = tuple(MODELS)) -> None:
     """The options that choose and shape the pipeline, shared by `serve`, `generate` and the benchmarks."""
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=DEFAULT_MODEL, choices=list(models),
-                   help=f"model preset (default: {DEFAULT_MODEL}, built in)")
+    g.add_argument("--model", default=DEFAULT_MODEL, type=model_type(models), metavar="NAME",
+                   help=f"model preset: {', '.join(models)}, or the hub repo of a preset's DiT, e.g. "
+                        f"gdhe17/Self-Forcing (default: {DEFAULT_MODEL}, built in)")
     hub = " (or a hub reference ORG/NAME[@REV][:FILE] in the local Hugging Face cache)"
     g.add_argument("--checkpoint", help="DiT weights: a file or a checkpoint folder" + hub + "; not for built-in models")
     g.add_argument("--vae", help="decoder weights: Wan2.1_VAE.pth / diffusers AutoencoderKLWan folder, or taew2_1.pth"

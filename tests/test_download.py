@@ -107,3 +107,15 @@ def test_download_failure_is_one_line(cache, monkeypatch, capsys):
     assert main(["download", "rife"]) == 1
     err = capsys.readouterr().err.splitlines()
     assert err[-1].startswith("streamgen download: error: hzwer/RIFE: OSError: outgoing traffic has been disabled")
+
+
+def test_model_takes_a_presets_hub_repo():
+    from streamgen.cli import build_parser
+
+    p = build_parser()
+    assert p.parse_args(["serve", "--model", "gdhe17/Self-Forcing"]).model == "self-forcing-1.3b"
+    assert p.parse_args(["generate", "--model", "Wan-AI/Wan2.1-T2V-14B", "--prompt", "a", "--out", "o.mp4"]).model \
+        == "wan2.1-t2v-14b"
+    assert p.parse_args(["serve", "--model", "testpattern"]).model == "testpattern"
+    with pytest.raises(SystemExit):  # a bidirectional model's repo is no streaming model: serve refuses it
+        p.parse_args(["serve", "--model", "Wan-AI/Wan2.1-T2V-14B"])
