@@ -50,6 +50,9 @@ class Connection:
         self._bucket = _TokenBucket(state.cfg.messages_per_s, state.cfg.messages_burst)
         self.session: Session | None = None
         self.sub: Subscriber | None = None
+        self._counter: _ByteCounter | None = None
+        self._seen = 0  # bytes received when the last whole message came out of the WebSocket reader
+        self._handling = False  # a message is being handled (the reader may hold queued ones meanwhile)
 
     # -- writing -----------------------------------------------------------------------------------
 
@@ -74,11 +77,19 @@ class Connection:
     async def serve(self) -> web.WebSocketResponse:
         await self.ws.prepare(self.request)
         self._limit_kernel_buffering()
+        self._count_bytes_in()
         self.state.sockets.add(self)
+        watchdog = asyncio.create_task(self._incomplete_message_watchdog(), name=f"watchdog-{self.id}")
         try:
             async for m in self.ws:
+                if self._counter is not None:
+                    self._seen = self._counter.n
                 if m.type in (WSMsgType.BINARY, WSMsgType.TEXT):
-                    await self._on_frame(m.data)
+                    self._handling = True
+                    try:
+                        await self._on_frame(m.data)
+                    finally:
+                        self._handling = False
                     if self.proto.phase is P.Phase.CLOSED:
                         break
                 elif m.type == WSMsgType.ERROR:
@@ -87,6 +98,7 @@ class Connection:
         except ConnectionError as e:
             log.debug("%s: connection lost: %r", self.id, e)
         finally:
+            watchdog.cancel()
             self.state.sockets.discard(self)
             await self._detach()
             await self.close()
@@ -114,6 +126,36 @@ class Connection:
                 sock.setsockopt(socket.IPPROTO_TCP, opt, int(limit))
             except OSError as e:
                 log.debug("TCP_NOTSENT_LOWAT not set: %r", e)
+
+    def _count_bytes_in(self) -> None:
+        """Count the bytes the WebSocket parser is fed (aiohttp keeps a message in progress in the
+        parser, out of reach; the count against the last whole message shows it)."""
+        proto = self.request.protocol
+        parser = getattr(proto, "_payload_parser", None)
+        if parser is not None and hasattr(parser, "feed_data"):
+            proto._payload_parser = self._counter = _ByteCounter(parser)
+
+    async def _incomplete_message_watchdog(self) -> None:
+        """Close a connection whose message in progress (over _PARTIAL_BYTES received since the last
+        whole one, none being handled) has not completed within ``cfg.message_timeout_s``: a client
+        that stalls inside a 9 MiB message, answering pings, cannot hold that buffer indefinitely."""
+        if self._counter is None:
+            return
+        timeout = self.state.cfg.message_timeout_s
+        period = min(1.0, timeout / 4)
+        since = None
+        while not self.ws.closed:
+            await asyncio.sleep(period)
+            if self._handling or self._counter.n - self._seen <= _PARTIAL_BYTES:
+                since = None
+            elif since is None:
+                since = time.monotonic()
+            elif time.monotonic() - since >= timeout:
+                log.info("%s: closed: a message of %d+ bytes was not completed within %g s", self.id,
+                         self._counter.n - self._seen, timeout)
+                self.state.metrics.inc("errors_total", code="message_timeout")
+                await self.close(1008, b"message not completed in time")
+                return
 
     async def _detach(self) -> None:
         sub, session = self.sub, self.session
@@ -207,6 +249,23 @@ class Connection:
             return
         log.info("%s: attached to session %s from seq %d", self.id, session.id, msg.from_seq)
         self._subscribe(session, msg.from_seq)
+
+
+_PARTIAL_BYTES = 64 << 10  # more than control frames (pongs) add up to between two messages
+
+
+class _ByteCounter:
+    """Stands in for the connection's WebSocket parser: counts the bytes fed to it."""
+
+    def __init__(self, inner):
+        self.inner, self.n = inner, 0
+
+    def feed_data(self, data):
+        self.n += len(data)
+        return self.inner.feed_data(data)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
 
 
 class _TokenBucket:

@@ -47,6 +47,7 @@ class ServerConfig:
     messages_per_s: float = 50.0  # per connection, on average
     messages_burst: float = 200.0
     public_hosts: list[str] = field(default_factory=list)  # Host names served besides loopback
+    message_timeout_s: float = 20.0  # a client message (frame or fragments) must complete within this
 
 
 class ServerState:

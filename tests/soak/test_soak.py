@@ -18,6 +18,7 @@ import sys
 import time
 
 import msgpack
+import numpy as np
 import pytest
 import websockets
 
@@ -676,7 +677,7 @@ async def test_a_session_that_ended_while_its_viewer_was_away_can_still_be_attac
     srv = await server(max_lead_s=None, grace_s=5.0)
     reg = srv.state.registry
     c = await Raw.open(srv.url, sock=_small_rcvbuf_socket(srv.port), max_queue=1)
-    await c.send(P.Start(prompt="tail", chunks=6))
+    await c.send(P.Start(prompt="tail", chunks=24, width=320, height=192))  # more than the socket buffers hold
     ready = await c.until(P.Ready)
     for _ in range(2):
         await c.until(P.Fragment)
@@ -689,6 +690,53 @@ async def test_a_session_that_ended_while_its_viewer_was_away_can_still_be_attac
     got = []
     m = await c2.until((P.End, P.Error), collect=got)
     assert isinstance(m, P.End) and m.reason == "done", m
-    assert [f.seq for f in got if isinstance(f, P.Fragment)] == [2, 3, 4, 5]
+    assert [f.seq for f in got if isinstance(f, P.Fragment)] == list(range(2, 24))
     await c2.close()
     await _until(lambda: not reg.sessions, "the delivered session to go at once", 2)
+
+
+async def test_a_message_that_never_completes_is_cut_off(server):
+    """Found by the slow-consumer soak (issue 11, item 6): a client that sends the first 8 MiB of a
+    fragmented message and then stalls, answering pings, held that buffer for as long as it liked
+    (1,000 such connections: 8 GiB). A message not completed within ``message_timeout_s`` closes
+    the connection (1008); a slow but steady viewer and a valid image upload are not affected."""
+    srv = await server(message_timeout_s=1.0)
+    viewer = Viewer(srv.url, "bystander").spawn(30)
+    stalled = []
+    forever = asyncio.Event()
+
+    async def fragments():
+        yield b"\x00" * (8 << 20)
+        await forever.wait()
+
+    for _ in range(3):
+        c = await Raw.open(srv.url)
+        c.sending = asyncio.create_task(c.ws.send(fragments()))
+        stalled.append(c)
+    t0 = time.monotonic()
+    await _until(lambda: len(srv.state.sockets) == 4, "the connections", 5)
+    try:
+        await _until(lambda: len(srv.state.sockets) == 1, "stalled messages to be cut off", 6)
+    finally:
+        forever.set()
+    took = time.monotonic() - t0
+    for c in stalled:
+        with pytest.raises(websockets.ConnectionClosed):
+            await c.recv_raw(timeout=5)
+        c.sending.cancel()
+    assert took < 4.0, took
+    # an upload that completes within the timeout (here ~1 MiB, at once) is served as usual
+    import io
+
+    from PIL import Image
+
+    b = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (512, 512, 3), np.uint8)).save(b, format="PNG")
+    up = await Raw.open(srv.url)
+    await up.send(P.Start(prompt="with image", image=b.getvalue(), chunks=1))
+    assert (await up.until(P.End)).reason == "done"
+    await up.close()
+    await asyncio.sleep(1.5)  # a viewer that sends nothing for longer than the timeout stays
+    await viewer.stop()
+    viewer.check_contiguous()
+    assert viewer.end is None and len(viewer.seqs) >= 8
