@@ -32,8 +32,9 @@ fragment; before any ack at all: wall-clock time since the first fragment (real-
 When the last subscriber leaves, the session waits ``grace_s`` for an ``attach`` and is then
 closed (its source freed); it goes at once when no client can attach (its ``ready`` was never
 delivered) or none needs to (that subscriber was sent ``end``, or the session was stopped). A
-session that ends (stop, chunk limit, source error) keeps its log until its subscribers have drained it and received ``end``, then closes. End reasons: ``done``,
-``stopped``, ``error`` (after a non-fatal ``generation_failed`` error), ``shutdown``.
+session that ends (stop, chunk limit, source error) keeps its log until its subscribers have
+drained it and received ``end``, then closes. End reasons: ``done``, ``stopped``, ``error``
+(after a non-fatal ``generation_failed`` error), ``shutdown``.
 """
 
 from __future__ import annotations
