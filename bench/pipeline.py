@@ -80,6 +80,43 @@ async def run_stream(pipeline: Pipeline, chunks: int, warmup: int, width: int, h
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0}
 
 
+async def run_latency(pipeline: Pipeline, width: int, height: int, samples: int) -> dict:
+    """The server's engine settings (on-demand chunks, window 12:3): the first chunk of a cold engine,
+    then per warm session open -> first chunk, and, with the consumer taking chunks at real time,
+    prompt change -> the first chunk made under the new prompt (both as the engine delivers them;
+    the H.264 encode, the network and the player come on top)."""
+    engine = Engine(pipeline, EngineSettings(local_frames=12, sink_frames=3)).start()
+    out = {"open_first_chunk_s": [], "prompt_to_chunk_s": []}
+    try:
+        for k in range(samples + 1):
+            t0 = time.perf_counter()
+            h = await engine.open(GenRequest(f"a red fox {k}", width, height, seed=k, interpolate=2))
+            frames = await h.get()
+            dt = time.perf_counter() - t0
+            if k == 0:
+                out["cold_first_chunk_s"] = dt
+            else:
+                out["open_first_chunk_s"].append(dt)
+            chunk_s = frames.shape[0] / (2 * pipeline.fps)
+            for i in range(3):  # play at real time: the next chunk is asked for when this one is shown
+                await asyncio.sleep(chunk_s)
+                await h.get()
+            t1 = time.perf_counter()
+            h.set_prompt(f"a blue whale {k}")
+            while True:
+                await h.get()
+                if h.last_switched:
+                    break
+            if k > 0:
+                out["prompt_to_chunk_s"].append(time.perf_counter() - t1)
+            h.cancel()
+    finally:
+        engine.close()
+    for key in ("open_first_chunk_s", "prompt_to_chunk_s"):
+        out[key + "_median"] = statistics.median(out[key])
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variants", default="wan,taehv,taehv+compile",
@@ -90,8 +127,22 @@ def main(argv=None) -> int:
     ap.add_argument("--height", type=int, default=480)
     ap.add_argument("--json", default=None)
     ap.add_argument("--smoke", action="store_true", help="tiny configs on the CPU (checks the script, times nothing real)")
+    ap.add_argument("--latency", type=int, default=0, metavar="N",
+                    help="instead: cold first chunk, then N warm sessions' open -> first chunk and prompt -> new chunk")
     args = ap.parse_args(argv)
     dev = torch.device("cpu" if args.smoke else "cuda")
+    if args.latency:
+        decoder, _, opt = args.variants.split(",")[0].partition("+")
+        r = asyncio.run(run_latency(build(decoder, opt == "compile", dev, args.smoke), args.width, args.height,
+                                    args.latency))
+        r["variant"] = args.variants.split(",")[0]
+        print(json.dumps(r), flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(r, indent=1))
+        print(f"\n{'variant':<16} {'cold 1st s':>10} {'open->1st s':>11} {'prompt->chunk s':>15}")
+        print(f"{r['variant']:<16} {r['cold_first_chunk_s']:>10.2f} {r['open_first_chunk_s_median']:>11.3f} "
+              f"{r['prompt_to_chunk_s_median']:>15.3f}")
+        return 0
     rows = []
     for v in args.variants.split(","):
         decoder, _, opt = v.partition("+")
