@@ -15,6 +15,12 @@ def _fmt_labels(labels: tuple[tuple[str, str], ...]) -> str:
     return "{" + ",".join(f'{k}="{esc(v)}"' for k, v in labels) + "}"
 
 
+def _fmt_value(value: float) -> str:
+    """Exact: integers as integers (1234567890, not 1.23457e+09), other floats round-trip (repr)."""
+    v = float(value)
+    return str(int(v)) if v.is_integer() and abs(v) < 2**53 else repr(v)
+
+
 class Metrics:
     """Counters/gauges keyed by (name, labels); gauges may be callables sampled at render time."""
 
@@ -60,5 +66,5 @@ class Metrics:
             if not series and name not in self._labelled:
                 series = {(): 0.0}
             for labels, value in sorted(series.items()):
-                lines.append(f"{full}{_fmt_labels(labels)} {float(value):g}")
+                lines.append(f"{full}{_fmt_labels(labels)} {_fmt_value(value)}")
         return "\n".join(lines) + "\n"
