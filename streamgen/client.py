@@ -443,6 +443,8 @@ async def watch(args: argparse.Namespace) -> int:
     switches = _parse_switches(args.switch)
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
     out = sys.stdout.buffer if args.out == "-" else None  # the file is made on the first fragment
+    switched: tuple[float, int] | None = None  # (time, last seq received) of the latest --switch
+    prompt_latencies: list[float] = []  # --switch -> the first fragment made under the new prompt
     try:
         async with StreamClient(args.url, token=args.token, reconnect=not args.no_reconnect) as c:
             stop_on_ctrl_c(c, say)
@@ -462,16 +464,28 @@ async def watch(args: argparse.Namespace) -> int:
                 st = c.status
                 say(f"fragment {frag.seq}: {frag.frames} frames, {len(frag.data)} B, pts {frag.pts:.2f} s"
                     + (f" | {st.state}, gen {st.gen_fps:.1f} fps, lead {st.lead_s:.2f} s" if st else ""))
+                first_new = st.extra.get("prompt_seq") if st is not None else None
+                if switched is not None and isinstance(first_new, int) and first_new > switched[1] \
+                        and frag.seq >= first_new:  # the server named the first fragment of the new prompt
+                    prompt_latencies.append(time.monotonic() - switched[0])
+                    switched = None
                 if frag.seq in switches:
                     say(f"prompt -> {switches[frag.seq]!r}")
                     c.set_prompt(switches[frag.seq])
+                    switched = (time.monotonic(), frag.seq)
                 if args.seconds is not None and c.video_s >= args.seconds and not c.stop_requested:
                     c.stop()
             s = c.stats()
             ttff = f"{s.time_to_first_fragment * 1000:.0f} ms" if s.time_to_first_fragment is not None else "n/a"
             rfps = f"{s.receive_fps:.1f}" if s.receive_fps else "n/a"
             sfps = f"{s.steady_fps:.1f}" if s.steady_fps else "n/a"
+            if prompt_latencies:
+                pl = sorted(prompt_latencies)[len(prompt_latencies) // 2]
+                plat = f"{pl * 1000:.0f} ms (median of {len(prompt_latencies)})"
+            else:
+                plat = "n/a (no switch, or the server does not name the first fragment of a new prompt)"
             print(f"latency (time to first fragment): {ttff}\n"
+                  f"prompt latency (switch -> first fragment of the new prompt): {plat}\n"
                   f"received {s.fragments} fragments, {s.frames} frames, {s.video_s:.2f} s of video, "
                   f"{s.bytes / 1e6:.2f} MB in {s.wall_s:.2f} s\n"
                   f"fps: {rfps} received overall, {sfps} after the first fragment (stream {s.stream_fps} fps)\n"

@@ -332,3 +332,22 @@ def test_start_log_line_holds_no_token(capsys, caplog):
     text = caplog.text + capsys.readouterr().err
     assert "serving model" in text and "s3cret-token" not in text
     del serve
+
+
+async def test_watch_prints_the_prompt_latency(server, tmp_path):
+    """`streamgen watch --switch` reports switch -> first fragment of the new prompt, from the
+    server's status.prompt_seq (the Python client's figure of the interactive latency)."""
+    import re
+    import sys
+
+    srv = await server()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "streamgen", "watch", srv.url, "--prompt", "before", "--chunks", "8",
+        "--out", str(tmp_path / "w.mp4"), "--switch", "2=after", "-q",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    stdout, stderr = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, stderr.decode()
+    m = re.search(r"prompt latency \(switch -> first fragment of the new prompt\): (\d+) ms \(median of 1\)",
+                  stdout.decode())
+    assert m, stdout.decode()
+    assert 0 < int(m.group(1)) < 5000
