@@ -23,23 +23,9 @@ import pytest
 import websockets
 
 from streamgen import protocol as P
-from test_server import FPC, FPS, Raw, _free_port, _small_rcvbuf_socket, start_server
+from test_server import FPC, FPS, Raw, _free_port, _small_rcvbuf_socket, server, start_server  # noqa: F401
 
 CHUNK_S = FPC / FPS  # 0.25 s of media per fragment
-
-
-@pytest.fixture
-async def server():
-    servers = []
-
-    async def make(**cfg):
-        s = await start_server(**cfg)
-        servers.append(s)
-        return s
-
-    yield make
-    for s in servers:
-        await s.runner.cleanup()
 
 
 async def _until(cond, what, timeout=10.0):
