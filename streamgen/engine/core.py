@@ -1,12 +1,14 @@
 """The generation engine: one busy-loop thread owns the model and the GPU; the event loop talks
 to it through queues (vLLM v1 ``EngineCore`` busy loop vs ``AsyncLLM``).
 
-Flow of one chunk (busy thread)::
+Flow of one step (busy thread)::
 
-    scheduler.next() -> SessionState.next_chunk()          # denoise, cache pass, decode
-                     -> (T,3,H,W) in [0,1] -> RIFE (factor)  # boundary pair kept in state
-                     -> uint8 (T,H,W,3) -> pinned host copy + CUDA event (no host sync)
-                     -> handle's asyncio.Queue via call_soon_threadsafe
+    scheduler.next_batch() -> one chunk program per session (SessionState.chunk_program)
+        -> batch.run_programs: the sessions' model calls of one shape run as one forward
+           (WanModel.forward_rows: each row its own cache slot in the pool, position, valid length)
+        -> per session: decode -> (T,3,H,W) in [0,1] -> RIFE (factor)  # boundary pair kept in state
+        -> uint8 (T,H,W,3) -> pinned host copy + CUDA event (no host sync)
+        -> handle's asyncio.Queue via call_soon_threadsafe
 
 The event-loop side (:class:`SessionHandle`) awaits the event in a worker thread, so neither loop
 ever blocks the other. Commands (open, prompt, pause, cancel, request) are queued to the busy
@@ -17,15 +19,25 @@ is dropped at once. When the loop ends (``close()``) every handle still waiting 
 EngineError, and ``open()`` refuses new streams, so no awaiting coroutine is left hanging.
 
 Threads: ``_handles`` is shared by both sides and guarded by ``_lock``; every other piece of
-state (sessions, scheduler, interpolators, stats) belongs to the busy thread. The engine admits
-every session it is given: how many may run at once is decided by the caller (the server's
-session registry holds the one admission count). The owner of a handle must cancel it.
+state (sessions, scheduler, interpolators, stats) belongs to the busy thread. The owner of a
+handle must cancel it.
 
-Sessions are served one chunk at a time, round robin (:mod:`streamgen.engine.scheduler`); each
-keeps its own cache position, so sessions are not batched into one forward. A request with
-``chunks`` ends after exactly that many chunks (then ``get()`` raises EOFError); without an
-attention window (``local_frames=None``) the cache is sized for ``chunks`` and a request must
-give it.
+Admission by memory: ``open`` reserves the session's KV cache in the pool (:mod:`streamgen.engine.pool`,
+size from the model config, frame size, window and CFG) before the session exists. When it does not
+fit, the open waits in a bounded FIFO queue (``on_queued(position)`` tells the caller where it
+stands) until a session ends and frees enough; when the queue is full it is refused at once with
+code ``overloaded`` and a ``retry_after`` hint; a session larger than the whole pool is refused with
+``bad_field`` ``width``. A cancelled or ended session's range is released in the same step, and the
+head of the queue is admitted. How many sessions a server admits in all is also capped by its
+session registry.
+
+Each step runs one batch chosen by :mod:`streamgen.engine.scheduler` (sessions of the same frame
+size, most urgent first: new sessions, then those behind real time): one chunk for each, their model
+calls batched by :mod:`streamgen.engine.batch`. Every session keeps its own cache position, prompt
+and noise, so a session's chunks are the same bytes (CPU, float32) whether it ran alone or in any
+batch. A request with ``chunks`` ends after exactly that many chunks (then ``get()`` raises
+EOFError); without an attention window (``local_frames=None``) the cache is sized for ``chunks`` and
+a request must give it.
 """
 
 from __future__ import annotations
@@ -42,6 +54,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from streamgen.engine.batch import run_programs
+from streamgen.engine.pool import CachePool, Reservation
 from streamgen.engine.scheduler import Scheduler
 from streamgen.media.frames import to_uint8, unit_frames
 from streamgen.protocol import DEFAULT_LIMITS, INTERPOLATE_FACTORS, Limits
@@ -50,11 +64,13 @@ log = logging.getLogger(__name__)
 
 
 class EngineError(RuntimeError):
-    """Generation of one session failed or was refused. ``code`` is a protocol error code."""
+    """Generation of one session failed or was refused. ``code`` is a protocol error code;
+    ``retry_after``: seconds after which a refused start may be tried again (``overloaded``)."""
 
-    def __init__(self, message: str, code: str = "generation_failed", field: str | None = None):
+    def __init__(self, message: str, code: str = "generation_failed", field: str | None = None,
+                 retry_after: float | None = None):
         super().__init__(message)
-        self.code, self.field = code, field
+        self.code, self.field, self.retry_after = code, field, retry_after
 
 
 @dataclass
@@ -118,6 +134,13 @@ class EngineSettings:
     negative_prompt: str | None = None
     limits: Limits = DEFAULT_LIMITS
     warmup: GenRequest | None = None  # a throwaway session run once when the busy loop starts
+    # batching and admission (see the module docstring)
+    max_batch: int = 8  # sessions in one step's batch
+    cache_memory: int | None = None  # bytes of the KV cache pool; None: unbounded on the CPU, on CUDA
+    #                                  cache_fraction of the memory free when the engine is built
+    cache_fraction: float = 0.6
+    queue_limit: int = 8  # opens that may wait for pool memory; more are refused ("overloaded")
+    retry_after_s: float = 10.0  # the retry hint of an "overloaded" refusal
 
 
 @dataclass
@@ -137,11 +160,21 @@ class _EngineSession:
         self.pending_prompt: str | None = None  # the latest `prompt` command; encoded at the next chunk
 
 
+@dataclass(eq=False)
+class _Waiter:
+    need: int
+    name: str
+    fut: asyncio.Future
+    on_queued: Any = None
+    position: int = 0
+
+
 class SessionHandle:
     """Event-loop side of one session. ``await get()`` returns the next chunk as uint8 (T,H,W,3)."""
 
     def __init__(self, engine: "Engine", sid: int, width: int, height: int, fps: int):
         self._engine, self.sid, self.width, self.height, self.fps = engine, sid, width, height, fps
+        self.reservation: Reservation | None = None  # its cache range in the engine's pool
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue = asyncio.Queue()
         self._closed = False  # no more chunks will be returned
@@ -180,6 +213,10 @@ class SessionHandle:
     def resume(self) -> None:
         self._engine._command("resume", self.sid)
 
+    def set_viewer(self, position_s: float | None) -> None:
+        """The viewer's position (media seconds): the session yields when ``lead_s`` ahead of it."""
+        self._engine._command("viewer", self.sid, position_s)
+
     def cancel(self) -> None:
         """Stop generating and free the session's cache. Idempotent."""
         self._closed = True
@@ -198,7 +235,10 @@ class Engine:
         if s.local_frames and fpc > s.local_frames - s.sink_frames:
             raise EngineError(f"frames_per_chunk={fpc} does not fit the attention window: need frames_per_chunk <= "
                               f"local_frames - sink_frames = {s.local_frames} - {s.sink_frames}", "bad_field", "local_frames")
-        self.scheduler = Scheduler(s.max_ahead)
+        self.scheduler = Scheduler(s.max_ahead, s.max_batch)
+        self.pool = CachePool(self._pool_capacity(), device=pipeline.device)
+        self._waiting: list[_Waiter] = []  # opens waiting for pool memory, FIFO (event loop only)
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._cmds: queue.SimpleQueue = queue.SimpleQueue()
         self._handles: dict[int, SessionHandle] = {}
         self._sessions: dict[int, _EngineSession] = {}
@@ -207,7 +247,17 @@ class Engine:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
-        self.stats = {"chunks": 0, "frames": 0, "busy_s": 0.0, "errors": 0}
+        self.stats = {"chunks": 0, "frames": 0, "busy_s": 0.0, "errors": 0, "steps": 0, "forwards": 0, "rows": 0}
+        self.lags: dict[str, float] = {}  # session name -> seconds behind real time (busy thread writes)
+
+    def _pool_capacity(self) -> int | None:
+        s, dev = self.settings, torch.device(self.pipeline.device)
+        if s.cache_memory is not None:
+            return s.cache_memory
+        if dev.type == "cuda" and torch.cuda.is_available():
+            free, _ = torch.cuda.mem_get_info(dev)
+            return int(free * s.cache_fraction)
+        return None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -265,19 +315,110 @@ class Engine:
             raise EngineError(f"prompts: a switch at chunk {bad[0]} is beyond the last chunk {req.chunks - 1}",
                               "bad_field", "prompts")
 
-    async def open(self, req: GenRequest) -> SessionHandle:
-        """Start a session. Raises EngineError for a bad request (see ``validate``) or, with code
-        ``busy``, when the engine is not running."""
+    def cache_bytes(self, req: GenRequest) -> int:
+        """Bytes of pool memory a session of ``req`` takes: its KV cache(s), from the model config,
+        the frame size and the attention window (or, without one, its chunk count)."""
+        from streamgen.sampling.stream import SessionState
+
+        p, s = self.pipeline, self.settings
+        fpc = s.frames_per_chunk or p.model.cfg.frames_per_chunk
+        frames = s.local_frames or (req.chunks or 1) * fpc + (req.image is not None)
+        caches = 2 if s.guidance != 1.0 else 1
+        size = torch.empty((), dtype=p.dtype).element_size()
+        return caches * SessionState.cache_numel(p.model.cfg, 1, (req.height // 8, req.width // 8), frames) * size
+
+    @property
+    def queue_length(self) -> int:
+        return len(self._waiting)
+
+    async def open(self, req: GenRequest, on_queued=None) -> SessionHandle:
+        """Start a session. Raises EngineError for a bad request (see ``validate``), with code
+        ``busy`` when the engine is not running, ``overloaded`` (``retry_after`` set) when the pool
+        is full and so is its queue. While the session waits for pool memory, ``on_queued(position)``
+        (1 = next) is called each time its position changes."""
         self.validate(req)
+        need = self.cache_bytes(req)
+        if not self.pool.fits_ever(need):
+            raise EngineError(f"a {req.width}x{req.height} session needs {need / 2**20:.1f} MiB of KV cache; this "
+                              f"engine's pool holds {self.pool.capacity_bytes / 2**20:.1f} MiB: ask for a smaller size",
+                              "bad_field", "width")
+        self._check_running()
+        self._loop = asyncio.get_running_loop()
+        res = self.pool.reserve(need, req.name) if not self._waiting else None  # FIFO: no overtaking
+        if res is None:
+            res = await self._wait_for_memory(need, req.name, on_queued)
         sid = next(self._ids)
         handle = SessionHandle(self, sid, req.width, req.height, self.pipeline.fps * req.interpolate)
+        handle.reservation = res
         with self._lock:
             if self._thread is None or self._stop.is_set():
-                raise EngineError("the generation engine is not running (the server is shutting down); "
-                                  "try again later", "busy")
+                self.pool.release(res)
+                self._check_running()
             self._handles[sid] = handle
         self._command("open", sid, req)
         return handle
+
+    def _check_running(self) -> None:
+        if self._thread is None or self._stop.is_set():
+            raise EngineError("the generation engine is not running (the server is shutting down); "
+                              "try again later", "busy")
+
+    async def _wait_for_memory(self, need: int, name: str, on_queued) -> Reservation:
+        if len(self._waiting) >= self.settings.queue_limit:
+            raise EngineError(f"the generation engine is full ({self.pool.sessions} sessions hold its cache memory, "
+                              f"{len(self._waiting)} starts are waiting); try again in "
+                              f"{self.settings.retry_after_s:g} s", "overloaded", retry_after=self.settings.retry_after_s)
+        w = _Waiter(need, name, asyncio.get_running_loop().create_future(), on_queued)
+        self._waiting.append(w)
+        self._report_positions()
+        try:
+            return await w.fut
+        except BaseException:
+            if w in self._waiting:
+                self._waiting.remove(w)
+                self._report_positions()
+            elif w.fut.done() and not w.fut.cancelled() and w.fut.exception() is None:
+                self.pool.release(w.fut.result())  # granted just as the caller gave up
+                self._grant()
+            raise
+
+    def _report_positions(self) -> None:
+        for i, w in enumerate(self._waiting, 1):
+            if w.position != i:
+                w.position = i
+                if w.on_queued is not None:
+                    try:
+                        w.on_queued(i)
+                    except Exception:  # noqa: BLE001 - a reporting callback must not stop admission
+                        log.exception("queue position callback failed")
+
+    def _grant(self) -> None:
+        """Admit waiting opens, in order, while the head fits (event loop)."""
+        if self._stop.is_set():
+            for w in self._waiting:
+                if not w.fut.done():
+                    w.fut.set_exception(EngineError("the generation engine stopped", "busy"))
+            self._waiting.clear()
+            return
+        while self._waiting:
+            w = self._waiting[0]
+            if w.fut.done():
+                self._waiting.pop(0)
+                continue
+            res = self.pool.reserve(w.need, w.name)
+            if res is None:
+                break
+            self._waiting.pop(0)
+            w.fut.set_result(res)
+        self._report_positions()
+
+    def _memory_freed(self) -> None:  # any thread
+        loop = self._loop
+        if loop is not None and self._waiting:
+            try:
+                loop.call_soon_threadsafe(self._grant)
+            except RuntimeError:  # the loop is closed
+                pass
 
     def _command(self, kind: str, sid: int, arg: Any = None) -> None:
         self._cmds.put((kind, sid, arg))
@@ -290,16 +431,16 @@ class Engine:
             self._warmup(self.settings.warmup)
         try:
             while not self._stop.is_set():
-                slot = self.scheduler.next()
+                batch = self.scheduler.next_batch()
                 try:  # block only when there is nothing to run
-                    cmd = self._cmds.get(timeout=0.5) if slot is None else self._cmds.get_nowait()
+                    cmd = self._cmds.get(timeout=0.5) if not batch else self._cmds.get_nowait()
                 except queue.Empty:
                     cmd = None
                 if cmd is not None:
                     self._handle_command(*cmd)
-                    continue  # drain all commands before the next chunk
-                if slot is not None:
-                    self._step(slot.sid)
+                    continue  # drain all commands before the next step
+                if batch:
+                    self._step([slot.sid for slot in batch])
         except BaseException:
             log.exception("engine busy loop crashed")
             raise
@@ -309,8 +450,9 @@ class Engine:
                 waiting = [h for h in self._handles.values() if not h._cancelled]
             for h in waiting:
                 h._deliver(EngineError("the generation engine stopped", "generation_failed"))
-            for sid in list(self._sessions):
+            for sid in list(self._handles):
                 self._drop(sid)
+            self._memory_freed()  # fails the opens still waiting
 
     def _handle_command(self, kind: str, sid: int, arg: Any) -> None:
         try:
@@ -331,8 +473,10 @@ class Engine:
             self._sessions[sid].pending_prompt = arg
         elif kind in ("pause", "resume"):
             self.scheduler.set_paused(sid, kind == "pause")
+        elif kind == "viewer":
+            self.scheduler.set_viewer(sid, arg)
 
-    def _make_session(self, req: GenRequest) -> _EngineSession:
+    def _make_session(self, req: GenRequest, res: Reservation | None = None) -> _EngineSession:
         from streamgen.sampling.stream import SessionState, StreamConfig
 
         p, s = self.pipeline, self.settings
@@ -347,12 +491,15 @@ class Engine:
                            seed=req.seed)
         fpc = s.frames_per_chunk or p.model.cfg.frames_per_chunk
         total = None if s.local_frames else req.chunks * fpc + (image is not None)
+        storage = None if res is None else (lambda numel, dtype: self.pool.storage(res, numel, dtype))
         state = SessionState(p.model, req.prompts.get(0, req.prompt), height=req.height, width=req.width, config=cfg,
                              text_encoder=p.text_encoder, decoder=p.decoder, negative_prompt=s.negative_prompt,
-                             image=image, total_frames=total, device=p.device, dtype=p.dtype)
+                             image=image, total_frames=total, device=p.device, dtype=p.dtype, cache_storage=storage)
         if p.graphs is not None:
             p.graphs.attach(state)
-        return _EngineSession(state, self._interpolator(req.interpolate), req)
+        es = _EngineSession(state, self._interpolator(req.interpolate), req)
+        es.fps = p.fps * req.interpolate
+        return es
 
     def _open_session(self, sid: int, req: GenRequest) -> None:
         with self._lock:
@@ -360,8 +507,10 @@ class Engine:
         if handle is None or handle._cancelled:
             return
         try:
-            self._sessions[sid] = self._make_session(req)
-            self.scheduler.admit(sid, limit=req.chunks)
+            self._sessions[sid] = es = self._make_session(req, handle.reservation)
+            # sessions of one frame size and chunk shape can share a forward
+            key = (req.height, req.width) if es.state.batchable else ("alone", sid)
+            self.scheduler.admit(sid, limit=req.chunks, key=key)
         except Exception as e:  # noqa: BLE001 - reported to this session only
             self._fail(sid, e, "could not start", name=req.name)
 
@@ -391,37 +540,50 @@ class Engine:
                                                  self.settings.scene_threshold)
         return self._interps[factor]
 
-    def _step(self, sid: int) -> None:
-        es = self._sessions[sid]
+    def _step(self, sids: list[int]) -> None:
+        """One chunk for each session of ``sids``, their model calls batched (engine.batch)."""
         t0 = time.perf_counter()
-        try:
-            out = self._compute(es)
-        except Exception as e:  # noqa: BLE001 - one session's failure must not stop the others
-            if isinstance(e, torch.cuda.OutOfMemoryError):
-                torch.cuda.empty_cache()
-            self._fail(sid, e, "generation failed")
-            return
-        self.scheduler.served(sid)
-        self.stats["chunks"] += 1
-        self.stats["frames"] += out.frames.shape[0]
+        programs = {sid: self._program(self._sessions[sid]) for sid in sids}
+        results = run_programs(self.pipeline.model, programs, self.stats)
+        self.stats["steps"] += 1
         self.stats["busy_s"] += time.perf_counter() - t0
-        with self._lock:
-            handle = self._handles.get(sid)
-        if handle is not None:
-            handle._deliver(out)
-            if self.scheduler.slots[sid].done:
-                handle._deliver(None)
-                self._drop(sid, keep_handle=True)
+        for sid in sids:
+            out = results[sid]
+            if isinstance(out, BaseException):  # one session's failure must not stop the others
+                if isinstance(out, torch.cuda.OutOfMemoryError):
+                    torch.cuda.empty_cache()
+                self._fail(sid, out, "generation failed")
+                continue
+            es = self._sessions[sid]
+            self.scheduler.served(sid, out.frames.shape[0] / es.fps)
+            self.stats["chunks"] += 1
+            self.stats["frames"] += out.frames.shape[0]
+            with self._lock:
+                handle = self._handles.get(sid)
+            if handle is not None:
+                handle._deliver(out)
+                if self.scheduler.slots[sid].done:
+                    handle._deliver(None)
+                    self._drop(sid, keep_handle=True)
+        self.lags = {self._sessions[sid].name or f"#{sid}": lag for sid, lag in self.scheduler.lags().items()
+                     if sid in self._sessions}
 
     def _compute(self, es: _EngineSession) -> _Chunk:
-        """One chunk of one session: generate, decode, interpolate, uint8, copy to (pinned) host memory."""
+        """One chunk of one session, alone."""
+        from streamgen.sampling.stream import run_alone
+
+        return run_alone(self.pipeline.model, self._program(es))
+
+    def _program(self, es: _EngineSession):
+        """One chunk of one session as a program (see engine.batch): prompt switch, generate, decode,
+        interpolate, uint8, copy to (pinned) host memory; its result is the _Chunk."""
         st = es.state
         switch = es.prompts.pop(st.chunk_index, None)
         if es.pending_prompt is not None:
             switch, es.pending_prompt = es.pending_prompt, None
         if switch is not None and switch != st.prompt:
             st.set_prompt(switch)
-        chunk = st.next_chunk()
+        chunk = yield from st.chunk_program()
         if chunk.switched:
             es.istate.cut()
         u8 = to_uint8(es.interp.process(unit_frames(chunk.frames), es.istate))  # (T, H, W, 3)
@@ -452,8 +614,12 @@ class Engine:
         self._drop(sid, keep_handle=True)
 
     def _drop(self, sid: int, keep_handle: bool = False) -> None:
+        """Forget a session: its state, its schedule and its pool range (freed now; the queue's head
+        may then be admitted)."""
         self._sessions.pop(sid, None)
         self.scheduler.remove(sid)
-        if not keep_handle:
-            with self._lock:
-                self._handles.pop(sid, None)
+        with self._lock:
+            handle = self._handles.get(sid) if keep_handle else self._handles.pop(sid, None)
+        if handle is not None and handle.reservation is not None:
+            self.pool.release(handle.reservation)
+            self._memory_freed()

@@ -60,6 +60,7 @@ swaps Linear layers (fp8/int8) must accept inputs of that dtype. ``t`` may be a 
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from dataclasses import dataclass, field, replace
 from typing import Callable
@@ -294,8 +295,9 @@ class WanBlock(nn.Module):
         dt: torch.dtype,
         attn: AttnFn = sdpa,
     ) -> torch.Tensor:
-        """x (B, L, dim) float32 residual; e0 (B, Fe, 6, dim) float32; dt: compute dtype of the
-        linear layers' inputs. Returns the new residual."""
+        """x (B, L, dim) float32 residual; e0 (B, Fe, 6, dim) float32; rope cos/sin (L, 1, D/2) or
+        per row (B, L, 1, D/2); ctx_kv: the text K/V (B, text_len, H, D) each, or a function q -> the
+        cross-attention output; dt: compute dtype of the linear layers' inputs. Returns the new residual."""
         mod = self.modulation.float().unsqueeze(0) + e0  # (B, Fe, 6, dim)
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.unbind(2)  # (B, Fe, dim) each
 
@@ -308,7 +310,8 @@ class WanBlock(nn.Module):
 
         # 2. cross-attention (text K/V given)
         q = self.cross_attn.query(self.norm3(x).to(dt))
-        x = x + self.cross_attn.out(attn(q, *ctx_kv)).float()
+        a = ctx_kv(q) if callable(ctx_kv) else attn(q, *ctx_kv)  # a callable: per-row text K/V (forward_rows)
+        x = x + self.cross_attn.out(a).float()
 
         # 3. feed-forward
         y = _modulate(_layer_norm(x, self.eps), shift2, scale2).to(dt)
@@ -366,6 +369,7 @@ class WanCache:
         sink_frames: int,
         dtype: torch.dtype,
         device: torch.device | str,
+        storage: torch.Tensor | None = None,
     ):
         pt, ph, pw = cfg.patch_size
         h, w = latent_hw
@@ -397,11 +401,19 @@ class WanCache:
         self.dtype = dtype
         self.device = torch.device(device)
         shape = (cfg.num_layers, batch, capacity * self.tokens_per_frame, cfg.num_heads, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=self.device)
-        self.v = torch.zeros(shape, dtype=dtype, device=self.device)
         cshape = (cfg.num_layers, batch, cfg.text_len, cfg.num_heads, cfg.head_dim)
-        self.cross_k = torch.zeros(cshape, dtype=dtype, device=self.device)
-        self.cross_v = torch.zeros(cshape, dtype=dtype, device=self.device)
+        if storage is None:
+            self.k, self.v = (torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(2))
+            self.cross_k, self.cross_v = (torch.zeros(cshape, dtype=dtype, device=self.device) for _ in range(2))
+        else:  # views into a slot of a preallocated pool (streamgen.engine.pool): no allocation here
+            n, nc = math.prod(shape), math.prod(cshape)
+            if storage.dim() != 1 or storage.dtype != dtype or storage.numel() < 2 * (n + nc):
+                raise ValueError(f"cache storage must be a 1-D {dtype} tensor of >= {2 * (n + nc)} elements, got "
+                                 f"{tuple(storage.shape)} {storage.dtype}")
+            flat = storage[: 2 * (n + nc)]
+            flat.zero_()  # a reused slot holds the last session's K/V; masked keys must be finite
+            self.k, self.v = flat[:n].view(shape), flat[n : 2 * n].view(shape)
+            self.cross_k, self.cross_v = flat[2 * n : 2 * n + nc].view(cshape), flat[2 * n + nc :].view(cshape)
         self.prompt_set = False
         self.origin = 0
         self.frames_written = 0
@@ -410,6 +422,15 @@ class WanCache:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.cross_k, self.cross_v))
+
+    @staticmethod
+    def numel_for(cfg: WanConfig, batch: int, latent_hw: tuple[int, int], capacity: int) -> int:
+        """Elements of the ``storage`` a cache of this geometry takes (K, V, cross K, cross V), so
+        that memory can be reserved before the cache exists; bytes = this * dtype size."""
+        _, ph, pw = cfg.patch_size
+        tokens = (latent_hw[0] // ph) * (latent_hw[1] // pw)
+        per = cfg.num_layers * batch * cfg.num_heads * cfg.head_dim
+        return 2 * per * (capacity * tokens + cfg.text_len)
 
     def reset_self_attn(self, start_frame: int = 0) -> None:
         """Drop all self-attention K/V; the next frame committed is ``start_frame`` (absolute)."""
@@ -640,6 +661,7 @@ class WanModel(nn.Module):
         sink_frames: int = 0,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        storage: torch.Tensor | None = None,
     ) -> WanCache:
         return WanCache(
             self.cfg,
@@ -650,6 +672,7 @@ class WanModel(nn.Module):
             sink_frames=sink_frames,
             dtype=dtype or self.dtype,
             device=device if device is not None else self.patch_embedding.weight.device,
+            storage=storage,
         )
 
     @torch.no_grad()
@@ -694,6 +717,85 @@ class WanModel(nn.Module):
                            self.attention)
         cache._commit(plan)
         return self._unpatchify(self.head(tokens, e, self.dtype), grid)
+
+    @torch.no_grad()
+    def forward_rows(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        caches: list[WanCache],
+        *,
+        start_frames: list[int],
+        update_cache: list[bool],
+    ) -> torch.Tensor:
+        """``forward_chunk`` of several caches in one batch: the rows of x (B, 16, f, h, w) are the
+        caches' chunks in order (``caches[i].batch`` rows each, sum = B), t (B,) their timesteps.
+        Every cache keeps its own absolute position (``start_frames[i]``: RoPE per row), valid cache
+        length, window and prompt, and commits when ``update_cache[i]``. The linear layers, norms and
+        FFN run once over all rows; attention runs per cache over its own buffers (``_Rows``). On the
+        CPU in float32 each row's result equals ``forward_chunk`` of that cache alone, bit for bit
+        (tests/test_batched.py); with one cache this *is* ``forward_chunk``."""
+        if len(caches) == 1:
+            return self.forward_chunk(x, t, caches[0], start_frame=start_frames[0], update_cache=update_cache[0])
+        b, _, f, h, w = x.shape
+        sizes = [c.batch for c in caches]
+        if not len(caches) == len(start_frames) == len(update_cache):
+            raise ValueError(f"{len(caches)} caches, {len(start_frames)} start_frames, {len(update_cache)} update_cache")
+        if sum(sizes) != b:
+            raise ValueError(f"x has {b} rows, the caches hold {sum(sizes)}")
+        if len({id(c) for c in caches}) != len(caches):
+            raise ValueError("a cache appears twice in one forward_rows call")
+        for c in caches:
+            if (h, w) != c.latent_hw:
+                raise ValueError(f"chunk (h={h}, w={w}) does not match a cache (hw={c.latent_hw})")
+            if not c.prompt_set:
+                raise ValueError("no prompt in this cache: call model.set_prompt(cache, context) first")
+        t = t.to(self.patch_embedding.weight.device).reshape(b)
+        plans = [c._plan(int(s), f, u) for c, s, u in zip(caches, start_frames, update_cache)]
+        # 1. per row where the kernel would see a different batch size than alone: the patch
+        #    convolution and the time MLP (M = 1 rows takes another GEMM path than M = B)
+        parts = [self._patchify(x[i : i + 1]) for i in range(b)]
+        tokens, grid = torch.cat([p[0] for p in parts]), parts[0][1]  # (B, f*h*w, dim)
+        times = [self._time(t[i : i + 1], 1, f) for i in range(b)]
+        e, e0 = torch.cat([p[0] for p in times]), torch.cat([p[1] for p in times])
+        # 2. RoPE at each row's own absolute frames: cos/sin (B, f*h*w, 1, D/2)
+        ropes = {s: self._rope(grid, int(s), x.device) for s in set(start_frames)}
+        rows = [ropes[s] for s, n in zip(start_frames, sizes) for _ in range(n)]
+        rope = (torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]))
+        n_tok = tokens.shape[1]
+        masks = [None if p.n_prefix_keys is not None else c._key_mask(p, n_tok) for c, p in zip(caches, plans)]
+        att = _Rows(caches, plans, masks, sizes, self.attention)
+        for i, block in enumerate(self.blocks):
+            tokens = block(tokens, e0, rope, functools.partial(att.self_attn, i), functools.partial(att.cross_attn, i),
+                           self.dtype, self.attention)
+        for c, p in zip(caches, plans):
+            c._commit(p)
+        return self._unpatchify(self.head(tokens, e, self.dtype), grid)
+
+
+class _Rows:
+    """Attention of a batch whose row groups belong to different caches (``WanModel.forward_rows``):
+    row group i (``sizes[i]`` rows) attends over ``caches[i]`` only, with that cache's own plan (slots,
+    valid length, mask). Each group runs the very call ``forward_chunk`` makes for that cache alone,
+    on views of its own cache slot, so nothing is gathered and a row's result does not depend on the
+    rows beside it."""
+
+    def __init__(self, caches, plans, masks, sizes, attn: AttnFn):
+        self.caches, self.plans, self.masks, self.attn = caches, plans, masks, attn
+        self.bounds = list(itertools.accumulate(sizes, initial=0))
+
+    def _rows(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        return x[self.bounds[i] : self.bounds[i + 1]]
+
+    @torch.compiler.disable
+    def self_attn(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return torch.cat([c._attend(layer, self._rows(q, i), self._rows(k, i), self._rows(v, i), p, m, self.attn)
+                          for i, (c, p, m) in enumerate(zip(self.caches, self.plans, self.masks))])
+
+    @torch.compiler.disable
+    def cross_attn(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.attn(self._rows(q, i), c.cross_k[layer], c.cross_v[layer])
+                          for i, c in enumerate(self.caches)])
 
 
 def _block_causal_attention(

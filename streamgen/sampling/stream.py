@@ -40,6 +40,7 @@ frames, decoded to 1 + 4f video frames).
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -110,6 +111,39 @@ class Chunk:
     switched: bool = False  # a prompt switch took effect at this chunk
 
 
+@dataclass(eq=False)
+class ModelCall:
+    """One ``model.forward_chunk`` a chunk program asks for: x (B,16,f,h,w) at absolute frame
+    ``start`` of ``cache``, timesteps t (B,). A driver may run it alone or batched with other
+    sessions' calls of the same shape (``WanModel.forward_rows``): the result is the same."""
+
+    x: torch.Tensor
+    t: torch.Tensor
+    cache: Any
+    start: int
+    update_cache: bool
+
+    def key(self) -> tuple:
+        """Calls with equal keys can share one forward."""
+        return (tuple(self.x.shape[2:]), self.x.dtype, self.t.dtype)
+
+
+# A chunk program: yields lists of ModelCalls (on distinct caches), is sent their outputs in order
+Program = Generator[list[ModelCall], list[torch.Tensor], Any]
+
+
+def run_alone(model, program: Program):
+    """Drive a chunk program with one ``forward_chunk`` per call; returns the program's result."""
+    try:
+        calls = next(program)
+        while True:
+            outs = [model.forward_chunk(c.x, c.t, c.cache, start_frame=c.start, update_cache=c.update_cache)
+                    for c in calls]
+            calls = program.send(outs)
+    except StopIteration as stop:
+        return stop.value
+
+
 @dataclass
 class _Prompt:
     value: Any  # what the user gave (str or tensor)
@@ -126,13 +160,20 @@ class SessionState:
     height, width: video size in pixels (latent = /8; multiples of 16).
     total_frames: latent frames the stream will produce at most (sizes the cache when there is
         no attention window); None needs ``max_frames`` or a window.
+    cache_storage: ``f(numel, dtype) -> 1-D tensor`` the caches are carved from (a slot of the
+        engine's pool, streamgen.engine.pool); None: each cache allocates its own.
+
+    ``next_chunk()`` runs the chunk alone; ``chunk_program()`` is the same chunk as a generator of
+    model calls, so that a driver (the engine) can run the calls of many sessions as one batch.
     """
 
     def __init__(self, model, prompt, *, height: int, width: int, config: StreamConfig | None = None,
                  text_encoder=None, decoder: Decoder | None = None, negative_prompt=None, image: torch.Tensor | None = None,
                  batch: int = 1, total_frames: int | None = None, device=None, dtype: torch.dtype | None = None,
-                 latent_dtype: torch.dtype = torch.float32):
+                 latent_dtype: torch.dtype = torch.float32,
+                 cache_storage: Callable[[int, torch.dtype], torch.Tensor] | None = None):
         self.model = model
+        self.cache_storage = cache_storage
         self.config = cfg = config or StreamConfig()
         self.text_encoder = text_encoder
         self.decoder = decoder
@@ -208,9 +249,20 @@ class SessionState:
 
     # -- setup -------------------------------------------------------------------------
     def _new_cache(self):
+        storage = None
+        if self.cache_storage is not None:
+            storage = self.cache_storage(self.cache_numel(self.model.cfg, self.batch, self.latent_hw, self.max_frames),
+                                         self.dtype)
         return self.model.new_cache(self.batch, latent_hw=self.latent_hw, max_frames=self.max_frames,
                                     local_frames=self.local_frames, sink_frames=self.sink_frames,
-                                    dtype=self.dtype, device=self.device)
+                                    dtype=self.dtype, device=self.device, storage=storage)
+
+    @staticmethod
+    def cache_numel(mcfg, batch: int, latent_hw: tuple[int, int], max_frames: int) -> int:
+        """Elements of one of a session's caches (there are 2 under CFG); see ``WanCache.numel_for``."""
+        from streamgen.models.wan import WanCache
+
+        return WanCache.numel_for(mcfg, batch, latent_hw, max_frames)
 
     def _encode(self, prompt) -> _Prompt:
         if isinstance(prompt, torch.Tensor):
@@ -243,19 +295,17 @@ class SessionState:
         if latent.dim() != 5 or latent.shape[1] != LATENT_CHANNELS or latent.shape[2] != 1 or tuple(latent.shape[3:]) != self.latent_hw:
             raise ValueError(f"image latent must be (B, {LATENT_CHANNELS}, 1, {self.latent_hw[0]}, {self.latent_hw[1]}), got {tuple(latent.shape)}")
         latent = latent.to(device=self.device, dtype=self.latent_dtype).expand(self.batch, -1, -1, -1, -1)
-        self._cache_pass(latent, 0)
+        run_alone(self.model, self._cache_pass(latent, 0))
         self._remember(0, latent)
         self._image = latent
         self.next_frame = 1
 
-    # -- model calls ----------------------------------------------------------------------
-    def _flow(self, x: torch.Tensor, t: torch.Tensor, cache, start: int) -> torch.Tensor:
-        return self.model.forward_chunk(x, t, cache, start_frame=start, update_cache=False).to(self.latent_dtype)
-
-    def _cache_pass(self, x0: torch.Tensor, start: int) -> None:
-        self.model.forward_chunk(x0, self._t_ctx, self.cache, start_frame=start, update_cache=True)
+    # -- model calls (as programs: see ModelCall) -----------------------------------------
+    def _cache_pass(self, x0: torch.Tensor, start: int) -> Program:
+        calls = [ModelCall(x0, self._t_ctx, self.cache, start, True)]
         if self.cache_uncond is not None:
-            self.model.forward_chunk(x0, self._t_ctx, self.cache_uncond, start_frame=start, update_cache=True)
+            calls.append(ModelCall(x0, self._t_ctx, self.cache_uncond, start, True))
+        yield calls
 
     def _remember(self, start: int, x0: torch.Tensor) -> None:
         self._history.append((start, x0))
@@ -284,7 +334,7 @@ class SessionState:
             out.append((start, x0))
         return out
 
-    def _apply_prompt_switch(self) -> None:
+    def _apply_prompt_switch(self) -> Program:
         p, self._pending_prompt = self._pending_prompt, None
         self._prompt = p
         self.model.set_prompt(self.cache, p.context)
@@ -293,50 +343,65 @@ class SessionState:
         chunks = self.recache_chunks()
         self.cache.reset_self_attn(chunks[0][0])
         for start, x0 in chunks:
-            self.model.forward_chunk(x0, self._t_ctx, self.cache, start_frame=start, update_cache=True)
+            yield [ModelCall(x0, self._t_ctx, self.cache, start, True)]
 
     # -- the loop -------------------------------------------------------------------------------
     def _randn(self, out: torch.Tensor) -> torch.Tensor:
         return torch.randn(out.shape, generator=self.generator, device=self.device, dtype=out.dtype, out=out)
 
-    def _denoise_self_forcing(self, start: int) -> torch.Tensor:
+    def _denoise_self_forcing(self, start: int) -> Program:
         sig = self._sigmas
         x = self._randn(self._noise)  # the buffer is overwritten only after x is consumed
         x0 = x
         for i in range(len(self.timesteps)):
-            flow = self._flow(x, self._t[i], self.cache, start)
-            x0 = x - sig[i] * flow
+            (flow,) = yield [ModelCall(x, self._t[i], self.cache, start, False)]
+            x0 = x - sig[i] * flow.to(self.latent_dtype)
             if i + 1 < len(self.timesteps):
                 noise = self._randn(self._noise)
                 x = (1.0 - sig[i + 1]) * x0 + sig[i + 1] * noise
         return x0
 
-    def _denoise_multistep(self, start: int) -> torch.Tensor:
+    def _denoise_multistep(self, start: int) -> Program:
         stepper = self._stepper
         stepper.reset()
         x = self._randn(self._noise).clone()
         scale = self.config.guidance_scale
         for i in range(len(self.timesteps)):
-            flow = self._flow(x, self._t[i], self.cache, start)
+            calls = [ModelCall(x, self._t[i], self.cache, start, False)]
             if self.cache_uncond is not None:
-                unc = self._flow(x, self._t[i], self.cache_uncond, start)
-                flow = unc + scale * (flow - unc)
+                calls.append(ModelCall(x, self._t[i], self.cache_uncond, start, False))
+            flows = [f.to(self.latent_dtype) for f in (yield calls)]
+            flow = flows[0] if self.cache_uncond is None else flows[1] + scale * (flows[0] - flows[1])
             x = stepper.step(i, x, flow)
         return x
+
+    def _step_program(self, start: int) -> Program:
+        """The chunk step as a program: denoise the chunk at ``start``, then the cache pass."""
+        if self.config.sampler == "self-forcing":
+            x0 = yield from self._denoise_self_forcing(start)
+        else:
+            x0 = yield from self._denoise_multistep(start)
+        yield from self._cache_pass(x0, start)
+        return x0
 
     def _chunk_step(self, start: int) -> torch.Tensor:
         """Denoise the chunk at ``start`` and commit its clean K/V (the cache pass); returns x0.
         The unit ``streamgen.ops.graphs`` captures as CUDA graphs (it shadows this per session)."""
-        if self.config.sampler == "self-forcing":
-            x0 = self._denoise_self_forcing(start)
-        else:
-            x0 = self._denoise_multistep(start)
-        self._cache_pass(x0, start)
-        return x0
+        return run_alone(self.model, self._step_program(start))
+
+    @property
+    def batchable(self) -> bool:
+        """False when a transform runs this session's chunk step its own way (CUDA graphs)."""
+        return "_chunk_step" not in self.__dict__
 
     @torch.no_grad()
     def next_chunk(self) -> Chunk:
         """Generate, cache and decode the next chunk."""
+        return run_alone(self.model, self.chunk_program())
+
+    def chunk_program(self) -> Program:
+        """``next_chunk`` as a program (prompt switch re-cache, denoise steps, cache pass, then the
+        decode); its result is the Chunk. Call under ``torch.no_grad()``."""
         f = self.frames_per_chunk
         start = self.next_frame
         if self.local_frames is None and start + f > self.max_frames:
@@ -344,8 +409,11 @@ class SessionState:
                                "window (set local_frames, or a larger total_frames/max_frames)")
         switched = self._pending_prompt is not None
         if switched:
-            self._apply_prompt_switch()
-        x0 = self._chunk_step(start)
+            yield from self._apply_prompt_switch()
+        if self.batchable:
+            x0 = yield from self._step_program(start)
+        else:
+            x0 = self._chunk_step(start)
         self._remember(start, x0)
         latents, first = x0, start
         if self._image is not None:
