@@ -1,16 +1,25 @@
-"""The whole engine on the GPU: what a viewer of one stream gets, in output frames per second.
+"""The whole engine on the GPU: what a viewer of one stream gets, generated and output frames per second.
 
     PYTHONPATH=. python bench/pipeline.py --json $OUT/pipeline.json
+    PYTHONPATH=. python bench/pipeline.py --variants wan --profile 4 --json $OUT/pipeline.json   # + trace summary
 
-One session through ``streamgen.engine.core.Engine`` (the busy loop the server uses): Wan2.1 1.3B
+One engine per variant (``streamgen.engine.core.Engine``, the busy loop the server uses): Wan2.1 1.3B
 block-causal DiT (random bf16 weights; 4 Self-Forcing steps + cache pass per chunk of 3 latent
-frames, attention window 12 frames with 3 sink frames), the decoder (Wan VAE fp16 with
-cudnn.benchmark, or TAEHV fp16), RIFE v4.26 2x (random weights, fp16, channels_last), uint8
-conversion and the pinned host copy, at 832x480. The H.264 encode runs on the server's CPU
-threads (not timed here; see bench/BENCHMARKS.md). Timed: wall time per ``await handle.get()``
-after the first ``--warmup`` chunks; "out fps" = output frames (16 fps x2) / wall time. Real time
-at 32 fps output means out fps >= 32. Per-stage GPU times come from a separate pass over the same
-chunk with CUDA events. Needs no av/diffusers.
+frames, attention window 12 frames with 3 sink frames), the decoder (Wan VAE fp16, its default
+decode path, or TAEHV fp16), RIFE v4.26 ``--interpolate``x (random weights, fp16, channels_last),
+uint8 conversion and the pinned host copy, at 832x480. The H.264 encode runs on the server's CPU
+threads (not timed here; see bench/BENCHMARKS.md).
+
+Per variant: session 0 is the cold one (a fresh engine thread: kernel loading, cuDNN autotuning,
+compilation); then ``--samples`` warm sessions of ``--chunks`` chunks each, every one opened after the
+previous one ended. Per session: "1st chunk" = ``open()`` -> the first chunk on the host; steady state =
+wall time per ``await handle.get()`` after the first ``--warmup`` chunks. "gen fps" = decoded frames / s
+(before RIFE), "out fps" = output frames / s (gen x ``--interpolate``; real time at 16 fps generated
+is out fps >= 32). Rows give min / median over the warm sessions. ``torch.backends.cudnn.benchmark``
+is set for every variant (off unless the variant says ``+bench``), so no variant inherits another's.
+``--profile N``: one more warm session of N steady chunks under torch.profiler; prints pinned host
+allocations (cudaHostAlloc / cudaMallocHost) per chunk, D2H copy time, the uint8 conversion's GPU
+time, and the GPU's idle time between kernels. Needs no av/diffusers.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import random_wan  # noqa: E402
 from streamgen.engine.core import Engine, EngineSettings, GenRequest, Pipeline  # noqa: E402
 from streamgen.models.rife import IFNet, RIFEConfig  # noqa: E402
 from streamgen.models.taehv import TAEHV, TAEHVConfig  # noqa: E402
@@ -40,11 +50,13 @@ def build(decoder: str, compile_dit: bool, dev: torch.device, smoke: bool = Fals
     """smoke: tiny configs in float32, to check the script on a CPU."""
     torch.manual_seed(0)
     dt, ht = (torch.float32, torch.float32) if smoke else (torch.bfloat16, torch.float16)
-    model = WanModel(WanConfig.preset("tiny" if smoke else "wan2.1-t2v-1.3b")).to(dev, dt).eval().requires_grad_(False)
+    if smoke:
+        model = WanModel(WanConfig.preset("tiny")).to(dev, dt).eval().requires_grad_(False)
+    else:  # random weights made in place on the GPU (no fp32 host copy of 1.3B parameters)
+        model = random_wan("wan2.1-t2v-1.3b", dev, dt).requires_grad_(False)
     if compile_dit:
         compile_blocks(model)
     if decoder == "wan":
-        torch.backends.cudnn.benchmark = True
         dec = WanVAE(WanVAEConfig.preset("tiny" if smoke else "wan2.1")).to(dev, ht).eval().requires_grad_(False)
     else:
         dec = TAEHV(TAEHVConfig.preset("tiny" if smoke else "taew2.1")).init_random_(seed=1).to(dev, ht).eval()
@@ -54,30 +66,124 @@ def build(decoder: str, compile_dit: bool, dev: torch.device, smoke: bool = Fals
     return Pipeline(model=model, text_encoder=text, decoder=dec, rife=rife, device=dev, dtype=dt)
 
 
-async def run_stream(pipeline: Pipeline, chunks: int, warmup: int, width: int, height: int) -> dict:
+async def run_stream(pipeline: Pipeline, args) -> dict:
+    """Session 0 (cold), then ``args.samples`` warm sessions, one after the other on one engine."""
     engine = Engine(pipeline, EngineSettings(local_frames=12, sink_frames=3, max_ahead=1)).start()  # throughput: one ahead
+    sessions = []
     try:
-        h = await engine.open(GenRequest("a red fox running through snow", width, height, seed=0, interpolate=2))
-        times, frames = [], []
-        t_prev = time.perf_counter()
-        t_open = t_prev
-        first = None
-        for i in range(chunks):
-            out = await h.get()
-            t = time.perf_counter()
-            if first is None:
-                first = t - t_open
-            if i >= warmup:
-                times.append(t - t_prev)
-                frames.append(out.shape[0])
-            t_prev = t
-        h.cancel()
+        for k in range(args.samples + 1 + (1 if args.profile else 0)):
+            profiling = args.profile and k == args.samples + 1
+            n = args.warmup + args.profile if profiling else args.chunks
+            t_open = time.perf_counter()
+            h = await engine.open(GenRequest(f"a red fox running through snow {k}", args.width, args.height,
+                                             seed=k, chunks=n, interpolate=args.interpolate))
+            times, frames, first, prof = [], [], None, None
+            t_prev = t_open
+            for i in range(n):
+                if profiling and i == args.warmup:
+                    prof = start_profile()
+                out = await h.get()
+                t = time.perf_counter()
+                if first is None:
+                    first = t - t_open
+                if i >= args.warmup:
+                    times.append(t - t_prev)
+                    frames.append(out.shape[0])
+                t_prev = t
+            h.cancel()
+            if profiling:
+                prof.stop()
+                sessions.append({"profile": summarize_profile(prof, len(times))})
+                continue
+            wall = sum(times)
+            sessions.append({"first_chunk_s": first, "chunk_s": times, "out_frames": sum(frames),
+                             "wall_s": wall, "out_fps": sum(frames) / wall,
+                             "gen_fps": sum(frames) / args.interpolate / wall})
     finally:
         engine.close()
-    wall = sum(times)
-    return {"first_chunk_s": first, "chunk_s_median": statistics.median(times), "out_frames": sum(frames),
-            "wall_s": wall, "out_fps": sum(frames) / wall,
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0}
+    warm = [s for s in sessions[1:] if "profile" not in s]
+    r = {"cold_first_chunk_s": sessions[0]["first_chunk_s"], "sessions": sessions,
+         "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0}
+    for key in ("first_chunk_s", "gen_fps", "out_fps"):
+        vals = [s[key] for s in warm]
+        r[key + "_min"], r[key + "_median"], r[key + "_max"] = min(vals), statistics.median(vals), max(vals)
+    r["chunk_s_median"] = statistics.median(t for s in warm for t in s["chunk_s"])
+    prof = [s["profile"] for s in sessions if "profile" in s]
+    if prof:
+        r["profile"] = prof[0]
+    return r
+
+
+def start_profile():
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    prof = profile(activities=acts)
+    prof.start()
+    return prof
+
+
+def summarize_profile(prof, chunks: int) -> dict:
+    """Counts and times from a torch.profiler trace of ``chunks`` steady-state chunks."""
+    from torch.autograd import DeviceType
+
+    events = prof.events()
+    out: dict = {"chunks": chunks}
+    host_alloc = [e for e in events if e.name in ("cudaHostAlloc", "cudaMallocHost", "cudaHostRegister")]
+    out["pinned_allocs"] = len(host_alloc)
+    out["pinned_alloc_ms"] = sum(e.cpu_time_total for e in host_alloc) / 1e3
+    dev = [e for e in events if e.device_type == DeviceType.CUDA]
+    d2h = [e for e in dev if "DtoH" in e.name or "Device -> Pinned" in e.name]
+    out["d2h_copies"] = len(d2h)
+    out["d2h_ms"] = sum(e.time_range.elapsed_us() for e in d2h) / 1e3
+    syncs = [e for e in events if e.name in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")]
+    out["host_syncs"] = len(syncs)
+    spans = sorted((e.time_range.start, e.time_range.end) for e in dev)
+    if spans:
+        busy, gaps, (s0, e0) = 0.0, [], spans[0]
+        first = s0
+        for s1, e1 in spans[1:]:
+            if s1 > e0:
+                busy += e0 - s0
+                gaps.append(s1 - e0)
+                s0, e0 = s1, e1
+            else:
+                e0 = max(e0, e1)
+        busy += e0 - s0
+        window = e0 - first
+        out["gpu_window_ms"] = window / 1e3
+        out["gpu_busy_ms"] = busy / 1e3
+        out["gpu_idle_ms"] = (window - busy) / 1e3
+        out["gpu_idle_pct"] = 100 * (window - busy) / window
+        out["gaps_over_1ms"] = sum(1 for g in gaps if g > 1e3)
+        out["largest_gap_ms"] = max(gaps, default=0.0) / 1e3
+    return out  # the uint8 conversion's kernels carry no names of their own: uint8_cost() times them
+
+
+def uint8_cost(frames: int, width: int, height: int) -> dict:
+    """GPU ms of unit_frames + to_uint8 on one chunk's frames, and whether the result is the torch path's."""
+    from streamgen.media import frames as fr
+
+    x = torch.rand(1, 3, frames, height, width, device="cuda", dtype=torch.float16) * 2 - 1
+    x = x.contiguous(memory_format=torch.channels_last_3d)  # the decoder's layout
+
+    def once(fused: bool):
+        u = fr.unit_frames(x)
+        return fr.to_uint8(u) if fused else fr._to_uint8_torch(u)
+
+    out = {}
+    for fused in (False, True):
+        once(fused)
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(10):
+            once(fused)
+        b.record()
+        b.synchronize()
+        out["fused_ms" if fused else "torch_ms"] = a.elapsed_time(b) / 10
+    out["bytes_equal"] = bool(torch.equal(once(True).contiguous(), once(False).contiguous()))
+    out["fused_path"] = fr.uint8_fused_available(x.device)
+    return out
 
 
 async def run_latency(pipeline: Pipeline, width: int, height: int, samples: int) -> dict:
@@ -119,10 +225,14 @@ async def run_latency(pipeline: Pipeline, width: int, height: int, samples: int)
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--variants", default="wan,taehv,taehv+compile",
-                    help="comma list of DECODER[+compile], DECODER in wan|taehv")
-    ap.add_argument("--chunks", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--variants", default="wan,taehv",
+                    help="comma list of DECODER[+compile][+bench], DECODER in wan|taehv (bench: cudnn.benchmark)")
+    ap.add_argument("--chunks", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--samples", type=int, default=3, help="warm sessions per variant (after the cold one)")
+    ap.add_argument("--interpolate", type=int, default=2, help="RIFE factor (1: none)")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="one more warm session with N steady chunks under torch.profiler (summary printed)")
     ap.add_argument("--width", type=int, default=832)
     ap.add_argument("--height", type=int, default=480)
     ap.add_argument("--json", default=None)
@@ -132,8 +242,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     dev = torch.device("cpu" if args.smoke else "cuda")
     if args.latency:
-        decoder, _, opt = args.variants.split(",")[0].partition("+")
-        r = asyncio.run(run_latency(build(decoder, opt == "compile", dev, args.smoke), args.width, args.height,
+        decoder, *opts = args.variants.split(",")[0].split("+")
+        torch.backends.cudnn.benchmark = "bench" in opts
+        r = asyncio.run(run_latency(build(decoder, "compile" in opts, dev, args.smoke), args.width, args.height,
                                     args.latency))
         r["variant"] = args.variants.split(",")[0]
         print(json.dumps(r), flush=True)
@@ -145,13 +256,14 @@ def main(argv=None) -> int:
         return 0
     rows = []
     for v in args.variants.split(","):
-        decoder, _, opt = v.partition("+")
+        decoder, *opts = v.split("+")
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
+        torch.backends.cudnn.benchmark = "bench" in opts  # every variant sets it: no order dependence
         pipe = None
         try:
-            pipe = build(decoder, opt == "compile", dev, args.smoke)
-            r = asyncio.run(run_stream(pipe, args.chunks, args.warmup, args.width, args.height))
+            pipe = build(decoder, "compile" in opts, dev, args.smoke)
+            r = asyncio.run(run_stream(pipe, args))
         except Exception as e:  # noqa: BLE001 - report and go on with the next variant
             r = {"error": f"{type(e).__name__}: {e}"[:300]}
         r["variant"] = v
@@ -160,17 +272,35 @@ def main(argv=None) -> int:
         del pipe
         if dev.type == "cuda":
             torch.cuda.empty_cache()
+    torch.backends.cudnn.benchmark = False
+    u8 = None
+    if dev.type == "cuda" and args.profile:
+        u8 = uint8_cost(12 * args.interpolate, args.width, args.height)
+        print(json.dumps({"uint8": u8}), flush=True)
     if args.json:
         name = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
-        Path(args.json).write_text(json.dumps({"device": name, "torch": torch.__version__,
-                                               "rows": rows}, indent=1))
-    print(f"\n{'variant':<16} {'1st chunk s':>11} {'chunk s':>8} {'out fps':>8} {'peak GiB':>8}")
+        Path(args.json).write_text(json.dumps({"device": name, "torch": torch.__version__, "args": vars(args),
+                                               "rows": rows, "uint8": u8}, indent=1))
+    print(f"\n{args.samples} warm sessions x {args.chunks} chunks ({args.warmup} warm-up), {args.width}x{args.height}, "
+          f"RIFE {args.interpolate}x; min / median")
+    print(f"{'variant':<20} {'cold 1st s':>10} {'warm 1st s':>13} {'chunk s':>8} {'gen fps':>13} {'out fps':>13} {'GiB':>6}")
     for r in rows:
         if "error" in r:
-            print(f"{r['variant']:<16} ERROR {r['error']}")
-        else:
-            print(f"{r['variant']:<16} {r['first_chunk_s']:>11.2f} {r['chunk_s_median']:>8.3f} {r['out_fps']:>8.1f} "
-                  f"{r['peak_gib']:>8.2f}")
+            print(f"{r['variant']:<20} ERROR {r['error']}")
+            continue
+        print(f"{r['variant']:<20} {r['cold_first_chunk_s']:>10.2f} {r['first_chunk_s_min']:>6.3f}/{r['first_chunk_s_median']:<6.3f}"
+              f" {r['chunk_s_median']:>8.3f} {r['gen_fps_min']:>6.1f}/{r['gen_fps_median']:<6.1f}"
+              f" {r['out_fps_min']:>6.1f}/{r['out_fps_median']:<6.1f} {r['peak_gib']:>6.2f}")
+    for r in rows:
+        p = r.get("profile")
+        if p:
+            print(f"profile {r['variant']}: {p['chunks']} chunks: pinned allocs {p['pinned_allocs']} ({p['pinned_alloc_ms']:.2f} ms), "
+                  f"D2H {p['d2h_copies']} copies {p['d2h_ms']:.2f} ms, host syncs {p['host_syncs']}, GPU idle "
+                  f"{p.get('gpu_idle_ms', 0):.1f} of {p.get('gpu_window_ms', 0):.0f} ms ({p.get('gpu_idle_pct', 0):.2f}%), "
+                  f"gaps>1ms {p.get('gaps_over_1ms')}, largest {p.get('largest_gap_ms', 0):.2f} ms")
+    if u8:
+        print(f"uint8 per chunk ({12 * args.interpolate} frames): torch ops {u8['torch_ms']:.3f} ms, fused {u8['fused_ms']:.3f} ms "
+              f"(fused kernel: {u8['fused_path']}), bytes equal: {u8['bytes_equal']}")
     return 0
 
 

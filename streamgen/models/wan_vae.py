@@ -40,6 +40,7 @@ derived from the config, and fail with the missing / unexpected / mis-shaped key
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from dataclasses import dataclass, replace
@@ -49,6 +50,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from streamgen.models.checkpoints import check_keys, read_state_dict, strip_prefixes
+
+log = logging.getLogger(__name__)
 
 # Published per-channel statistics of Wan2.1 VAE latents (Wan2.1 vae.py / diffusers AutoencoderKLWan).
 WAN21_LATENTS_MEAN = (
@@ -113,11 +116,18 @@ class DecoderState:
         self.buffers: dict[int, torch.Tensor] = {}
         self.started = False
 
-    def buffer(self, slot: int, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        """The buffer of ``slot``: ``shape``, with ``like``'s dtype and device."""
+    def buffer(
+        self, slot: int, shape: tuple[int, ...], like: torch.Tensor, memory_format: torch.memory_format | None = None
+    ) -> torch.Tensor:
+        """The buffer of ``slot``: ``shape``, with ``like``'s dtype and device (and ``memory_format`` when it
+        is created; either layout serves either decode path)."""
         buf = self.buffers.get(slot)
         if buf is None:
-            buf = self.buffers[slot] = like.new_zeros(shape)
+            if memory_format is None:
+                buf = self.buffers[slot] = like.new_zeros(shape)
+            else:
+                buf = torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=memory_format)
+                buf = self.buffers[slot] = buf.zero_()
         elif buf.shape != shape or buf.dtype != like.dtype or buf.device != like.device:
             raise ValueError(
                 f"{self.name} stream state was built for {tuple(buf.shape)} {buf.dtype} on {buf.device}, "
@@ -339,10 +349,191 @@ class Decoder3d(nn.Module):
         return self.head[2](F.silu(self.head[0](x)), state)
 
 
+# ---------------------------------------------------------------------------------------------
+# Fast chunk decode (``WanVAE.decode_impl = "fast"``; the default on CUDA)
+#
+# The same modules and weights as ``Decoder3d.forward``, the same cache semantics, another layout:
+# activations are channels-last (B, C, T, H, W) tensors, whose memory is (B, T, H, W, C). Then
+# * a causal conv builds its padded input once: the 2 cached frames are copied into the front of
+#   a fresh (B, C, 2+T, H, W) buffer and the norm + SiLU of the block writes straight into the rest
+#   (no ``torch.cat`` copy of the whole activation, no separate norm / SiLU / dtype passes);
+# * per-frame ops (the spatial up-samplers, the attention) see a (B*T, C, H, W) channels-last view,
+#   with no transpose copies;
+# * RMSNorm (+ SiLU) is one pass over rows of C contiguous channels: a Triton kernel on CUDA when
+#   Triton is importable and passes a self-check on first use, else the reference torch ops (logged
+#   once). cuDNN picks NDHWC kernels for the convs.
+# ``tests/test_wan_vae_fast.py`` holds it equal to the reference path (chunked and whole, fp32, CPU).
+
+_CL3 = torch.channels_last_3d
+_FUSED_NORM: dict[tuple[str, torch.dtype], bool] = {}  # (device, dtype) -> the Triton norm passed its check
+_NORM_KERNEL = None
+
+
+def _norm_kernel():
+    """The Triton RMSNorm(+SiLU) kernel over rows of C contiguous values (built on first use)."""
+    global _NORM_KERNEL
+    if _NORM_KERNEL is None:
+        import triton
+        import triton.language as tl
+
+        @triton.jit
+        def rms_silu(x_ptr, g_ptr, y_ptr, n_rows, x_bstride, y_bstride, scale,
+                     C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, SILU: tl.constexpr):  # fmt: skip
+            rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+            cols = tl.arange(0, BLOCK_C)
+            mask = (rows < n_rows)[:, None] & (cols < C)[None, :]
+            offs = rows.to(tl.int64)[:, None] * C + cols[None, :]
+            b = tl.program_id(1).to(tl.int64)
+            x = tl.load(x_ptr + b * x_bstride + offs, mask=mask, other=0.0).to(tl.float32)
+            inv = scale / tl.maximum(tl.sqrt(tl.sum(x * x, axis=1)), 1e-12)  # F.normalize's eps
+            g = tl.load(g_ptr + cols, mask=cols < C, other=0.0).to(tl.float32)
+            y = x * inv[:, None] * g[None, :]
+            if SILU:
+                y = y * tl.sigmoid(y)
+            tl.store(y_ptr + b * y_bstride + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+        _NORM_KERNEL = (triton, rms_silu)
+    return _NORM_KERNEL
+
+
+def _rows(x: torch.Tensor) -> bool:
+    """x is (B, C, ...) with each batch item's memory (..., C) contiguous (channels-last)."""
+    return x.permute(0, *range(2, x.dim()), 1)[0].is_contiguous()
+
+
+def _launch_norm(norm: RMSNorm, x: torch.Tensor, out: torch.Tensor, silu: bool) -> None:
+    triton, kernel = _norm_kernel()
+    b, c = x.shape[:2]
+    n_rows = x[0].numel() // c
+    block_c = triton.next_power_of_2(c)
+    block_r = max(1, 4096 // block_c)
+    grid = (triton.cdiv(n_rows, block_r), b)
+    kernel[grid](x, norm.gamma, out, n_rows, x.stride(0), out.stride(0), float(norm.scale),
+                 C=c, BLOCK_C=block_c, BLOCK_R=block_r, SILU=silu, num_warps=4)  # fmt: skip
+
+
+def _fused_norm_ok(x: torch.Tensor) -> bool:
+    """Whether the Triton norm runs on x's device and dtype; checked once against the torch ops."""
+    key = (str(x.device), x.dtype)
+    ok = _FUSED_NORM.get(key)
+    if ok is None:
+        why = None
+        if x.device.type != "cuda":
+            why = f"no CUDA device ({x.device})"
+        else:
+            try:
+                g = torch.Generator(device=x.device).manual_seed(0)
+                probe = torch.randn(2, 96, 3, 5, 7, device=x.device, generator=g).to(x.dtype).contiguous(memory_format=_CL3)
+                norm = RMSNorm(96).to(x.device, x.dtype)
+                norm.gamma.data.uniform_(0.5, 1.5, generator=g)
+                got = torch.empty_like(probe)
+                _launch_norm(norm, probe, got, True)
+                want = F.silu(RMSNorm.forward(norm, probe.float()))
+                err = float((got.float() - want).norm() / want.norm())
+                if not err < 1e-2:
+                    why = f"its self-check failed (relative error {err:.2e} against the torch ops)"
+            except Exception as e:  # noqa: BLE001 - reported once, then the torch ops serve
+                why = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+        ok = _FUSED_NORM[key] = why is None
+        if ok:
+            log.info("Wan VAE fast decode: fused RMSNorm+SiLU (Triton) on %s %s", x.device, x.dtype)
+        else:
+            log.warning("Wan VAE fast decode: no fused RMSNorm+SiLU on %s %s (%s); using separate torch ops",
+                        x.device, x.dtype, why)
+    return ok
+
+
+def _norm_into(norm: RMSNorm, x: torch.Tensor, out: torch.Tensor, silu: bool) -> None:
+    """out[...] = silu(norm(x)) (or norm(x)): x and out channels-last, same shape."""
+    if _rows(x) and _rows(out) and _fused_norm_ok(x):
+        _launch_norm(norm, x, out, silu)
+        return
+    y = norm(x)
+    out.copy_(F.silu(y) if silu else y)
+
+
+def _fast_conv(conv: CausalConv3d, x: torch.Tensor, state: WanVAEState, pre: RMSNorm | None = None) -> torch.Tensor:
+    """conv(silu(pre(x))) (or conv(x)) with the causal frames from ``state``; x channels-last."""
+    w = conv.weight.contiguous(memory_format=_CL3)
+    if not conv.time_pad:
+        return F.conv3d(x, w, conv.bias, conv.stride, (0, *conv.space_pad))
+    b, c, t, h, wd = x.shape
+    p = conv.time_pad
+    cache = state.buffer(conv.slot, (b, c, p, h, wd), x, memory_format=_CL3)
+    xp = torch.empty((b, c, p + t, h, wd), dtype=x.dtype, device=x.device, memory_format=_CL3)
+    xp[:, :, :p].copy_(cache)
+    if pre is None:
+        xp[:, :, p:].copy_(x)
+    else:
+        _norm_into(pre, x, xp[:, :, p:], silu=True)
+    cache.copy_(xp[:, :, -p:])
+    return F.conv3d(xp, w, conv.bias, conv.stride, (0, *conv.space_pad))
+
+
+def _fast_residual(blk: ResidualBlock, x: torch.Tensor, state: WanVAEState) -> torch.Tensor:
+    r = blk.residual
+    h = x if isinstance(blk.shortcut, nn.Identity) else _fast_conv(blk.shortcut, x, state)
+    y = _fast_conv(r[2], x, state, r[0])
+    return _fast_conv(r[6], y, state, r[3]).add_(h)
+
+
+def _fast_attention(blk: AttentionBlock, x: torch.Tensor) -> torch.Tensor:
+    b, c, t, h, w = x.shape
+    rows = x.permute(0, 2, 3, 4, 1).reshape(b * t, h * w, c)  # (bt, hw, c): a view of channels-last x
+    n = torch.empty_like(rows)
+    _norm_into(blk.norm, rows.transpose(1, 2).unsqueeze(-1), n.transpose(1, 2).unsqueeze(-1), silu=False)  # as (bt, c, hw, 1)
+    qkv = F.linear(n, blk.to_qkv.weight.view(3 * c, c), blk.to_qkv.bias).unsqueeze(1)  # (bt, 1, hw, 3c)
+    q, k, v = qkv.chunk(3, dim=-1)
+    o = F.scaled_dot_product_attention(q, k, v).squeeze(1)  # (bt, hw, c)
+    o = F.linear(o, blk.proj.weight.view(c, c), blk.proj.bias).add_(rows)
+    return o.view(b, t, h, w, c).permute(0, 4, 1, 2, 3)  # (b, c, t, h, w), channels-last
+
+
+def _fast_resample(rs: Resample, x: torch.Tensor, state: WanVAEState, first: bool) -> torch.Tensor:
+    if rs.mode == "upsample3d":
+        n_head = 1 if first else 0
+        rest = x[:, :, n_head:]
+        if rest.shape[2]:
+            b, c, t, h, w = rest.shape
+            y = _fast_conv(rs.time_conv, rest, state)  # (b, 2c, t, h, w): channel halves are frames 2i, 2i+1
+            out = torch.empty((b, c, n_head + 2 * t, h, w), dtype=x.dtype, device=x.device, memory_format=_CL3)
+            mem = out.permute(0, 2, 3, 4, 1)  # (b, T', h, w, c)
+            mem[:, :n_head].copy_(x[:, :, :n_head].permute(0, 2, 3, 4, 1))
+            mem[:, n_head:].view(b, t, 2, h, w, c).copy_(y.permute(0, 2, 3, 4, 1).view(b, t, h, w, 2, c).transpose(2, 4).transpose(3, 4))
+            x = out
+        else:
+            x = x[:, :, :n_head]
+    elif rs.mode != "upsample2d":
+        raise ValueError(f"the fast decode has no {rs.mode!r} (an encoder layer)")
+    b, c, t, h, w = x.shape
+    up, conv = rs.resample
+    x4 = x.transpose(1, 2).reshape(b * t, c, h, w).contiguous(memory_format=torch.channels_last)  # a view
+    x4 = F.interpolate(x4, scale_factor=2.0, mode="nearest-exact")  # exact in any dtype (a copy of values)
+    x4 = F.conv2d(x4, conv.weight.contiguous(memory_format=torch.channels_last), conv.bias, padding=1)
+    return x4.unflatten(0, (b, t)).transpose(1, 2)  # (b, c', t, 2h, 2w), channels-last
+
+
+def _fast_decoder(dec: Decoder3d, x: torch.Tensor, state: WanVAEState, first: bool) -> torch.Tensor:
+    """``Decoder3d.forward`` in the channels-last layout; returns a channels-last tensor."""
+    x = _fast_conv(dec.conv1, x.contiguous(memory_format=_CL3), state)
+    for layer in (*dec.middle, *dec.upsamples):
+        if isinstance(layer, ResidualBlock):
+            x = _fast_residual(layer, x, state)
+        elif isinstance(layer, AttentionBlock):
+            x = _fast_attention(layer, x)
+        else:
+            x = _fast_resample(layer, x, state, first)
+    return _fast_conv(dec.head[2], x, state, dec.head[0])
+
+
 class WanVAE(nn.Module):
+    DECODE_IMPLS = ("auto", "fast", "reference")
+
     def __init__(self, cfg: WanVAEConfig | None = None):
         super().__init__()
         self.cfg = cfg = cfg or WanVAEConfig()
+        # "fast": the channels-last decode above; "reference": Decoder3d.forward; "auto": fast on CUDA
+        self.decode_impl = "auto"
         self.encoder = Encoder3d(cfg)
         self.conv1 = CausalConv3d(cfg.z_dim * 2, cfg.z_dim * 2, 1)  # quant conv -> (mu, logvar)
         self.conv2 = CausalConv3d(cfg.z_dim, cfg.z_dim, 1)  # post-quant conv
@@ -380,17 +571,24 @@ class WanVAE(nn.Module):
 
         ``frames_per_pass`` bounds activation memory: the chunk is run through the decoder that
         many latent frames at a time (same result; ``None`` = the whole chunk in one pass).
+        ``self.decode_impl`` picks the decoder path (same result within rounding; the fast path
+        returns a channels-last tensor).
         """
         cfg = self.cfg
         if latents.ndim != 5 or latents.shape[1] != cfg.z_dim or latents.shape[2] < 1:
             raise ValueError(f"latents must be (B, {cfg.z_dim}, f>=1, h, w), got {tuple(latents.shape)}")
         p = self._param()
+        if self.decode_impl not in self.DECODE_IMPLS:
+            raise ValueError(f"decode_impl={self.decode_impl!r}; allowed: {', '.join(self.DECODE_IMPLS)}")
+        fast = self.decode_impl == "fast" or (self.decode_impl == "auto" and p.is_cuda)
         mean, std = self.latent_stats(p.device)
         z = latents.to(p.device, torch.float32) * std + mean
         x = self.conv2(z.to(p.dtype))
         outs = []
         for part in x.split(frames_per_pass or x.shape[2], dim=2):
-            outs.append(self.decoder(part, state, first=not state.started).clamp_(-1.0, 1.0))
+            first = not state.started
+            y = _fast_decoder(self.decoder, part, state, first) if fast else self.decoder(part, state, first=first)
+            outs.append(y.clamp_(-1.0, 1.0))
             state.started = True
         state.frames_in += latents.shape[2]
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
