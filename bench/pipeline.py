@@ -46,8 +46,8 @@ from streamgen.models.wan_vae import WanVAE, WanVAEConfig  # noqa: E402
 from streamgen.ops.compile import compile_blocks  # noqa: E402
 
 
-def build(decoder: str, compile_dit: bool, dev: torch.device, smoke: bool = False):
-    """smoke: tiny configs in float32, to check the script on a CPU."""
+def build(decoder: str, compile_dit: bool, dev: torch.device, smoke: bool = False, ref: bool = False):
+    """smoke: tiny configs in float32, to check the script on a CPU; ref: the Wan VAE's reference decode path."""
     torch.manual_seed(0)
     dt, ht = (torch.float32, torch.float32) if smoke else (torch.bfloat16, torch.float16)
     if smoke:
@@ -58,6 +58,7 @@ def build(decoder: str, compile_dit: bool, dev: torch.device, smoke: bool = Fals
         compile_blocks(model)
     if decoder == "wan":
         dec = WanVAE(WanVAEConfig.preset("tiny" if smoke else "wan2.1")).to(dev, ht).eval().requires_grad_(False)
+        dec.decode_impl = "reference" if ref else "auto"  # auto: the fast path on CUDA
     else:
         dec = TAEHV(TAEHVConfig.preset("tiny" if smoke else "taew2.1")).init_random_(seed=1).to(dev, ht).eval()
     rife = IFNet(RIFEConfig.preset("tiny" if smoke else "v4.26")).to(dev, ht).eval().requires_grad_(False)
@@ -226,7 +227,8 @@ async def run_latency(pipeline: Pipeline, width: int, height: int, samples: int)
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variants", default="wan,taehv",
-                    help="comma list of DECODER[+compile][+bench], DECODER in wan|taehv (bench: cudnn.benchmark)")
+                    help="comma list of DECODER[+compile][+bench][+ref], DECODER in wan|taehv (bench: cudnn.benchmark; "
+                         "ref: the Wan VAE's reference decode path instead of the fast one)")
     ap.add_argument("--chunks", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--samples", type=int, default=3, help="warm sessions per variant (after the cold one)")
@@ -262,7 +264,7 @@ def main(argv=None) -> int:
         torch.backends.cudnn.benchmark = "bench" in opts  # every variant sets it: no order dependence
         pipe = None
         try:
-            pipe = build(decoder, "compile" in opts, dev, args.smoke)
+            pipe = build(decoder, "compile" in opts, dev, args.smoke, ref="ref" in opts)
             r = asyncio.run(run_stream(pipe, args))
         except Exception as e:  # noqa: BLE001 - report and go on with the next variant
             r = {"error": f"{type(e).__name__}: {e}"[:300]}
