@@ -23,14 +23,18 @@ Public API
 - ``Limits`` (``DEFAULT_LIMITS``): every size and range limit; a server may pass its own.
 - ``SCHEMA``: type -> tuple of ``Field``; ``schema_json()`` renders it for
   ``protocol/schema.json`` (checked against both implementations by the tests).
+  ``load_schema()`` reads that file from this copy: package data (``streamgen/spec/``) when
+  installed, ``protocol/`` beside the package in a checkout.
 """
 
 from __future__ import annotations
 
 import enum
+import json
 import math
 import re
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any, ClassVar, Union
 
 import msgpack
@@ -173,11 +177,25 @@ SCHEMA: dict[str, tuple[Field, ...]] = {
         Field("fatal", "bool"),
         Field("field", "str", False, **_SHORT),
         Field("ref", "str", False, **_SHORT),
+        Field("retry_after", "float", False, min=0),
     ),
 }
 CLIENT_TYPES = ("start", "prompt", "pause", "resume", "stop", "ack", "attach")
 SERVER_TYPES = ("ready", "init", "fragment", "status", "end", "error")
 OPEN_TYPES = ("status",)  # unknown fields are kept (Status.extra); elsewhere they are ignored
+
+
+def schema_path() -> Path:
+    """``protocol/schema.json`` of this copy: ``streamgen/spec/schema.json`` in an installed copy
+    (package data, see pyproject.toml), ``protocol/schema.json`` beside the package in a checkout."""
+    package = Path(__file__).resolve().parent
+    installed = package / "spec" / "schema.json"
+    return installed if installed.is_file() else package.parent / "protocol" / "schema.json"
+
+
+def load_schema() -> dict:
+    """The published schema (``schema_path()``) as JSON data; equal to ``schema_json()``."""
+    return json.loads(schema_path().read_text(encoding="utf-8"))
 
 
 def schema_json(limits: Limits = DEFAULT_LIMITS) -> dict:
@@ -314,6 +332,7 @@ class Error:
     fatal: bool = False
     field: str | None = None
     ref: str | None = None
+    retry_after: float | None = None  # seconds after which a refused start may be tried again (overloaded)
 
 
 ClientMessage = Union[Start, Prompt, Pause, Resume, Stop, Ack, Attach]

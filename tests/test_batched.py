@@ -339,3 +339,127 @@ async def test_engine_admits_by_memory_queues_and_refuses(tiny):
         assert eng.pool.sessions == 0 and eng.pool.used_bytes == 0
     finally:
         eng.close()
+
+
+# -- the real server on loopback, real clients --------------------------------------------------------------
+
+class _Loopback:
+    """streamgen's app serving the tiny engine on 127.0.0.1 (aiohttp TestServer)."""
+
+    def __init__(self, tiny, **engine_kw):
+        from streamgen.server.sources import EngineFactory
+
+        model, text, dec = tiny
+        self.engine = Engine(Pipeline(model=model, text_encoder=text, decoder=dec),
+                             EngineSettings(**{"local_frames": 6, "sink_frames": 0, **engine_kw}))
+        self.factory = EngineFactory("tiny", self.engine, width=64, height=64)
+
+    async def __aenter__(self):
+        from aiohttp.test_utils import TestServer
+
+        from streamgen.server.app import ServerConfig, build_app
+
+        self.server = TestServer(build_app(ServerConfig(model="tiny", grace_s=0.0, preset="ultrafast", max_sessions_per_client=4,
+                                                        encode_threads=2), self.factory))
+        await self.server.start_server()
+        self.url = f"ws://127.0.0.1:{self.server.port}/v1/stream"
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.server.close()
+
+    async def raw(self):
+        import websockets
+
+        from streamgen import protocol as P
+
+        ws = await websockets.connect(self.url, max_size=P.DEFAULT_LIMITS.max_server_message_bytes, close_timeout=0.5)
+        return ws, P.ClientConnection()
+
+
+async def _recv(ws, conn, timeout=30.0):
+    while True:
+        msg = conn.receive(await asyncio.wait_for(ws.recv(), timeout))
+        if msg is not None:
+            return msg
+
+
+async def _until(pred, what: str, tries: int = 1500):
+    for _ in range(tries):
+        if pred():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"never happened: {what}")
+
+
+async def test_server_queues_by_memory_refuses_overload_and_a_disconnect_frees_the_slot(tiny):
+    from streamgen import protocol as P
+
+    probe = Engine(Pipeline(model=tiny[0], text_encoder=tiny[1], decoder=tiny[2]),
+                   EngineSettings(local_frames=6, sink_frames=0))
+    one = probe.cache_bytes(GenRequest("p", 64, 64))
+    async with _Loopback(tiny, cache_memory=one + 512, queue_limit=1, retry_after_s=2.5) as srv:
+        eng = srv.engine
+        cancels, releases = [], []
+        command, release = eng._command, eng.pool.release
+
+        def spy_command(kind, sid, arg=None):
+            if kind == "cancel":
+                cancels.append(eng.stats["steps"])
+            command(kind, sid, arg)
+
+        def spy_release(res):
+            releases.append(eng.stats["steps"])
+            release(res)
+
+        eng._command, eng.pool.release = spy_command, spy_release
+        (ws1, c1), (ws2, c2), (ws3, c3) = [await srv.raw() for _ in range(3)]
+        start = P.Start(prompt="first", width=64, height=64)
+        await ws1.send(c1.send(start))
+        assert isinstance(await _recv(ws1, c1), P.Ready)
+        await ws2.send(c2.send(P.Start(prompt="second", width=64, height=64)))
+        queued = await _recv(ws2, c2)
+        assert isinstance(queued, P.Status) and queued.state == "queued" and queued.extra["position"] == 1
+        await ws3.send(c3.send(P.Start(prompt="third", width=64, height=64)))
+        refused = await _recv(ws3, c3)
+        assert isinstance(refused, P.Error) and refused.code == "overloaded" and refused.ref == "start"
+        assert refused.retry_after == 2.5 and "try again in 2.5 s" in refused.message
+        assert eng.pool.sessions == 1 and eng.queue_length == 1
+        await ws1.close()  # the viewer goes: its slot is freed, the queued start gets it
+        while not isinstance(msg := await _recv(ws2, c2), P.Ready):
+            assert isinstance(msg, P.Status)
+        await _until(lambda: releases, "the first session's range released")
+        assert releases[0] - cancels[0] <= 1  # freed within one engine step of the cancel
+        assert eng.pool.sessions == 1 and eng.queue_length == 0
+        assert isinstance(await _recv(ws2, c2), P.Init)
+        while not isinstance(msg := await _recv(ws2, c2), P.Fragment):
+            assert isinstance(msg, P.Status)
+        await ws2.close()
+        await ws3.close()
+        await _until(lambda: eng.pool.sessions == 0, "every range released")
+        assert eng.pool.used_bytes == 0
+
+
+async def test_server_a_paused_viewer_yields_and_the_others_keep_going(tiny):
+    from streamgen import protocol as P
+    from streamgen.client import StreamClient
+
+    async with _Loopback(tiny) as srv:
+        eng = srv.engine
+        ws, conn = await srv.raw()
+        await ws.send(conn.send(P.Start(prompt="paused one", width=64, height=64)))
+        while not isinstance(await _recv(ws, conn), P.Fragment):
+            pass
+        await ws.send(conn.send(P.Pause()))
+        await _until(lambda: any(s.paused for s in eng.scheduler.slots.values()), "the pause reached the engine")
+        (paused,) = [s for s in eng.scheduler.slots.values() if s.paused]
+        made = paused.produced
+        n = 0
+        async with StreamClient(srv.url) as c:
+            async for _ in c.start(prompt="live one", width=64, height=64, chunks=5):
+                n += 1
+        assert n == 5  # the other session made all of its chunks...
+        assert paused.produced == made and eng.scheduler.slots[paused.sid] is paused  # ...the paused one none
+        await ws.send(conn.send(P.Resume()))
+        await _until(lambda: paused.produced > made, "the resumed session generates again")
+        await ws.close()

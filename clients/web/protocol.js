@@ -105,6 +105,7 @@ export const SCHEMA = {
     F('fatal', 'bool'),
     F('field', 'str', false, SHORT),
     F('ref', 'str', false, SHORT),
+    F('retry_after', 'float', false, { min: 0 }),
   ],
 };
 export const CLIENT_TYPES = ['start', 'prompt', 'pause', 'resume', 'stop', 'ack', 'attach'];

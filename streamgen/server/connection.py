@@ -66,9 +66,10 @@ class Connection:
             return len(data)
 
     async def _error(self, code: str, message: str, *, ref: str | None, field: str | None = None,
-                     fatal: bool = False) -> None:
+                     fatal: bool = False, retry_after: float | None = None) -> None:
         try:
-            await self.send(P.Error(code=code, message=message[:1000], fatal=fatal, field=field, ref=ref))
+            await self.send(P.Error(code=code, message=message[:1000], fatal=fatal, field=field, ref=ref,
+                                    retry_after=retry_after))
         except (ConnectionError, RuntimeError, P.ProtocolError) as e:
             log.debug("%s: could not send error %s: %r", self.id, code, e)
 
@@ -221,16 +222,44 @@ class Connection:
                 s.ack(self.sub, msg.seq, msg.playhead)
 
     async def _start(self, msg: P.Start) -> None:
+        def queued(position: int) -> None:  # waiting for engine memory: where this start stands
+            status = P.Status(state="queued", gen_fps=0.0, lead_s=0.0, extra={"position": position})
+            asyncio.ensure_future(self._send_quietly(status))
+
+        create = asyncio.ensure_future(self.state.registry.create(msg, self.client, on_queued=queued))
         try:
-            session = await self.state.registry.create(msg, self.client)
+            while not create.done():  # a queued start of a client that went away gives its place up
+                try:
+                    await asyncio.wait([create], timeout=0.5)
+                except asyncio.CancelledError:
+                    create.cancel()
+                    raise
+                transport = self.request.transport
+                if not create.done() and (transport is None or transport.is_closing()):
+                    create.cancel()
+                    await asyncio.wait([create])
+                    return
+            session = create.result()
+        except asyncio.CancelledError:
+            if create.cancelled() or not create.done():
+                raise
+            if create.exception() is None:
+                await create.result().aclose()
+            raise
         except Refused as e:
-            await self._error(e.code, str(e), ref="start", field=e.field)
+            await self._error(e.code, str(e), ref="start", field=e.field, retry_after=e.retry_after)
             return
         if self.ws.closed:
             await session.aclose()
             return
         session.start()
         self._subscribe(session, 0)
+
+    async def _send_quietly(self, msg: P.ServerMessage) -> None:
+        try:
+            await self.send(msg)
+        except (ConnectionError, RuntimeError, P.ProtocolError) as e:
+            log.debug("%s: could not send %s: %r", self.id, msg.TYPE, e)
 
     async def _attach(self, msg: P.Attach) -> None:
         session = self.state.registry.get(msg.session)

@@ -248,7 +248,7 @@ class Session:
     def __init__(self, *, source: FrameSource, encoder: FMP4Encoder, metrics: Metrics,
                  executor: Executor | None, client: str, limits: SessionLimits, chunks: int | None = None,
                  on_closed: Callable[["Session"], None] | None = None, session_id: str | None = None,
-                 lead: float | None = None):
+                 lead: float | None = None, started_at: float | None = None):
         self.id = session_id or new_session_id()
         self.source, self.encoder, self.metrics = source, encoder, metrics
         self.executor = executor
@@ -268,6 +268,8 @@ class Session:
         self._resume.set()
         self._pace = _Notifier()
         self._t_first: float | None = None
+        self._t_start = time.monotonic() if started_at is None else started_at  # the start arrived (monotonic)
+        self._t_prompt = 0.0  # the latest prompt arrived (monotonic)
         self._acked_end_s: float | None = None
         self._playhead: float | None = None
         self._t_ack = 0.0  # monotonic time of the ack that set _playhead
@@ -293,6 +295,7 @@ class Session:
     def set_prompt(self, prompt: str) -> None:
         self.source.set_prompt(prompt)
         self._prompt_pending = True
+        self._t_prompt = time.monotonic()
 
     def pause(self) -> None:
         if self.ended is None:
@@ -485,12 +488,15 @@ class Session:
                     seq=frag.seq, data=frag.data, pts=frag.pts, duration=frag.duration, frames=frag.frames,
                     keyframe=frag.keyframe)))
                 switched = self._prompt_pending and self.source.switched
+                now = time.monotonic()
                 if switched:
                     self._prompt_pending, self.prompt_seq = False, frag.seq
+                    m.observe("prompt_switch_seconds", now - self._t_prompt)
                 for sub in self.subscribers:
                     sub.wake()
                 if self._t_first is None:
-                    self._t_first = time.monotonic()
+                    self._t_first = now
+                    m.observe("time_to_first_fragment_seconds", now - self._t_start)
                 seq += 1
                 self.generated_frames += frag.frames
                 self.generated_s = frag.pts + frag.duration
@@ -501,6 +507,7 @@ class Session:
                 m.inc("frames_generated_total", frag.frames)
                 m.inc("generate_seconds_total", t1 - t0)
                 m.inc("encode_seconds_total", t2 - t1)
+                m.observe("chunk_seconds", t2 - t0)
                 m.inc("fragment_bytes_total", len(frag.data))
                 if switched or time.monotonic() - self._last_status >= self.limits.status_interval_s or seq == 1:
                     self._broadcast_status()
@@ -524,11 +531,12 @@ def new_session_id() -> str:
 
 
 class Refused(Exception):
-    """A ``start`` that gets no session: ``code`` / ``field`` / message as the client's error."""
+    """A ``start`` that gets no session: ``code`` / ``field`` / ``retry_after`` / message as the
+    client's error."""
 
-    def __init__(self, code: str, message: str, field: str | None = None):
+    def __init__(self, code: str, message: str, field: str | None = None, retry_after: float | None = None):
         super().__init__(message)
-        self.code, self.field = code, field
+        self.code, self.field, self.retry_after = code, field, retry_after
 
 
 class SessionRegistry:
@@ -555,16 +563,20 @@ class SessionRegistry:
             raise Refused("busy", f"this client already has {mine} session(s); the limit per client is "
                                   f"{self.max_sessions_per_client}")
 
-    async def create(self, start: P.Start, client: str) -> Session:
-        """A new, registered (not yet started) session for ``start``; raises Refused."""
+    async def create(self, start: P.Start, client: str, on_queued=None) -> Session:
+        """A new, registered (not yet started) session for ``start``; raises Refused. While the
+        engine has no memory for it, ``on_queued(position)`` reports its place in the queue (the
+        start still counts against the limits meanwhile)."""
+        t_start = time.monotonic()
         self._check_capacity(client)
         self._reserved[client] = self._reserved.get(client, 0) + 1
         sid = new_session_id()
         try:
             try:
-                source = await self.factory.create(start, name=sid)
+                source = await self.factory.create(start, name=sid, on_queued=on_queued)
             except SourceError as e:
-                raise Refused(e.code, f"start.{e.field}: {e}" if e.field else str(e), e.field) from None
+                raise Refused(e.code, f"start.{e.field}: {e}" if e.field else str(e), e.field,
+                              getattr(e, "retry_after", None)) from None
             try:
                 encoder = await asyncio.get_running_loop().run_in_executor(
                     self.executor, lambda: FMP4Encoder(source.width, source.height, source.fps, preset=self.preset))
@@ -573,7 +585,7 @@ class SessionRegistry:
                 raise
             session = Session(source=source, encoder=encoder, metrics=self.metrics, executor=self.executor,
                               client=client, limits=self.limits, chunks=start.chunks, on_closed=self.remove,
-                              session_id=sid, lead=start.lead)
+                              session_id=sid, lead=start.lead, started_at=t_start)
             self.sessions[sid] = session
         finally:
             n = self._reserved[client] - 1

@@ -44,13 +44,15 @@ __all__ = [
 class SourceError(ValueError):
     """A request the source cannot serve; ``field`` names the request field at fault (None: the
     request as a whole), ``code`` is the protocol error code: ``bad_field`` (a value outside what
-    this model takes), ``unsupported`` (a valid request this server cannot honour) or ``busy``
-    (no capacity now)."""
+    this model takes), ``unsupported`` (a valid request this server cannot honour), ``busy``
+    (no capacity now) or ``overloaded`` (no memory now and the queue is full: ``retry_after`` s)."""
 
-    def __init__(self, field_name: str | None, message: str, code: str = "bad_field"):
+    def __init__(self, field_name: str | None, message: str, code: str = "bad_field",
+                 retry_after: float | None = None):
         super().__init__(message)
         self.field = field_name
         self.code = code
+        self.retry_after = retry_after
 
 
 class GenerationError(RuntimeError):
@@ -92,9 +94,10 @@ class SourceFactory(ABC):
     model: str
 
     @abstractmethod
-    async def create(self, request: StreamRequest, name: str = "") -> FrameSource:
+    async def create(self, request: StreamRequest, name: str = "", on_queued=None) -> FrameSource:
         """Validate ``request`` (raise SourceError naming the field) and create its source;
-        ``name`` is the session id, for log lines."""
+        ``name`` is the session id, for log lines. A source that must wait for capacity calls
+        ``on_queued(position)`` (1 = next) whenever its place in the queue changes."""
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Free shared resources (model weights, worker threads)."""
@@ -210,7 +213,7 @@ class TestPatternFactory(SourceFactory):
         self.executor = executor
         self.delay_s = delay_s
 
-    async def create(self, request: StreamRequest, name: str = "") -> FrameSource:
+    async def create(self, request: StreamRequest, name: str = "", on_queued=None) -> FrameSource:
         if request.model not in (None, "", self.model):
             raise SourceError("model", f"model {request.model!r} is not served here; available: [{self.model!r}]")
         w = request.width or self.width
@@ -273,7 +276,7 @@ class EngineFactory(SourceFactory):
         self.executor = executor
         engine.start()
 
-    async def create(self, request: StreamRequest, name: str = "") -> FrameSource:
+    async def create(self, request: StreamRequest, name: str = "", on_queued=None) -> FrameSource:
         from streamgen.engine.core import EngineError, GenRequest
 
         if request.model not in (None, "", self.model):
@@ -290,9 +293,9 @@ class EngineFactory(SourceFactory):
             if request.image is not None:
                 req.image = await asyncio.get_running_loop().run_in_executor(
                     self.executor, decode_image, request.image, w, h)
-            handle = await self.engine.open(req)
+            handle = await self.engine.open(req, on_queued=on_queued)
         except EngineError as e:
-            raise SourceError(e.field, str(e), e.code) from None
+            raise SourceError(e.field, str(e), e.code, e.retry_after) from None
         return EngineSource(handle)
 
     async def aclose(self) -> None:
