@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv with CPU torch 2.13.0 and streamgen (runtime dependencies only).
+# Create .venv with CPU torch 2.13.0 and streamgen (runtime dependencies only: pyproject's
+# [project.dependencies], prometheus_client among them).
 #   bash scripts/setup.sh          what `streamgen serve` / `generate` need (the built-in models)
 #   bash scripts/setup.sh --test   + the test extra (diffusers, transformers: reference numerics) and
 #                                  Debian's chromium for the browser tests; a failed install is an error
@@ -26,4 +27,9 @@ if ! command -v chromium >/dev/null 2>&1; then
     echo "setup: chromium is not installed and this is not root: install it (apt-get install chromium); the browser tests need it" >&2
     exit 1
   fi
+fi
+# the browser tests skip only where no chromium binary exists: one that is there must also start
+if ! chromium --headless --no-sandbox --version >/dev/null 2>&1; then
+  echo "setup: chromium is installed but does not start (chromium --version failed); the browser tests need it" >&2
+  exit 1
 fi

@@ -472,16 +472,3 @@ async def test_serve_cli_serves_player_and_health():
     finally:
         proc.terminate()
         proc.wait(10)
-
-
-def test_metrics_values_are_exact():
-    from streamgen.server.metrics import Metrics
-
-    m = Metrics()
-    m.describe("bytes_sent_total", "counter", "bytes")
-    m.inc("bytes_sent_total", 1234567890)
-    m.describe("ratio", "gauge", "a ratio")
-    m.gauge_fn("ratio", lambda: 0.1 + 0.2)
-    text = m.render()
-    assert "streamgen_bytes_sent_total 1234567890\n" in text
-    assert "streamgen_ratio 0.30000000000000004" in text

@@ -5,8 +5,9 @@ Routes
 ``GET /``            the browser player (``state.WEB_ROOT``: clients/web, installed as streamgen/web)
 ``GET /v1/stream``   WebSocket, protocol v1 (see protocol/README.md), one msgpack map per binary frame
 ``GET /healthz``     JSON {"status": "ok", "model", "sessions"}
-``GET /metrics``     Prometheus text (sessions, fragments/bytes sent, generation fps, send queue
-                     depths, dropped fragments, errors by code)
+``GET /metrics``     Prometheus text via prometheus_client (sessions, fragments/bytes sent, generation
+                     fps, send queue depths, dropped fragments, errors by code; histograms of chunk
+                     time, time to first fragment and prompt-switch latency): ``_describe_metrics``
 
 Access: with a token the WebSocket and /metrics need ``?token=T`` or ``Authorization: Bearer T``
 (else HTTP 401). A WebSocket request carrying an ``Origin`` header must come from an allowed
@@ -28,6 +29,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from aiohttp import web
 
 from streamgen.server.connection import Connection
+from streamgen.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from streamgen.server.metrics import Metrics
 from streamgen.server.sessions import SessionLimits, SessionRegistry
 from streamgen.server.sources import SourceFactory
@@ -117,8 +119,8 @@ class _Handlers:
             raise web.HTTPForbidden(text=f"host {request.host!r} is not served without a token (see --public-host)")
         if not self.state.token_ok(request):
             raise web.HTTPUnauthorized(text="missing or wrong token")
-        return web.Response(text=self.state.metrics.render(), content_type="text/plain", charset="utf-8",
-                            headers={"X-Content-Type-Options": "nosniff"})
+        return web.Response(body=self.state.metrics.render().encode(),
+                            headers={"Content-Type": METRICS_CONTENT_TYPE, "X-Content-Type-Options": "nosniff"})
 
     async def stream(self, request):
         st = self.state
@@ -139,35 +141,38 @@ class _Handlers:
 
 
 def _describe_metrics(m: Metrics, state: ServerState) -> None:
-    for name, kind, text in (
-        ("sessions", "gauge", "live sessions"),
-        ("connections", "gauge", "open WebSocket connections"),
-        ("sessions_started_total", "counter", "sessions created"),
-        ("fragments_generated_total", "counter", "fragments produced (one per chunk)"),
-        ("frames_generated_total", "counter", "video frames produced"),
-        ("fragment_bytes_total", "counter", "bytes of encoded fMP4 fragments produced"),
-        ("fragments_sent_total", "counter", "fragment messages written to clients"),
-        ("bytes_sent_total", "counter", "bytes of fragment messages written to clients"),
-        ("fragments_dropped_total", "counter", "fragments skipped for clients that fell behind"),
-        ("generate_seconds_total", "counter", "wall seconds spent waiting for frame sources"),
-        ("encode_seconds_total", "counter", "wall seconds spent encoding"),
-        ("errors_total", "counter", "errors sent to clients, by code"),
-        ("bad_messages_total", "counter", "client frames rejected by the protocol validator"),
-        ("generation_fps", "gauge", "sum over sessions of recent generation speed (frames/s)"),
-        ("send_queue_fragments", "gauge", "fragments waiting in all clients' send windows"),
-        ("send_queue_fragments_max", "gauge", "largest single client send window in use"),
-        ("fragment_log_bytes", "gauge", "bytes held in session replay logs"),
+    """Every series of /metrics (more gauges: ``m.gauge(name, help, fn=...)``, see server/metrics.py)."""
+    for name, text in (
+        ("sessions_started_total", "sessions created"),
+        ("fragments_generated_total", "fragments produced (one per chunk)"),
+        ("frames_generated_total", "video frames produced"),
+        ("fragment_bytes_total", "bytes of encoded fMP4 fragments produced"),
+        ("fragments_sent_total", "fragment messages written to clients"),
+        ("bytes_sent_total", "bytes of fragment messages written to clients"),
+        ("fragments_dropped_total", "fragments skipped for clients that fell behind"),
+        ("generate_seconds_total", "wall seconds spent waiting for frame sources"),
+        ("encode_seconds_total", "wall seconds spent encoding"),
+        ("bad_messages_total", "client frames rejected by the protocol validator"),
     ):
-        m.describe(name, kind, text, labelled=name == "errors_total")
+        m.counter(name, text)
+    m.counter("errors_total", "errors sent to clients, by code", labels=("code",))
+    m.histogram("chunk_seconds", "wall seconds from asking the frame source for a chunk to its fragment "
+                "being ready to send (generation + encoding)")
+    m.histogram("time_to_first_fragment_seconds", "wall seconds from a start reaching the server to the "
+                "session's first fragment being ready to send (engine open, first chunk, encoding)")
+    m.histogram("prompt_switch_seconds", "wall seconds from a prompt message to the first fragment made "
+                "under it being ready to send (the latest prompt of a coalesced run)")
     reg = state.registry
-    m.gauge_fn("sessions", lambda: len(reg.sessions))
-    m.gauge_fn("connections", lambda: len(state.sockets))
-    m.gauge_fn("generation_fps", lambda: sum(s.gen_fps for s in reg.sessions.values() if s.state == "generating"))
-    m.gauge_fn("send_queue_fragments", lambda: sum(sub.depth for s in reg.sessions.values() for sub in s.subscribers))
-    m.gauge_fn("send_queue_fragments_max",
-               lambda: max([sub.depth for s in reg.sessions.values() for sub in s.subscribers], default=0))
-    m.gauge_fn("fragment_log_bytes", lambda: sum(s.log.bytes for s in reg.sessions.values()))
-    m.describe("stuck_subscribers", "gauge", "viewers whose socket has not taken a fragment for 5 s")
-    m.gauge_fn("stuck_subscribers", lambda: sum(1 for s in reg.sessions.values() for sub in s.subscribers
-                                                 if sub.blocked_since is not None
-                                                 and time.monotonic() - sub.blocked_since > 5.0))
+    m.gauge("sessions", "live sessions", fn=lambda: len(reg.sessions))
+    m.gauge("connections", "open WebSocket connections", fn=lambda: len(state.sockets))
+    m.gauge("generation_fps", "sum over sessions of recent generation speed (frames/s)",
+            fn=lambda: sum(s.gen_fps for s in reg.sessions.values() if s.state == "generating"))
+    m.gauge("send_queue_fragments", "fragments waiting in all clients' send windows",
+            fn=lambda: sum(sub.depth for s in reg.sessions.values() for sub in s.subscribers))
+    m.gauge("send_queue_fragments_max", "largest single client send window in use",
+            fn=lambda: max([sub.depth for s in reg.sessions.values() for sub in s.subscribers], default=0))
+    m.gauge("fragment_log_bytes", "bytes held in session replay logs",
+            fn=lambda: sum(s.log.bytes for s in reg.sessions.values()))
+    m.gauge("stuck_subscribers", "viewers whose socket has not taken a fragment for 5 s",
+            fn=lambda: sum(1 for s in reg.sessions.values() for sub in s.subscribers
+                           if sub.blocked_since is not None and time.monotonic() - sub.blocked_since > 5.0))
