@@ -52,6 +52,7 @@ class WeightSource:
 
 
 _WAN13, _WAN14 = "Wan-AI/Wan2.1-T2V-1.3B", "Wan-AI/Wan2.1-T2V-14B"
+_LIGHTX2V = "lightx2v/Wan2.1-Distill-Models"  # single-file distilled DiTs (BF16, scaled FP8, INT8)
 _UMT5 = ("models_t5_umt5-xxl-enc-bf16.pth", "google/umt5-xxl/*")
 
 
@@ -120,6 +121,13 @@ MODELS: dict[str, ModelPreset] = {
                                    local_frames=None, sink_frames=0, files=_wan_files(_WAN13)),
     "wan2.1-t2v-14b": ModelPreset("wan2.1-t2v-14b", "full", "unipc", 50, 5.0, 5.0, 832, 480,
                                   local_frames=None, sink_frames=0, files=_wan_files(_WAN14)),
+    # LightX2V's 4-step distilled Wan2.1 T2V 14B: bidirectional, no CFG, the re-noising few-step loop at shift 5
+    # (its configs/distill/wan_t2v_distill_4step_cfg.json); the BF16 file of lightx2v/Wan2.1-Distill-Models (its
+    # scaled_fp8_e4m3 / int8 files load with --checkpoint), VAE and umT5 of Wan2.1 14B
+    "lightx2v-t2v-14b": ModelPreset("wan2.1-t2v-14b", "full", "self-forcing", 4, 5.0, 1.0, 832, 480,
+                                    local_frames=None, sink_frames=0, files=_wan_files(_WAN14, WeightSource(
+                                        "checkpoint", f"{_LIGHTX2V}:wan2.1_t2v_14b_lightx2v_4step.safetensors",
+                                        ("wan2.1_t2v_14b_lightx2v_4step.safetensors",)))),
 }
 STREAM_MODELS = tuple(n for n, p in MODELS.items() if p.mode == "stream")
 SAMPLER_CHOICES = ("self-forcing", "euler", "unipc")
@@ -378,9 +386,6 @@ def check_options(args: argparse.Namespace) -> ModelPreset:
     if args.offload is not None and args.cuda_graphs:
         raise UsageError("--offload and --cuda-graphs cannot be combined (weights move between replays); pick one")
     sampler = args.sampler or preset.sampler
-    if preset.mode == "full" and sampler == "self-forcing":
-        raise UsageError(f"--sampler self-forcing needs a distilled block-causal model; {args.model} is bidirectional "
-                         f"(allowed: euler, unipc; streaming models: {', '.join(STREAM_MODELS)})")
     if sampler == "self-forcing" and args.guidance not in (None, 1.0):
         raise UsageError("--guidance applies to --sampler euler/unipc; the distilled self-forcing sampler runs without CFG")
     return preset

@@ -136,3 +136,28 @@ def test_sampler_errors_name_allowed_values():
     s = UniPCSampler(sched)
     with pytest.raises(IndexError):
         s.step(4, torch.zeros(1), torch.zeros(1))
+
+
+def test_renoise_loop_is_lightx2v_step_distill():
+    """sampling.full.renoise_sample == LightX2V's WanStepDistillScheduler (4 steps [1000, 750, 500, 250],
+    shift 5): x0 = x - sigma * flow, then (1 - sigma') * x0 + sigma' * fresh noise, the last x0 returned."""
+    from streamgen.sampling.full import renoise_sample
+
+    calls = []
+
+    def flow(x, t):  # a fixed linear "model": flow = 0.3 x + 0.01 t
+        calls.append(float(t[0]))
+        return 0.3 * x + 0.01 * t.view(-1, 1, 1, 1, 1)
+
+    noise = torch.randn(1, 2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    got = renoise_sample(flow, noise, steps=4, shift=5.0, generator=torch.Generator().manual_seed(1))
+    # the reference, written out as LightX2V's scheduler does it
+    table = 5 * torch.linspace(1, 0, 1001, dtype=torch.float64)[:-1]
+    table = table / (1 + 4 * torch.linspace(1, 0, 1001, dtype=torch.float64)[:-1])
+    sig = [float(table[1000 - s]) for s in (1000, 750, 500, 250)]
+    gen, x = torch.Generator().manual_seed(1), noise
+    for i, s in enumerate(sig):
+        x0 = x - s * (0.3 * x + 0.01 * s * 1000)
+        x = x0 if i == 3 else (1 - sig[i + 1]) * x0 + sig[i + 1] * torch.randn(x.shape, generator=gen)
+    assert calls == pytest.approx([s * 1000 for s in sig]) and calls[1] == pytest.approx(937.5)
+    torch.testing.assert_close(got, x, rtol=1e-6, atol=1e-6)
