@@ -1,0 +1,219 @@
+"""Many sessions on one engine: N concurrent streams, batched into one forward per step.
+
+    PYTHONPATH=. python bench/batched.py --json $OUT/batched.json                          # GPU: 1.3B, 832x480
+    PYTHONPATH=. python bench/batched.py --model toy --sessions 1,2,4 --variants taehv-bf16  # CPU: the built-in model
+
+One engine per variant (``streamgen.engine.core.Engine``, the busy loop the server uses), kept warm
+across the N values (a throwaway warm-up session first: cuDNN autotuning and kernel loading are per
+thread). For each N: N sessions are opened at once and each consumer awaits its chunks back to
+back (unpaced: what the engine can make; ``max_ahead=1``, as ``generate`` runs). GPU: Wan2.1 1.3B
+block-causal DiT with random weights (bf16, or its block linears in fp8 rowwise, ``ops.quant``), 4
+Self-Forcing steps + cache pass per chunk of 3 latent frames, window 12 frames with 3 sinks, the Wan
+VAE (fp16) or TAEHV (fp16) decoder, no RIFE; CPU (``--model toy``): the built-in default model at
+its native size, float32.
+
+Reported per N: "1st chunk" = open -> first chunk on the host, the slowest of the N sessions (they
+all start together); per-session generated fps = decoded frames / s after the first ``--warmup``
+chunks (median over sessions); aggregate = all sessions' frames after their warm-up chunks over the
+wall time from the earliest end of a warm-up chunk to the last chunk;
+"rows/forward" = mean batch size of the DiT forwards; peak GPU memory of that run (allocator peak,
+the pool included); ``max_batch=1`` rows run the same N one session per step (the old round robin)
+for comparison. Needs no av/websockets/diffusers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from streamgen.engine.core import Engine, EngineSettings, GenRequest, Pipeline  # noqa: E402
+
+VARIANTS = ("taehv-bf16", "wan-bf16", "taehv-fp8", "wan-fp8")
+
+
+def build(variant: str, dev: torch.device, model_name: str, smoke: bool) -> tuple[Pipeline, int, int]:
+    """The pipeline of a variant, and the frame size to run it at."""
+    decoder, prec = variant.split("-")
+    if model_name == "toy":
+        from streamgen.pipeline import MODELS
+        from streamgen.pipeline import build as build_pipeline
+
+        preset = MODELS["toy"]
+        return build_pipeline(preset, device=dev), preset.width, preset.height
+    from bench.common import random_wan
+    from streamgen.models.taehv import TAEHV, TAEHVConfig
+    from streamgen.models.text import load_text_encoder
+    from streamgen.models.wan import WanConfig, WanModel
+    from streamgen.models.wan_vae import WanVAE, WanVAEConfig
+    from streamgen.ops.attention import use_backend
+
+    torch.manual_seed(0)
+    dt, ht = (torch.float32, torch.float32) if smoke else (torch.bfloat16, torch.float16)
+    if smoke:
+        model = WanModel(WanConfig.preset("tiny")).to(dev, dt).eval()
+    else:  # random weights made in place on the GPU
+        model = random_wan("wan2.1-t2v-1.3b", dev, dt)
+    model.requires_grad_(False)
+    if prec == "fp8":
+        from streamgen.ops.quant import quantize
+
+        model = quantize(model, "fp8")
+    model = use_backend(model)
+    if decoder == "wan":
+        dec = WanVAE(WanVAEConfig.preset("tiny" if smoke else "wan2.1")).to(dev, ht).eval().requires_grad_(False)
+    else:
+        dec = TAEHV(TAEHVConfig.preset("tiny" if smoke else "taew2.1")).init_random_(seed=1).to(dev, ht).eval()
+    text = load_text_encoder(None, dim=model.cfg.text_dim, device=dev, dtype=dt)
+    size = (64, 64) if smoke else (832, 480)
+    return Pipeline(model=model, text_encoder=text, decoder=dec, device=dev, dtype=dt), *size
+
+
+def _peak_reset(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+
+
+def _peak_gib(dev: torch.device) -> float:
+    return torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else 0.0
+
+
+async def run_n(engine: Engine, n: int, width: int, height: int, chunks: int, warmup: int, tag: int) -> dict:
+    """N sessions opened together, each taking ``chunks`` chunks as fast as it can."""
+    dev = torch.device(engine.pipeline.device)
+    _peak_reset(dev)
+    before = dict(engine.stats)
+    t_open = time.perf_counter()
+    handles = await asyncio.gather(*(engine.open(GenRequest(f"a red fox running through snow {tag}.{i}", width, height,
+                                                            seed=tag * 100 + i, chunks=chunks)) for i in range(n)))
+
+    async def consume(h):
+        stamps, frames = [], []
+        for _ in range(chunks):
+            out = await h.get()
+            stamps.append(time.perf_counter())
+            frames.append(out.shape[0])
+        h.cancel()
+        return stamps, frames
+
+    got = await asyncio.gather(*(consume(h) for h in handles))
+    firsts = [s[0] - t_open for s, _ in got]
+    per = [sum(f[warmup:]) / (s[-1] - s[warmup - 1]) for s, f in got]  # steady: after the warm-up chunks
+    # aggregate: every session's steady frames over the span from the first steady start to the last chunk
+    agg = sum(sum(f[warmup:]) for _, f in got) / (max(s[-1] for s, _ in got) - min(s[warmup - 1] for s, _ in got))
+    fw = engine.stats["forwards"] - before["forwards"]
+    return {"n": n, "max_batch": engine.settings.max_batch, "first_chunk_s_max": max(firsts),
+            "first_chunk_s_median": statistics.median(firsts), "gen_fps_per_session_median": statistics.median(per),
+            "gen_fps_per_session_min": min(per), "gen_fps_aggregate": agg,
+            "rows_per_forward": (engine.stats["rows"] - before["rows"]) / max(fw, 1), "peak_gib": _peak_gib(dev),
+            "pool_gib_per_session": engine.cache_bytes(GenRequest("x", width, height)) / 2**30}
+
+
+async def run_variant(variant: str, args, dev: torch.device, out: dict, save) -> None:
+    t0 = time.perf_counter()
+    pipe, width, height = build(variant, dev, args.model, args.smoke)
+    rows = out.setdefault(variant, {"width": width, "height": height, "runs": []})["runs"]
+    per_session = None
+    for max_batch in args.max_batch:
+        if max_batch == 1 and variant not in args.unbatched_variants:
+            continue
+        settings = EngineSettings(local_frames=12, sink_frames=3, max_ahead=1, max_batch=max_batch,
+                                  warmup=GenRequest("warm-up", width, height, seed=99))
+        if args.model == "toy":  # the built-in model's own window and schedule
+            from streamgen.pipeline import MODELS
+
+            p = MODELS["toy"]
+            settings.num_steps, settings.shift = p.steps, p.shift
+            settings.local_frames, settings.sink_frames = p.local_frames, p.sink_frames
+        if per_session is None:
+            per_session = Engine(pipe, settings).cache_bytes(GenRequest("x", width, height))
+        # the pool holds exactly the largest N's caches, so the peak shows what N sessions need
+        settings.cache_memory = max(args.sessions) * (per_session + 4096)
+        engine = Engine(pipe, settings).start()
+        try:
+            for k, n in enumerate(args.sessions):
+                if max_batch == 1 and n not in args.unbatched:
+                    continue
+                if time.perf_counter() - args.t_start > args.budget_s:
+                    print(f"{variant}: time budget spent, N={n} skipped", flush=True)
+                    break
+                r = await run_n(engine, n, width, height, args.chunks, args.warmup, tag=k)
+                rows.append(r)
+                print(f"{variant} max_batch={max_batch} N={n}: per-session {r['gen_fps_per_session_median']:.1f} fps "
+                      f"(min {r['gen_fps_per_session_min']:.1f}), aggregate {r['gen_fps_aggregate']:.1f} fps, "
+                      f"1st chunk {r['first_chunk_s_max']:.2f} s, rows/forward {r['rows_per_forward']:.2f}, "
+                      f"peak {r['peak_gib']:.1f} GiB", flush=True)
+                save()
+        finally:
+            engine.close()
+            del engine
+    out[variant]["build_and_run_s"] = time.perf_counter() - t0
+    del pipe
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
+    ap.add_argument("--sessions", default="1,2,4,8", help="comma list of N")
+    ap.add_argument("--max-batch", default="8,1", help="comma list: 8 = batched, 1 = one session per step")
+    ap.add_argument("--unbatched", default="4", help="N values also run with max_batch=1")
+    ap.add_argument("--unbatched-variants", default=None,
+                    help="comma list of the variants that get the max_batch=1 runs (default: the first)")
+    ap.add_argument("--chunks", type=int, default=5, help="chunks per session")
+    ap.add_argument("--warmup", type=int, default=1, help="chunks per session not timed for the steady rate")
+    ap.add_argument("--model", choices=("wan1.3b", "toy"), default="wan1.3b")
+    ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    ap.add_argument("--smoke", action="store_true", help="tiny configs in float32: check the script on a CPU")
+    ap.add_argument("--budget-s", type=float, default=1e9, help="skip the remaining runs after this many seconds")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    try:
+        args.sessions = [int(x) for x in args.sessions.split(",")]
+        args.max_batch = [int(x) for x in args.max_batch.split(",")]
+        args.unbatched = [int(x) for x in args.unbatched.split(",") if x]
+    except ValueError:
+        ap.error("--sessions, --max-batch and --unbatched take comma lists of integers")
+    variants = args.variants.split(",")
+    args.unbatched_variants = args.unbatched_variants.split(",") if args.unbatched_variants else variants[:1]
+    bad = [v for v in variants + args.unbatched_variants if v not in VARIANTS]
+    if bad:
+        ap.error(f"--variants: unknown {bad}; choose from {', '.join(VARIANTS)}")
+    if not 1 <= args.warmup < args.chunks:
+        ap.error("--warmup must be >= 1 and below --chunks")
+    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cpu" and args.model != "toy" and not args.smoke:
+        ap.error("the 1.3B model needs a GPU; on a CPU use --model toy (or --smoke)")
+    args.t_start = time.perf_counter()
+    out: dict = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+                 "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "model": args.model,
+                 "chunks": args.chunks, "warmup": args.warmup}
+
+    def save():
+        if args.json is not None:
+            args.json.write_text(json.dumps(out, indent=1))
+
+    for v in variants:
+        if time.perf_counter() - args.t_start > args.budget_s:
+            break
+        try:
+            asyncio.run(run_variant(v, args, dev, out, save))
+        except Exception as e:  # noqa: BLE001 - e.g. fp8 unsupported here: say so, go on with the others
+            print(f"{v}: failed: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}", flush=True)
+            out.setdefault(v, {})["error"] = f"{type(e).__name__}: {e}"[:500]
+        save()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
