@@ -368,6 +368,16 @@ class _Loopback:
     async def __aexit__(self, *exc):
         await self.server.close()
 
+    async def metrics(self) -> dict[str, float]:
+        """/metrics as {series (with labels): value}."""
+        import aiohttp
+
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{self.server.port}/metrics") as r:
+                text = await r.text()
+        return {k: float(v) for k, v in (line.rsplit(" ", 1) for line in text.splitlines()
+                                         if line and not line.startswith("#"))}
+
     async def raw(self):
         import websockets
 
@@ -416,7 +426,10 @@ async def test_server_queues_by_memory_refuses_overload_and_a_disconnect_frees_t
         (ws1, c1), (ws2, c2), (ws3, c3) = [await srv.raw() for _ in range(3)]
         start = P.Start(prompt="first", width=64, height=64)
         await ws1.send(c1.send(start))
-        assert isinstance(await _recv(ws1, c1), P.Ready)
+        ready = await _recv(ws1, c1)
+        assert isinstance(ready, P.Ready)
+        while not isinstance(await _recv(ws1, c1), P.Fragment):
+            pass
         await ws2.send(c2.send(P.Start(prompt="second", width=64, height=64)))
         queued = await _recv(ws2, c2)
         assert isinstance(queued, P.Status) and queued.state == "queued" and queued.extra["position"] == 1
@@ -424,7 +437,10 @@ async def test_server_queues_by_memory_refuses_overload_and_a_disconnect_frees_t
         refused = await _recv(ws3, c3)
         assert isinstance(refused, P.Error) and refused.code == "overloaded" and refused.ref == "start"
         assert refused.retry_after == 2.5 and "try again in 2.5 s" in refused.message
-        assert eng.pool.sessions == 1 and eng.queue_length == 1
+        m = await srv.metrics()
+        assert m["streamgen_engine_pool_sessions"] == 1 and m["streamgen_engine_queue_length"] == 1
+        assert m["streamgen_engine_pool_used_bytes"] > 0 and m["streamgen_engine_pool_capacity_bytes"] == one + 512
+        assert f'streamgen_engine_session_lag_seconds{{session="{ready.session}"}}' in m  # lag by session id
         await ws1.close()  # the viewer goes: its slot is freed, the queued start gets it
         while not isinstance(msg := await _recv(ws2, c2), P.Ready):
             assert isinstance(msg, P.Status)
@@ -437,7 +453,8 @@ async def test_server_queues_by_memory_refuses_overload_and_a_disconnect_frees_t
         await ws2.close()
         await ws3.close()
         await _until(lambda: eng.pool.sessions == 0, "every range released")
-        assert eng.pool.used_bytes == 0
+        m = await srv.metrics()
+        assert m["streamgen_engine_pool_sessions"] == 0 and m["streamgen_engine_pool_used_bytes"] == 0
 
 
 async def test_server_a_paused_viewer_yields_and_the_others_keep_going(tiny):

@@ -565,8 +565,11 @@ class Engine:
                 if self.scheduler.slots[sid].done:
                     handle._deliver(None)
                     self._drop(sid, keep_handle=True)
+        self._update_lags()
+
+    def _update_lags(self) -> None:
         self.lags = {self._sessions[sid].name or f"#{sid}": lag for sid, lag in self.scheduler.lags().items()
-                     if sid in self._sessions}
+                     if sid in self._sessions}  # replaced whole: /metrics reads it from the event loop
 
     def _compute(self, es: _EngineSession) -> _Chunk:
         """One chunk of one session, alone."""
@@ -618,6 +621,7 @@ class Engine:
         may then be admitted)."""
         self._sessions.pop(sid, None)
         self.scheduler.remove(sid)
+        self._update_lags()
         with self._lock:
             handle = self._handles.get(sid) if keep_handle else self._handles.pop(sid, None)
         if handle is not None and handle.reservation is not None:

@@ -176,3 +176,4 @@ def _describe_metrics(m: Metrics, state: ServerState) -> None:
     m.gauge("stuck_subscribers", "viewers whose socket has not taken a fragment for 5 s",
             fn=lambda: sum(1 for s in reg.sessions.values() for sub in s.subscribers
                            if sub.blocked_since is not None and time.monotonic() - sub.blocked_since > 5.0))
+    state.factory.describe_metrics(m)  # the source's own series (the engine's pool, queue and lags)

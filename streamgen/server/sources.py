@@ -102,6 +102,9 @@ class SourceFactory(ABC):
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Free shared resources (model weights, worker threads)."""
 
+    def describe_metrics(self, m) -> None:  # noqa: B027 - optional hook
+        """Declare this source's own /metrics series on ``m`` (streamgen.server.metrics.Metrics)."""
+
 
 # ---------------------------------------------------------------------------------------------
 # Test pattern
@@ -297,6 +300,19 @@ class EngineFactory(SourceFactory):
         except EngineError as e:
             raise SourceError(e.field, str(e), e.code, e.retry_after) from None
         return EngineSource(handle)
+
+    def describe_metrics(self, m) -> None:
+        eng = self.engine
+        m.gauge("engine_pool_used_bytes", "bytes of the engine's KV cache pool reserved by sessions",
+                fn=lambda: eng.pool.used_bytes)
+        m.gauge("engine_pool_capacity_bytes", "bytes of the engine's KV cache pool (0: unbounded)",
+                fn=lambda: eng.pool.capacity_bytes or 0)
+        m.gauge("engine_pool_sessions", "sessions holding a range of the engine's KV cache pool",
+                fn=lambda: eng.pool.sessions)
+        m.gauge("engine_queue_length", "starts waiting for KV cache pool memory", fn=lambda: eng.queue_length)
+        m.gauge("engine_session_lag_seconds", "seconds a session's generation is behind real time "
+                "(negative: ahead), by session", labels=("session",),
+                fn=lambda: {(name,): lag for name, lag in eng.lags.items()})
 
     async def aclose(self) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self.engine.close)
