@@ -476,6 +476,7 @@ async def test_server_a_paused_viewer_yields_and_the_others_keep_going(tiny):
             async for _ in c.start(prompt="live one", width=64, height=64, chunks=5):
                 n += 1
         assert n == 5  # the other session made all of its chunks...
+        assert isinstance(c.status.extra["lag_s"], float)  # and its viewer was told its lag
         assert paused.produced == made and eng.scheduler.slots[paused.sid] is paused  # ...the paused one none
         await ws.send(conn.send(P.Resume()))
         await _until(lambda: paused.produced > made, "the resumed session generates again")

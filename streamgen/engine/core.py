@@ -213,6 +213,12 @@ class SessionHandle:
     def resume(self) -> None:
         self._engine._command("resume", self.sid)
 
+    @property
+    def lag_s(self) -> float | None:
+        """Seconds this session's generation is behind real time (< 0: ahead); None before its
+        first chunk."""
+        return self._engine._lag_by_sid.get(self.sid)
+
     def set_viewer(self, position_s: float | None) -> None:
         """The viewer's position (media seconds): the session yields when ``lead_s`` ahead of it."""
         self._engine._command("viewer", self.sid, position_s)
@@ -249,6 +255,7 @@ class Engine:
         self._stop = threading.Event()
         self.stats = {"chunks": 0, "frames": 0, "busy_s": 0.0, "errors": 0, "steps": 0, "forwards": 0, "rows": 0}
         self.lags: dict[str, float] = {}  # session name -> seconds behind real time (busy thread writes)
+        self._lag_by_sid: dict[int, float] = {}
 
     def _pool_capacity(self) -> int | None:
         s, dev = self.settings, torch.device(self.pipeline.device)
@@ -568,8 +575,10 @@ class Engine:
         self._update_lags()
 
     def _update_lags(self) -> None:
-        self.lags = {self._sessions[sid].name or f"#{sid}": lag for sid, lag in self.scheduler.lags().items()
-                     if sid in self._sessions}  # replaced whole: /metrics reads it from the event loop
+        by_sid = {sid: lag for sid, lag in self.scheduler.lags().items() if sid in self._sessions}
+        # replaced whole: /metrics and the handles read them from the event loop
+        self.lags = {self._sessions[sid].name or f"#{sid}": lag for sid, lag in by_sid.items()}
+        self._lag_by_sid = by_sid
 
     def _compute(self, es: _EngineSession) -> _Chunk:
         """One chunk of one session, alone."""

@@ -452,6 +452,9 @@ class Session:
         extra = {"frames": self.generated_frames}
         if self.prompt_seq is not None:
             extra["prompt_seq"] = self.prompt_seq
+        lag = getattr(self.source, "lag_s", None)  # the engine's: behind real time when it cannot keep up
+        if lag is not None:
+            extra["lag_s"] = round(lag, 3)
         return P.Status(state=self.state, gen_fps=round(self.gen_fps, 2), lead_s=round(self.lead_s(), 3),
                         chunk=self.log.next_seq, extra=extra, **fields)
 

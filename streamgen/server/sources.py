@@ -256,6 +256,11 @@ class EngineSource(FrameSource):
         self.switched = self._h.last_switched
         return frames
 
+    @property
+    def lag_s(self) -> float | None:
+        """Seconds the engine is behind real time on this session (status ``lag_s``)."""
+        return self._h.lag_s
+
     def set_prompt(self, prompt: str) -> None:
         self._h.set_prompt(prompt)
 
