@@ -212,6 +212,9 @@ async def check_path_plays_and_switches(path: str, ask: str | None = None):
         s = await until(cdp, session, lambda s: s["currentTime"] > t + 1.0, "playback to go on")
         assert s["decodedFrames"] > 20 and s["gaps"] == 0 and s["lastError"] is None, s
         assert isinstance(s["droppedFrames"], int) and isinstance(s["stalls"], int), s
+        # the server lead (1 s) was buffered at each switch: the player jumped to the new prompt's
+        # first fragment (status.prompt_seq) instead of playing the old prompt's tail
+        assert s["promptSkips"] >= 1 and 0 < s["promptSkippedS"] <= 2 * 1.25, s
         print(f"\n{path}: first frame {s['firstFrameS']:.2f} s, prompt->frame "
               f"{', '.join(f'{x:.2f}' for x in s['promptLatencies'])} s, dropped {s['droppedFrames']}, "
               f"stalls {s['stalls']}, buffered {s['bufferedS']:.2f} s")

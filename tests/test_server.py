@@ -472,3 +472,32 @@ async def test_serve_cli_serves_player_and_health():
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+async def test_a_new_prompt_is_made_at_once_past_the_lead(server):
+    """A viewer that holds its playhead keeps the session at its lead; a prompt change gets exactly
+    one chunk at once, past the lead (the player may skip to it), and then pacing holds again."""
+    srv = await server(max_lead_s=0.5)  # chunks are 0.25 s
+    c = await Raw.open(srv.url)
+    await c.send(P.Start(prompt="held"))
+    first = await c.until(P.Fragment)
+    (session,) = srv.state.registry.sessions.values()
+
+    async def hold(seconds: float) -> None:  # ack playhead 0 again and again: the viewer does not move
+        t_end = asyncio.get_running_loop().time() + seconds
+        while asyncio.get_running_loop().time() < t_end:
+            await c.send(P.Ack(seq=first.seq, playhead=0.0))
+            await asyncio.sleep(0.03)
+
+    await hold(1.0)
+    held = session.log.next_seq
+    await hold(0.5)
+    assert session.log.next_seq == held, "pacing did not hold the session at its lead"
+    assert held * 0.25 <= 0.5 + 0.25 + 1e-6, held
+    await c.send(P.Prompt(prompt="changed"))
+    await hold(0.6)
+    assert session.log.next_seq == held + 1, (held, session.log.next_seq)  # one chunk, at once
+    assert session.prompt_seq == held  # ... made under the new prompt
+    await hold(0.5)
+    assert session.log.next_seq == held + 1  # and no more: one chunk past the lead at most
+    await c.close()

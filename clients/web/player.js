@@ -25,7 +25,8 @@
 // mountUI(document) wires the controls of index.html; URL parameters: prompt, autostart=1,
 // token, width, height, fps, seed, chunks, interpolate, path (auto|webcodecs|mse), target (s of
 // jitter buffer), server (ws:// URL; default: this page's host + /v1/stream), keep (seconds of
-// media kept behind the playhead, MSE).
+// media kept behind the playhead, MSE), skip=0 (play out the old prompt's buffered video after a
+// prompt change instead of jumping to the first fragment of the new one: smoother, ~one chunk slower).
 
 import { LiveEdge } from './liveedge.js';
 import { MseSink } from './mse.js';
@@ -43,13 +44,14 @@ const INACTIVE = ['idle', 'ended', 'error'];
 
 export class Player {
   constructor(video, { canvas = null, url = null, token = null, path = 'auto', targetS = LIVE_TARGET_S,
-    keepBehindS = KEEP_BEHIND_S, onStats = () => {}, onMessage = () => {} } = {}) {
+    keepBehindS = KEEP_BEHIND_S, skipOnPrompt = true, onStats = () => {}, onMessage = () => {} } = {}) {
     this.video = video;
     this.canvas = canvas;
     this.url = url || defaultUrl();
     this.token = token;
     this.path = PATHS.includes(path) ? path : 'auto';
     this.keepBehindS = keepBehindS;
+    this.skipOnPrompt = skipOnPrompt;
     this.edge = new LiveEdge({ targetS });
     this.onStats = onStats;
     this.onMessage = onMessage;
@@ -64,6 +66,7 @@ export class Player {
     this.appendedSeq = -1; // highest fragment seq appended
     this.arrivals = []; // [{seq, pts, end, t}] of recent fragments, for latency
     this.marks = []; // prompt switches waiting for their first frame
+    this.skipTo = null; // seq of the first fragment of a new prompt, to jump to once appended
     this.stats = freshStats();
     this.timers = [];
     this.stopTimer = null;
@@ -309,6 +312,7 @@ export class Player {
       onAppended: (seq) => {
         this.appendedSeq = Math.max(this.appendedSeq, seq);
         this.stats.appended += 1;
+        this.trySkip();
         if (this.state === 'starting' || this.state === 'reconnecting') this.setState('playing');
         this.sendAck();
       },
@@ -365,8 +369,13 @@ export class Player {
       this.edge.setPaced(msg.gen_fps > 1.2 * this.stats.fps);
     }
     if (Number.isInteger(msg.prompt_seq)) { // optional server hint: first seq made with the latest prompt
+      // (only a fragment the server had not sent when the prompt left can carry it)
       const m = this.marks.findLast((x) => x.shownAt === undefined);
-      if (m && msg.prompt_seq >= m.fromSeq - 1) Object.assign(m, { fromSeq: msg.prompt_seq, method: 'server' });
+      if (m && m.method !== 'server' && msg.prompt_seq >= m.fromSeq) {
+        Object.assign(m, { fromSeq: msg.prompt_seq, method: 'server' });
+        this.skipTo = msg.prompt_seq;
+        this.trySkip();
+      }
     }
     if (msg.dropped != null && msg.dropped > this.stats.dropped) {
       this.message('warn', `the server dropped ${msg.dropped} fragment(s) for this player so far ` +
@@ -423,6 +432,23 @@ export class Player {
   isPlaying() {
     return ['playing', 'reconnecting'].includes(this.state) && !!this.sink && this.sink.started
       && !(this.video && this.sink.kind === 'mse' && this.video.paused);
+  }
+
+  /** After a prompt change (skipOnPrompt): once the first fragment made under the new prompt is
+   * appended, jump the playhead to it, over what is still buffered of the old prompt. The server
+   * makes that fragment at once (not held to its lead), so the change shows one chunk sooner. */
+  trySkip() {
+    if (this.skipTo === null || !this.sink) return;
+    if (!this.skipOnPrompt) { this.skipTo = null; return; }
+    const a = this.arrivals.find((x) => x.seq === this.skipTo);
+    if (!a || this.appendedSeq < a.seq) return;
+    this.skipTo = null;
+    const skip = a.pts - (this.sink.currentTime || 0);
+    if (skip > 0.05) {
+      this.sink.jump(skip);
+      this.stats.promptSkips += 1;
+      this.stats.promptSkippedS += skip;
+    }
   }
 
   /** One LiveEdge observation, applied to the sink; returns the seconds jumped. */
@@ -532,7 +558,7 @@ export class Player {
     this.closeSocket();
     if (this.sink) this.sink.destroy();
     Object.assign(this, { sink: null, sinkReady: null, session: null, initSegment: null, lastSeq: -1, appendedSeq: -1,
-      arrivals: [], marks: [], lastPlayhead: null, stalledNow: false });
+      arrivals: [], marks: [], skipTo: null, lastPlayhead: null, stalledNow: false });
   }
 }
 
@@ -542,7 +568,7 @@ function freshStats() {
   return { state: 'idle', path: null, session: null, fragments: 0, appended: 0, bytes: 0, gaps: 0, dropped: 0,
     errors: 0, lastError: null, genFps: 0, leadS: 0, serverState: null, latencyS: null, bufferedS: 0,
     currentTime: 0, decodedFrames: 0, droppedFrames: 0, shownFrames: 0, stalls: 0, stallS: 0, liveJumps: 0,
-    gapJumps: 0, quotaDrops: 0, promptSwitches: 0, firstFrameS: null, promptLatencyS: null, promptLatencies: [],
+    gapJumps: 0, quotaDrops: 0, promptSwitches: 0, promptSkips: 0, promptSkippedS: 0, firstFrameS: null, promptLatencyS: null, promptLatencies: [],
     promptLatencyMethod: null, endReason: null, mediaError: null, live: null };
 }
 
@@ -597,6 +623,7 @@ export function mountUI(doc = document) {
     path: pathBox.value,
     targetS: target > 0 ? target : LIVE_TARGET_S,
     keepBehindS: Number(params.get('keep')) > 0 ? Number(params.get('keep')) : KEEP_BEHIND_S,
+    skipOnPrompt: params.get('skip') !== '0',
     onMessage: showMessage,
     onStats: (s) => {
       const active = !INACTIVE.includes(s.state);
