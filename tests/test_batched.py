@@ -308,7 +308,7 @@ async def test_engine_admits_by_memory_queues_and_refuses(tiny):
     one = probe.cache_bytes(GenRequest("p", 64, 64))
     assert probe.cache_bytes(GenRequest("p", 128, 64)) > one
     eng = Engine(Pipeline(model=model, text_encoder=text, decoder=dec),
-                 EngineSettings(local_frames=6, sink_frames=0, cache_memory=2 * one + 512, queue_limit=1,
+                 EngineSettings(local_frames=6, sink_frames=0, cache_memory=2 * one + 512, queue_limit=2,
                                 retry_after_s=3.0)).start()
     try:
         with pytest.raises(EngineError, match="needs .* MiB of KV cache") as e:
@@ -317,21 +317,30 @@ async def test_engine_admits_by_memory_queues_and_refuses(tiny):
         a = await eng.open(GenRequest("a", 64, 64))
         b = await eng.open(GenRequest("b", 64, 64))
         assert eng.pool.sessions == 2
+        gone = asyncio.ensure_future(eng.open(GenRequest("gives up", 64, 64)))
         positions = []
         waiting = asyncio.ensure_future(eng.open(GenRequest("c", 64, 64), on_queued=positions.append))
         await asyncio.sleep(0)
-        assert not waiting.done() and positions == [1] and eng.queue_length == 1
+        assert not waiting.done() and positions == [2] and eng.queue_length == 2
+        gone.cancel()  # the head of the queue leaves: the next one moves up
+        await asyncio.sleep(0)
+        assert positions == [2, 1] and eng.queue_length == 1
+        later = asyncio.ensure_future(eng.open(GenRequest("d", 64, 64)))
+        await asyncio.sleep(0)
+        assert eng.queue_length == 2
         with pytest.raises(EngineError, match="try again in 3 s") as e:
-            await eng.open(GenRequest("d", 64, 64))
+            await eng.open(GenRequest("e", 64, 64))
         assert e.value.code == "overloaded" and e.value.retry_after == 3.0
         assert (await a.get()).shape == (9, 64, 64, 3)
         assert eng._sessions[a.sid].state.cache.nbytes == one  # what was reserved is what the cache takes
         a.cancel()  # frees its range: the queued start gets it
         c = await asyncio.wait_for(waiting, 30)
-        assert eng.pool.sessions == 2 and eng.queue_length == 0
+        assert eng.pool.sessions == 2 and eng.queue_length == 1
         assert (await c.get()).shape == (9, 64, 64, 3)
         b.cancel()
+        d = await asyncio.wait_for(later, 30)
         c.cancel()
+        d.cancel()
         for _ in range(500):
             if eng.pool.sessions == 0:
                 break

@@ -377,13 +377,13 @@ class Engine:
                               f"{self.settings.retry_after_s:g} s", "overloaded", retry_after=self.settings.retry_after_s)
         w = _Waiter(need, name, asyncio.get_running_loop().create_future(), on_queued)
         self._waiting.append(w)
-        self._report_positions()
+        self._grant()  # memory freed between the failed reserve and now is not lost
         try:
             return await w.fut
         except BaseException:
             if w in self._waiting:
                 self._waiting.remove(w)
-                self._report_positions()
+                self._grant()  # the next one may fit where this one did not
             elif w.fut.done() and not w.fut.cancelled() and w.fut.exception() is None:
                 self.pool.release(w.fut.result())  # granted just as the caller gave up
                 self._grant()
@@ -421,7 +421,7 @@ class Engine:
 
     def _memory_freed(self) -> None:  # any thread
         loop = self._loop
-        if loop is not None and self._waiting:
+        if loop is not None:
             try:
                 loop.call_soon_threadsafe(self._grant)
             except RuntimeError:  # the loop is closed
