@@ -45,6 +45,16 @@ dtype=None, device=None)``
     (t=0) with ``update_cache=True``. ``start_frame`` may not exceed ``frames_written``; a call
     that needs frames the window already evicted raises ``ValueError``. No host syncs.
 
+``model.forward_rows(x, t, caches, *, start_frames, update_cache) -> flow``
+    ``forward_chunk`` of several caches as one batch (the engine's batched step): row group i of x
+    is ``caches[i]``'s chunk at ``start_frames[i]``, committed when ``update_cache[i]``. Each row keeps
+    its own RoPE position, valid cache length and prompt; attention runs per cache on its own
+    buffers, so on the CPU in float32 a row's output is ``forward_chunk``'s for that cache, bit for bit.
+
+``model.new_cache(..., storage=flat)`` carves the cache's buffers out of a 1-D tensor (a slot of a
+preallocated pool) instead of allocating them; ``WanCache.numel_for(cfg, batch, (h, w), capacity)``
+is its size.
+
 ``cache.reset_self_attn(start_frame=0)``
     Forget all self-attention K/V; the next committed frames start at ``start_frame`` and the
     sink becomes the first ``sink_frames`` frames from there (prompt-switch re-cache: reset, then

@@ -31,6 +31,12 @@ with ``update_cache=True``, chunk by chunk at their original positions and chunk
 under the new prompt (``recache_chunks``).
 Generation then continues smoothly under ``p`` without a cut.
 
+Batching: ``chunk_program()`` is ``next_chunk()`` as a generator of ``ModelCall`` lists (the
+forward_chunk calls above, in order, with their inputs), so that a driver (streamgen.engine.batch)
+can run the calls of many sessions as one batched forward; ``next_chunk()`` drives it alone
+(``run_alone``). Everything else (noise draws, sampler arithmetic, re-cache, decode) stays in the
+session, in the same order, so the stream is the same whichever way it is driven.
+
 Image start: ``SessionState(..., image=latent)`` or ``set_image(latent)`` before the first chunk
 puts one clean latent frame (e.g. ``WanVAE.encode`` of an image, (B,16,1,h,w)) at frame 0, writes
 it to the cache as context, and the first ``next_chunk()`` returns it prepended (1 + f latent
