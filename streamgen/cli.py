@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     fp8 = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
     rows.append(("fp8 matmul", "available" if fp8 else "not available"))
     rows.append(("torch.compile", "available" if hasattr(torch, "compile") else "not available"))
-    for mod in ("av", "aiohttp", "websockets", "msgpack", "safetensors"):
+    for mod in ("av", "aiohttp", "websockets", "msgpack", "safetensors", "huggingface_hub", "prometheus_client"):
         try:
             m = importlib.import_module(mod)
             rows.append((mod, getattr(m, "__version__", "installed")))
@@ -97,13 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
         mod = importlib.import_module(module)
         p = sub.add_parser(name, help=help_text, description=help_text)
         mod.add_arguments(p)
-        p.set_defaults(_run=mod.run)
+        p.set_defaults(_run=mod.run, _parser=p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # named by the subcommand they were given to: `streamgen serve: error: ...`
+        getattr(args, "_parser", parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     quiet = getattr(args, "quiet", False) and not args.verbose
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO,

@@ -435,6 +435,11 @@ def _check_watch(args: argparse.Namespace) -> dict:
                 fields["image"] = f.read()
         except OSError as e:
             raise UsageError(f"--image {args.image}: {e.strerror or e}") from None
+    try:  # what any server refuses is refused here, before connecting, naming the option
+        P.encode(P.Start(prompt=args.prompt, **fields))
+    except P.ProtocolError as e:
+        option = {"prompt": "--prompt", "image": "--image"}.get(e.field, f"--{e.field}") if e.field else "start"
+        raise UsageError(f"{option}: {e.message.split(': ', 1)[-1]}") from None
     return fields
 
 

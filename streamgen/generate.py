@@ -24,6 +24,19 @@ import time
 from streamgen.pipeline import UsageError, add_model_arguments, check_output, positive, positive_float, size16
 
 
+def seed(text: str) -> int:
+    """argparse type of --seed: the range a stream's start.seed has (protocol.Limits.max_seed)."""
+    from streamgen.protocol import DEFAULT_LIMITS
+
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; allowed 0..{DEFAULT_LIMITS.max_seed}") from None
+    if not 0 <= v <= DEFAULT_LIMITS.max_seed:
+        raise argparse.ArgumentTypeError(f"{v}: allowed 0..{DEFAULT_LIMITS.max_seed} (a stream's seed range)")
+    return v
+
+
 def _prompt_at(text: str) -> tuple[int, str]:
     chunk, sep, prompt = text.partition(":")
     if not sep or not chunk.strip().isdigit() or not prompt.strip():
@@ -42,7 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--width", type=size16, default=None, help="pixels, multiple of 16 (default: per model)")
     g.add_argument("--height", type=size16, default=None, help="pixels, multiple of 16 (default: per model)")
     g.add_argument("--fps", type=positive_float, default=16.0, help="frames per second of the file (default: 16)")
-    g.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
+    g.add_argument("--seed", type=seed, default=0, help="noise seed, 0..2**32-1 as a stream's (default: 0)")
     g.add_argument("--crf", type=int, default=18, help="x264 quality, 0-51, lower is better (default: 18)")
     g.add_argument("--interpolate", type=int, choices=(1, 2, 4), default=1,
                    help="RIFE frame interpolation between the decoder and the file: N times the frames, "

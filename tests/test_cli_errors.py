@@ -85,8 +85,12 @@ CASES = {
     "generate --chunks beyond memory, no window": (G + ["--model", "tiny", "--local-frames", "0", "--chunks", "1000000"],
                                                   ["--chunks 1000000", "KV cache", "at most --chunks"]),
     "generate 4096x4096": (G + ["--width", "4096", "--height", "4096"], ["--width 4096 --height 4096", "<="]),
-    "generate --width 8": (G + ["--width", "8"], ["--width", "e.g. 16 ", "multiple of 16"]),
-    "generate --prompt empty": (["generate", "--prompt", " ", "--out", "{d}/o.mp4"], ["--prompt", "empty"]),
+    "generate --width 8": (G + ["--width", "8"], ["--width", "e.g. 16 ", "multiple of 16"], ["16 or 16"]),
+    "generate --prompt blank": (["generate", "--prompt", " ", "--out", "{d}/o.mp4"], ["--prompt", "empty"]),
+    "generate --prompt empty": (["generate", "--prompt", "", "--out", "{d}/o.mp4"], ["--prompt", "empty"]),
+    "generate --seed negative": (G + ["--seed", "-1"], ["--seed", "0..4294967295"]),
+    "generate --sampler bogus": (G + ["--sampler", "ddim"], ["--sampler", "self-forcing", "euler", "unipc"]),
+    "generate unknown option": (G + ["--bogus", "1"], ["unrecognized arguments: --bogus 1"]),
     "generate --checkpoint for a built-in": (G + ["--model", "tiny", "--checkpoint", "{d}/bad.pt"],
                                              ["--checkpoint", "built in", "self-forcing-1.3b"]),
     "generate corrupt --checkpoint": (G + ["--model", "self-forcing-1.3b", "--checkpoint", "{d}/bad.pt", "--vae",
@@ -97,6 +101,16 @@ CASES = {
     "serve --port 99999": (["serve", "--port", "99999"], ["--port", "1..65535"]),
     "serve port in use": (["serve", "--model", "testpattern", "--port", "{busy}"], ["--port {busy}", "in use"]),
     "serve --model nosuch": (["serve", "--model", "nosuch"], ["--model", "nosuch", "testpattern"]),
+    "serve --token empty": (["serve", "--model", "testpattern", "--port", "{free}", "--token", ""], ["--token", "empty"]),
+    "serve --rife with the test pattern": (["serve", "--model", "testpattern", "--port", "{free}", "--rife",
+                                            "{d}/nosuch.pkl"], ["--rife", "testpattern", "no weight files"]),
+    "serve --checkpoint with the test pattern": (["serve", "--model", "testpattern", "--port", "{free}", "--checkpoint",
+                                                  "{d}/bad.pt"], ["--checkpoint", "testpattern"]),
+    "serve --device cuda": (["serve", "--model", "tiny", "--port", "{free}", "--device", "cuda"],
+                            ["--device cuda", "no CUDA device", "cpu"]),
+    "serve unknown option": (["serve", "--model", "testpattern", "--bogus"], ["unrecognized arguments: --bogus"]),
+    # download
+    "download nosuch": (["download", "nosuch"], ["nosuch", "self-forcing-1.3b", "lightx2v-t2v-14b", "rife"]),
     # watch
     "watch ftp url": (["watch", "ftp://example.com/x", "--prompt", "a"], ["ftp://example.com/x", "ws://"]),
     "watch --out missing folder": (["watch", "ws://127.0.0.1:{free}", "--prompt", "a", "--out", "{d}/nodir/w.mp4"],
@@ -104,13 +118,18 @@ CASES = {
     "watch --image missing": (["watch", "ws://127.0.0.1:{free}", "--prompt", "a", "--image", "{d}/nosuch.png"],
                               ["--image", "nosuch.png", "No such file"]),
     "watch --switch malformed": (["watch", "ws://127.0.0.1:{free}", "--prompt", "a", "--switch", "x"], ["--switch x"]),
+    # what every server refuses is refused before connecting (no server listens at {free})
+    "watch --width 100": (["watch", "ws://127.0.0.1:{free}", "--prompt", "a", "--width", "100"],
+                          ["--width", "multiple of 16", "100"]),
+    "watch --seed negative": (["watch", "ws://127.0.0.1:{free}", "--prompt", "a", "--seed", "-1"], ["--seed", "0.."]),
+    "watch --prompt empty": (["watch", "ws://127.0.0.1:{free}", "--prompt", ""], ["--prompt", "empty"]),
 }
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_misuse_is_one_line_with_status_2(name, files, request, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same answer on a GPU machine
-    argv, needles = CASES[name]
+    argv, needles, *absent = CASES[name]
     fill = {"d": files}
     if any("{busy}" in a for a in argv):
         fill["busy"] = request.getfixturevalue("busy_port")
@@ -122,6 +141,8 @@ def test_misuse_is_one_line_with_status_2(name, files, request, capsys, monkeypa
     assert "Traceback" not in err and "weights_only" not in err, err
     for n in needles:
         assert n.format(**fill) in err, (n, err)
+    for n in absent[0] if absent else ():
+        assert n not in err, (n, err)
     assert not (files / "o.mp4").exists(), "no output is left behind"
 
 

@@ -39,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1")
     g.add_argument("--port", type=_port, default=8765)
-    g.add_argument("--token", default=os.environ.get("STREAMGEN_TOKEN"),
+    g.add_argument("--token", default=os.environ.get("STREAMGEN_TOKEN") or None,
                    help="require this token (?token= or Authorization: Bearer); default $STREAMGEN_TOKEN")
     g.add_argument("--allowed-origin", action="append", default=[], metavar="ORIGIN",
                    help="browser origin allowed to open the WebSocket (repeatable; '*' = any). "
@@ -98,6 +98,9 @@ def _build(args: argparse.Namespace):
     _check_port(args.host, args.port)
     if args.preset not in X264_PRESETS:
         raise UsageError(f"--preset {args.preset}: allowed: {', '.join(X264_PRESETS)}")
+    if args.token is not None and not args.token.strip():  # e.g. --token "$UNSET": never silently open
+        raise UsageError("--token: empty; give the token clients must send, or leave --token out to serve "
+                         "without one (loopback only)")
     if args.max_sessions_per_client > args.max_sessions:
         raise UsageError(f"--max-sessions-per-client {args.max_sessions_per_client} exceeds --max-sessions "
                          f"{args.max_sessions}")
@@ -111,6 +114,12 @@ def _build(args: argparse.Namespace):
     executor = ThreadPoolExecutor(max_workers=cfg.encode_threads, thread_name_prefix="encode")
     if args.model == TESTPATTERN:
         from streamgen.server.sources import TestPatternFactory
+
+        given = [f for f, v in (("--checkpoint", args.checkpoint), ("--vae", args.vae),
+                                ("--text-encoder", args.text_encoder)) if v is not None]
+        given += ["--rife"] if args.rife not in (None, "auto", "none") else []
+        if given:
+            raise UsageError(f"{given[0]}: --model {TESTPATTERN} draws its frames and loads no weight files")
 
         w, h = args.width or 320, args.height or 192
         _check_size(w, h, DEFAULT_LIMITS)
