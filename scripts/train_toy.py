@@ -89,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
                                  size=size, seed=args.seed + 1, log=log)
         run["ae"]["psnr_streamed"] = round(toy.ae_psnr(parts, random.Random(7), batch=2 if args.tiny else 8, size=size), 2)
         log(f"ae streamed PSNR {run['ae']['psnr_streamed']} dB")
+    if args.ae_seconds > 0 or not args.resume:
+        run.setdefault("ae", {})["heldout_accuracy"] = toy.ae_attribute_accuracy(parts, n=4 if args.tiny else 64, size=size)
+        log(f"ae held-out attribute accuracy (the decoder's ceiling): {run['ae']['heldout_accuracy']}")
     parts.encoder.eval().requires_grad_(False)
     parts.decoder.eval().requires_grad_(False)
 
