@@ -186,3 +186,37 @@ def test_a_wan_repo_root_as_vae_reads_the_vae_not_the_dit(tmp_path):
     (tmp_path / "Wan2.1_VAE.pth").write_bytes(b"vae" * 10)
     with pytest.raises(CheckpointError, match=r"Wan2\.1_VAE\.pth: corrupt"):
         load_wan_vae(tmp_path)
+
+
+def test_the_cache_layout_is_the_one_huggingface_hub_reads(cache):
+    """The real huggingface_hub (local_files_only: no network) finds in the cache built here exactly what
+    streamgen.hub resolves: the test cache is the standard layout, and hub.find agrees with the library."""
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    snap = add_repo(cache, "gdhe17/Self-Forcing", {"checkpoints/self_forcing_dmd.pt": b"new", "README.md": b"r"})
+    add_repo(cache, "gdhe17/Self-Forcing", {"checkpoints/self_forcing_dmd.pt": b"old"}, commit=OLD, ref="v0")
+    for rev in (None, "v0", OLD):
+        spec = "gdhe17/Self-Forcing" + (f"@{rev}" if rev else "") + ":checkpoints/self_forcing_dmd.pt"
+        theirs = hf_hub_download("gdhe17/Self-Forcing", "checkpoints/self_forcing_dmd.pt", revision=rev,
+                                 cache_dir=cache, local_files_only=True)
+        assert Path(hub.resolve("--checkpoint", spec)) == Path(theirs), spec
+    assert Path(hub.resolve("--checkpoint", "gdhe17/Self-Forcing")) == snap == \
+        Path(snapshot_download("gdhe17/Self-Forcing", cache_dir=cache, local_files_only=True))
+
+
+def test_download_with_hf_hub_offline_fails_in_one_line_without_network(tmp_path):
+    """HF_HUB_OFFLINE=1 is huggingface_hub's own switch: `streamgen download` of files not in the cache
+    then fails at once, in one line (exit 1), and one whose files are cached needs no network at all."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    r = subprocess.run([sys.executable, "-m", "streamgen", "download", "rife"], capture_output=True, text=True,
+                       env=env, cwd=tmp_path, timeout=120)
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and err[-1].startswith("streamgen download: error: hzwer/RIFE: "), r.stderr
+    assert "HF_HUB_OFFLINE=1 forbids downloads" in err[-1] and "Traceback" not in r.stderr
+    add_repo(tmp_path / "hub", "hzwer/RIFE", {"RIFEv4.26_0921.zip": b"zip"})
+    r = subprocess.run([sys.executable, "-m", "streamgen", "download", "rife"], capture_output=True, text=True,
+                       env=env, cwd=tmp_path, timeout=120)
+    assert r.returncode == 0 and "already in" in r.stderr and r.stdout.startswith("ready: rife"), r.stderr
