@@ -8,6 +8,7 @@ Contract (CONTRACTS.md, "Decoders + text"):
     frames = vae.decode_chunk(latents, state)    # latents (B,16,f,h,w), normalized (DiT) space
                                                  # -> (B,3,T,8h,8w) in [-1,1] (clamped)
                                                  # T = 1+4(f-1) on the first chunk, 4f afterwards
+    vae.decode_impl = "auto"                     # | "fast" | "reference"; auto = fast on CUDA
     z = vae.encode(video)                        # (B,3,1+4k,H,W) in [-1,1] -> (B,16,1+k,H/8,W/8), normalized
 
 "Normalized" latents are ``(z - latents_mean) / latents_std`` with the 16 published
@@ -359,9 +360,12 @@ class Decoder3d(nn.Module):
 #   (no ``torch.cat`` copy of the whole activation, no separate norm / SiLU / dtype passes);
 # * per-frame ops (the spatial up-samplers, the attention) see a (B*T, C, H, W) channels-last view,
 #   with no transpose copies;
-# * RMSNorm (+ SiLU) is one pass over rows of C contiguous channels: a Triton kernel on CUDA when
-#   Triton is importable and passes a self-check on first use, else the reference torch ops (logged
-#   once). cuDNN picks NDHWC kernels for the convs.
+# * RMSNorm (+ SiLU) is one pass over rows of C contiguous channels, computed in fp32: a Triton kernel
+#   on CUDA when Triton is importable and passes a self-check on first use, else the reference torch
+#   ops (logged once).
+# The convs are plain F.conv3d / F.conv2d on channels-last tensors (cuDNN's NDHWC kernels). On an H200
+# (bench/BENCHMARKS.md) the fused norm is most of the gain; NDHWC alone is worth ~6%, and for the
+# 96-channel convs at full resolution cuDNN's NDHWC conv3d is slower than three summed conv2d (not used yet).
 # ``tests/test_wan_vae_fast.py`` holds it equal to the reference path (chunked and whole, fp32, CPU).
 
 _CL3 = torch.channels_last_3d
