@@ -13,7 +13,8 @@ time means the GPU never waits for Python, so CUDA graphs cannot gain much.
 
 Wan VAE variants, ``DTYPE[+flag...]``: ``ref`` = ``decode_impl="reference"`` (Decoder3d.forward,
 NCDHW), ``fast`` = ``decode_impl="fast"`` (channels-last, concatenation-free causal cache, fused
-RMSNorm+SiLU in Triton), ``nofuse`` = fast without the Triton norm, ``bench`` = cudnn.benchmark
+RMSNorm+SiLU in Triton), ``nofuse`` = fast without the Triton norm, ``c2d`` = fast with
+``use_conv2d_sum(96)`` (the 96-channel residual convs as 3 summed conv2d), ``bench`` = cudnn.benchmark
 (set for every variant, on or off, so results do not depend on the order), ``cl`` = channels_last_3d
 weights, ``fpp1`` = ``frames_per_pass=1`` (also checked equal to whole-chunk passes). TF32 is off for
 the whole run, so fp32 means fp32. ``--check``: every variant's whole stream against an fp32 stream of
@@ -47,7 +48,7 @@ from streamgen.models.wan_vae import WanVAE, WanVAEConfig  # noqa: E402
 
 DEVICE = "cuda"  # the benches time CUDA; a CPU smoke run may rebind it
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-FLAGS = {"ref", "fast", "nofuse", "bench", "cl", "fpp1"}
+FLAGS = {"ref", "fast", "nofuse", "c2d", "bench", "cl", "fpp1"}
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -306,9 +307,11 @@ def main(argv=None) -> int:
             with torch.device(DEVICE):
                 dec = make().to(dtype).eval()
             if kind == "wan-vae":
-                dec.decode_impl = "reference" if "ref" in parts else "fast" if {"fast", "nofuse"} & set(parts) else "auto"
+                dec.decode_impl = "reference" if "ref" in parts else "fast" if {"fast", "nofuse", "c2d"} & set(parts) else "auto"
                 if "nofuse" in parts:
                     wan_vae._FUSED_NORM[key] = False
+                if "c2d" in parts:
+                    dec.use_conv2d_sum(96)
             if "cl" in parts:
                 channels_last_(dec)
             kw = {"frames_per_pass": 1} if "fpp1" in parts else {}

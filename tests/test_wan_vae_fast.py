@@ -51,6 +51,25 @@ def test_fast_equals_reference_chunked_and_whole(vae, batch):
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+def test_conv2d_sum_option_equals_reference(batch):
+    torch.manual_seed(4)
+    m = WanVAE(CFG).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    z = torch.randn(batch, CFG.z_dim, 5, 4, 6)
+    want, _ = decode(m, z, [5], "reference")
+    assert m.use_conv2d_sum(CFG.base_dim) == 6  # the last stage's 3 blocks, 2 convs each
+    got, _ = decode(m, z, [1, 3, 1], "fast")
+    torch.testing.assert_close(got, want, rtol=0, atol=3e-5)
+    assert m.use_conv2d_sum(10**6) == 2 * len([b for b in m.decoder.modules() if b.__class__.__name__ == "ResidualBlock"])
+    got, _ = decode(m, z, [2, 3], "fast")
+    torch.testing.assert_close(got, want, rtol=0, atol=3e-5)
+    assert m.use_conv2d_sum(0) == 0
+    torch.testing.assert_close(decode(m, z, [5], "fast")[0], want, rtol=0, atol=3e-5)
+
+
 def test_fast_and_reference_share_the_stream_state(vae):
     """A stream may switch paths between chunks: both read and write the same causal cache."""
     torch.manual_seed(2)

@@ -365,7 +365,8 @@ class Decoder3d(nn.Module):
 #   ops (logged once).
 # The convs are plain F.conv3d / F.conv2d on channels-last tensors (cuDNN's NDHWC kernels). On an H200
 # (bench/BENCHMARKS.md) the fused norm is most of the gain; NDHWC alone is worth ~6%, and for the
-# 96-channel convs at full resolution cuDNN's NDHWC conv3d is slower than three summed conv2d (not used yet).
+# 96-channel convs at full resolution cuDNN's NDHWC conv3d is slower than three summed conv2d
+# (opt-in: ``WanVAE.use_conv2d_sum``; not yet timed in a whole decode).
 # ``tests/test_wan_vae_fast.py`` holds it equal to the reference path (chunked and whole, fp32, CPU).
 
 _CL3 = torch.channels_last_3d
@@ -471,7 +472,24 @@ def _fast_conv(conv: CausalConv3d, x: torch.Tensor, state: WanVAEState, pre: RMS
     else:
         _norm_into(pre, x, xp[:, :, p:], silu=True)
     cache.copy_(xp[:, :, -p:])
+    if getattr(conv, "conv2d_sum", False):
+        return _conv2d_sum(conv, xp, t)
     return F.conv3d(xp, w, conv.bias, conv.stride, (0, *conv.space_pad))
+
+
+def _conv2d_sum(conv: CausalConv3d, xp: torch.Tensor, t: int) -> torch.Tensor:
+    """A stride-1 (kt, kh, kw) conv over the padded input xp (b, c, kt-1+t, h, w) as kt channels-last conv2d
+    over shifted frame windows, summed: out[i] = sum_k conv2d(xp[i + k], weight[:, :, k])."""
+    kt = conv.weight.shape[2]
+    ws = [conv.weight[:, :, k].contiguous(memory_format=torch.channels_last) for k in range(kt)]
+    outs = []
+    for item in xp:  # (c, T, h, w) -> frames (T, c, h, w), a channels-last view
+        frames = item.transpose(0, 1)
+        y = F.conv2d(frames[0:t], ws[0], conv.bias, padding=conv.space_pad)
+        for k in range(1, kt):
+            y += F.conv2d(frames[k : k + t], ws[k], padding=conv.space_pad)
+        outs.append(y.transpose(0, 1))  # (c', t, h', w')
+    return outs[0].unsqueeze(0) if len(outs) == 1 else torch.stack(outs).contiguous(memory_format=_CL3)
 
 
 def _fast_residual(blk: ResidualBlock, x: torch.Tensor, state: WanVAEState) -> torch.Tensor:
@@ -552,6 +570,19 @@ class WanVAE(nn.Module):
 
     def new_state(self) -> WanVAEState:
         return WanVAEState()
+
+    def use_conv2d_sum(self, max_channels: int) -> int:
+        """Fast path only, opt-in: the decoder's residual-block 3x3x3 convs of at most ``max_channels``
+        input channels run as 3 summed conv2d (0 = none). Same result within rounding; faster where
+        cuDNN's NDHWC conv3d is slow (bench/BENCHMARKS.md: C=96 at 832x480 in fp16). Returns how many
+        convs it set."""
+        n = 0
+        for blk in self.decoder.modules():
+            if isinstance(blk, ResidualBlock):
+                for conv in (blk.residual[2], blk.residual[6]):
+                    conv.conv2d_sum = conv.in_channels <= max_channels
+                    n += conv.conv2d_sum
+        return n
 
     def _param(self) -> torch.Tensor:
         return self.conv2.weight
