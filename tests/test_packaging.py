@@ -1,6 +1,6 @@
 """The wheel is a working install: the browser player, the protocol schema, the built-in weights and every
-module are in it, and after `pip install` of the wheel into a fresh venv (its dependencies resolved by
-pip, nothing of this checkout's .venv visible), the installed `streamgen serve` serves the player page."""
+module are in it, and after `pip install .` (not editable) into a fresh venv (its dependencies resolved
+by pip, nothing of this checkout's .venv visible), the installed `streamgen serve` serves the player page."""
 
 from __future__ import annotations
 
@@ -21,18 +21,23 @@ PLAYER = sorted(p.name for p in (ROOT / "clients" / "web").iterdir()
                 if p.is_file() and (p.suffix in (".js", ".html", ".css") or p.stem == "favicon"))
 
 
+def _source_copy(dest: Path) -> Path:
+    """What `pip install .` builds from, copied (a build writes build/ and *.egg-info beside its
+    sources; the checkout stays untouched)."""
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", "node_modules")
+    shutil.copytree(ROOT / "streamgen", dest / "streamgen", ignore=ignore)
+    shutil.copytree(ROOT / "clients" / "web", dest / "clients" / "web", ignore=ignore)
+    shutil.copytree(ROOT / "protocol", dest / "protocol", ignore=ignore)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, dest / name)
+    return dest
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    """A wheel built from a copy of the source tree (the build writes build/ and *.egg-info beside
-    its sources; the checkout stays untouched)."""
+    """The wheel of a copy of the source tree (built with this venv's setuptools)."""
     tmp = tmp_path_factory.mktemp("wheel")
-    src = tmp / "src"
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", "node_modules")
-    shutil.copytree(ROOT / "streamgen", src / "streamgen", ignore=ignore)
-    shutil.copytree(ROOT / "clients" / "web", src / "clients" / "web", ignore=ignore)
-    shutil.copytree(ROOT / "protocol", src / "protocol", ignore=ignore)
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(ROOT / name, src / name)
+    src = _source_copy(tmp / "src")
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
                         "-w", str(tmp / "dist"), str(src)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
@@ -62,23 +67,25 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def fresh_venv(wheel, tmp_path_factory):
-    """A new venv (no --system-site-packages: nothing of this checkout's .venv is visible) into which
-    `pip install streamgen-*.whl` resolves and installs every declared dependency from pip's own
-    configured sources, the ones scripts/setup.sh installed .venv from. torch is pinned to the
+def fresh_venv(tmp_path_factory):
+    """A new venv (no --system-site-packages: nothing of this checkout's .venv is visible) in which
+    `pip install SOURCE` (not editable: pyproject's build-system in an isolated build environment, then
+    the wheel) resolves and installs every declared dependency from pip's own configured sources, the
+    ones scripts/setup.sh installed .venv from. torch is pinned to the
     version of the running torch, as setup.sh pins it (a free choice downloads GBs of CUDA builds).
     ``--retries 0``: an unreachable index is skipped at once (offline, pip's other configured
     sources answer) instead of retried for minutes."""
     import torch
 
-    venv = tmp_path_factory.mktemp("fresh") / "venv"
+    tmp = tmp_path_factory.mktemp("fresh")
+    src, venv = _source_copy(tmp / "src"), tmp / "venv"
     r = subprocess.run([sys.executable, "-m", "venv", str(venv)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     py = venv / "bin" / "python"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
     torch_pin = f"torch=={torch.__version__.split('+')[0]}"
     r = subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-compile", "--retries", "0", "--timeout", "20",
-                        str(wheel), torch_pin], capture_output=True, text=True, env=env, timeout=540)
+                        str(src), torch_pin], capture_output=True, text=True, env=env, timeout=540)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     yield venv, env
     shutil.rmtree(venv, ignore_errors=True)  # ~1 GB: not left for pytest's kept temp folders
