@@ -204,3 +204,63 @@ def test_real_text_encoder_without_transformers_says_what_to_install(files, caps
                     "--prompt", "a", "--out", str(files / "o.mp4")], capsys)
     assert rc == 2 and err.count("\n") == 1, err
     assert "--text-encoder" in err and "sentencepiece" in err and "streamgen[wan]" in err, err
+
+
+def _readme_commands(tool: str) -> list[list[str]]:
+    """Every `tool ...` command line in the README's sh blocks (continuations joined, comments cut)."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    out = []
+    for block in re.findall(r"```sh\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            while tool in words or f".venv/bin/{tool}" in words:  # `a && .venv/bin/streamgen serve ...`
+                i = words.index(tool) if tool in words else words.index(f".venv/bin/{tool}")
+                rest = words[i + 1:]
+                end = rest.index("&&") if "&&" in rest else len(rest)
+                out.append(rest[:end])
+                words = rest[end:]
+    return out
+
+
+def test_every_streamgen_command_in_the_readme_parses():
+    """A README line copied into a shell gets past the command line (the `... --compile` line once did not)."""
+    cmds = _readme_commands("streamgen")
+    assert len(cmds) >= 15, cmds
+    parser = build_parser()
+    for argv in cmds:
+        try:
+            args, unknown = parser.parse_known_args(argv)
+        except SystemExit:
+            raise AssertionError(f"README: streamgen {' '.join(argv)} does not parse") from None
+        assert not unknown, (argv, unknown)
+
+
+def test_readme_hf_downloads_are_the_presets_files():
+    """Each `hf download REPO FILE...` of the README names files a preset (or RIFE) lists, so the hand-made
+    commands and `streamgen download` fetch the same things."""
+    import fnmatch
+
+    from streamgen.pipeline import MODELS, RIFE_SOURCE
+    from streamgen import hub
+
+    listed: dict[str, list[str]] = {}
+    for src in [s for p in MODELS.values() for s in p.files] + [RIFE_SOURCE]:
+        listed.setdefault(hub.parse(src.ref).repo, []).extend(src.patterns)
+    cmds = [c for c in _readme_commands("hf") if c[:1] == ["download"]]
+    assert len(cmds) >= 5, cmds
+    for cmd in cmds:
+        repo, files, skip = cmd[1], [], False
+        for w in cmd[2:]:  # positional file names; options and their values skipped
+            if skip or w.startswith("-"):
+                skip = not skip and w in ("--exclude", "--include", "--revision")
+                continue
+            files.append(w)
+        assert repo in listed, f"README: hf download {repo}: no preset takes files from it"
+        for f in files:
+            other_precision = repo == "lightx2v/Wan2.1-Distill-Models" and f in (  # the preset takes the BF16 file
+                "wan2.1_t2v_14b_scaled_fp8_e4m3_lightx2v_4step.safetensors", "wan2.1_t2v_14b_int8_lightx2v_4step.safetensors")
+            assert other_precision or any(fnmatch.fnmatch(f, pat) for pat in listed[repo]), (repo, f)
