@@ -10,6 +10,7 @@ import logging
 import pytest
 import torch
 
+from streamgen.models import wan_vae
 from streamgen.models.wan_vae import WanVAE, WanVAEConfig
 
 CFG = WanVAEConfig.preset("tiny")
@@ -94,18 +95,19 @@ def test_fast_and_reference_share_the_stream_state(vae):
     torch.testing.assert_close(again2, again, rtol=0, atol=0)
 
 
-def test_auto_is_reference_on_cpu_and_bad_impl_is_named(vae, caplog):
+def test_auto_is_reference_on_cpu_and_bad_impl_is_named(vae, caplog, monkeypatch):
     torch.manual_seed(3)
     z = torch.randn(1, CFG.z_dim, 2, 4, 4)
     with caplog.at_level(logging.INFO, logger="streamgen.models.wan_vae"):
         assert vae.decode_impl == "auto"
         torch.testing.assert_close(vae.decode(z), decode(vae, z, [2], "reference")[0], rtol=0, atol=0)
     assert not [r for r in caplog.records if "fast decode" in r.getMessage()]  # auto on the CPU: the reference
+    monkeypatch.setattr(wan_vae, "_FUSED_NORM", {})  # as in a fresh process
     with caplog.at_level(logging.INFO, logger="streamgen.models.wan_vae"):
         decode(vae, z, [2], "fast")
         decode(vae, z, [2], "fast")
     lines = [r.getMessage() for r in caplog.records if "fast decode" in r.getMessage()]
-    assert len(lines) <= 1  # the fallback is logged once per device and dtype (or was, by an earlier test)
+    assert len(lines) == 1 and "no fused RMSNorm+SiLU on cpu" in lines[0]  # the fallback, logged once
     vae.decode_impl = "fastest"
     try:
         with pytest.raises(ValueError, match="decode_impl='fastest'; allowed: auto, fast, reference"):
@@ -130,3 +132,38 @@ def test_to_uint8_layout_and_rounding_on_cpu():
     a = to_uint8(unit_frames(dec))
     b = to_uint8(unit_frames(dec.contiguous(memory_format=torch.channels_last_3d)))
     assert torch.equal(a, b) and a.shape == (5, 4, 6, 3)
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_fast_equals_reference_on_cuda(dtype, monkeypatch):
+    """On the GPU (fused Triton norm where available): fast == reference within the dtype's rounding."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # fp32 means fp32
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    torch.manual_seed(5)
+    m = WanVAE(CFG).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    m = m.to("cuda", dtype)
+    z = torch.randn(1, CFG.z_dim, 7, 8, 12, device="cuda")
+    m32 = WanVAE(CFG).eval().to("cuda")
+    m32.load_state_dict({k: v.float() for k, v in m.state_dict().items()})
+    want, _ = decode(m32, z, [7], "reference")
+    tol = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]
+    for impl in ("reference", "fast"):
+        got, _ = decode(m, z, [1, 3, 3], impl)
+        err = float((got.float() - want).norm() / want.norm())
+        assert err < tol, (impl, err)
+
+
+@cuda
+def test_to_uint8_fused_gives_the_torch_bytes_on_cuda():
+    from streamgen.media import frames
+
+    x = torch.rand(5, 3, 33, 47, device="cuda") * 1.2 - 0.1
+    for t in (x, x.half(), x.bfloat16(), x.contiguous(memory_format=torch.channels_last)):
+        assert torch.equal(frames.to_uint8(t), frames._to_uint8_torch(t))
