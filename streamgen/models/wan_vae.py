@@ -428,7 +428,8 @@ def _fused_norm_ok(x: torch.Tensor) -> bool:
         else:
             try:
                 g = torch.Generator(device=x.device).manual_seed(0)
-                probe = torch.randn(2, 96, 3, 5, 7, device=x.device, generator=g).to(x.dtype).contiguous(memory_format=_CL3)
+                probe = torch.randn(2, 96, 3, 5, 7, device=x.device, generator=g).to(x.dtype)
+                probe = probe.contiguous(memory_format=_CL3)
                 norm = RMSNorm(96).to(x.device, x.dtype)
                 norm.gamma.data.uniform_(0.5, 1.5, generator=g)
                 got = torch.empty_like(probe)
@@ -503,7 +504,8 @@ def _fast_attention(blk: AttentionBlock, x: torch.Tensor) -> torch.Tensor:
     b, c, t, h, w = x.shape
     rows = x.permute(0, 2, 3, 4, 1).reshape(b * t, h * w, c)  # (bt, hw, c): a view of channels-last x
     n = torch.empty_like(rows)
-    _norm_into(blk.norm, rows.transpose(1, 2).unsqueeze(-1), n.transpose(1, 2).unsqueeze(-1), silu=False)  # as (bt, c, hw, 1)
+    as_images = lambda r: r.transpose(1, 2).unsqueeze(-1)  # noqa: E731 - (bt, c, hw, 1): gamma (c, 1, 1) broadcasts
+    _norm_into(blk.norm, as_images(rows), as_images(n), silu=False)
     qkv = F.linear(n, blk.to_qkv.weight.view(3 * c, c), blk.to_qkv.bias).unsqueeze(1)  # (bt, 1, hw, 3c)
     q, k, v = qkv.chunk(3, dim=-1)
     o = F.scaled_dot_product_attention(q, k, v).squeeze(1)  # (bt, hw, c)
@@ -521,7 +523,8 @@ def _fast_resample(rs: Resample, x: torch.Tensor, state: WanVAEState, first: boo
             out = torch.empty((b, c, n_head + 2 * t, h, w), dtype=x.dtype, device=x.device, memory_format=_CL3)
             mem = out.permute(0, 2, 3, 4, 1)  # (b, T', h, w, c)
             mem[:, :n_head].copy_(x[:, :, :n_head].permute(0, 2, 3, 4, 1))
-            mem[:, n_head:].view(b, t, 2, h, w, c).copy_(y.permute(0, 2, 3, 4, 1).view(b, t, h, w, 2, c).transpose(2, 4).transpose(3, 4))
+            pairs = y.permute(0, 2, 3, 4, 1).view(b, t, h, w, 2, c)  # memory of y: channel k*c + j -> (k, j)
+            mem[:, n_head:].view(b, t, 2, h, w, c).copy_(pairs.permute(0, 1, 4, 2, 3, 5))  # frames 2i+k
             x = out
         else:
             x = x[:, :, :n_head]
