@@ -6,8 +6,9 @@
 One engine per variant (``streamgen.engine.core.Engine``, the busy loop the server uses): Wan2.1 1.3B
 block-causal DiT (random bf16 weights; 4 Self-Forcing steps + cache pass per chunk of 3 latent
 frames, attention window 12 frames with 3 sink frames), the decoder (Wan VAE fp16, its default
-decode path, or TAEHV fp16), RIFE v4.26 ``--interpolate``x (random weights, fp16, channels_last),
-uint8 conversion and the pinned host copy, at 832x480. The H.264 encode runs on the server's CPU
+decode path, or TAEHV fp16; ``+bf16``: bf16, the dtype `streamgen serve` loads it in), RIFE v4.26
+``--interpolate``x (random weights, fp16, channels_last), uint8 conversion and the pinned host copy,
+at 832x480. The H.264 encode runs on the server's CPU
 threads (not timed here; see bench/BENCHMARKS.md).
 
 Per variant: session 0 is the cold one (a fresh engine thread: kernel loading, cuDNN autotuning,
@@ -46,8 +47,10 @@ from streamgen.models.wan_vae import WanVAE, WanVAEConfig  # noqa: E402
 from streamgen.ops.compile import compile_blocks  # noqa: E402
 
 
-def build(decoder: str, compile_dit: bool, dev: torch.device, smoke: bool = False, ref: bool = False):
-    """smoke: tiny configs in float32, to check the script on a CPU; ref: the Wan VAE's reference decode path."""
+def build(decoder: str, compile_dit: bool, dev: torch.device, smoke: bool = False, ref: bool = False,
+          bf16_decoder: bool = False):
+    """smoke: tiny configs in float32, to check the script on a CPU; ref: the Wan VAE's reference decode path;
+    bf16_decoder: the decoder in bf16 (as `streamgen serve` loads it: the model dtype) instead of fp16."""
     torch.manual_seed(0)
     dt, ht = (torch.float32, torch.float32) if smoke else (torch.bfloat16, torch.float16)
     if smoke:
@@ -57,10 +60,12 @@ def build(decoder: str, compile_dit: bool, dev: torch.device, smoke: bool = Fals
     if compile_dit:
         compile_blocks(model)
     if decoder == "wan":
-        dec = WanVAE(WanVAEConfig.preset("tiny" if smoke else "wan2.1")).to(dev, ht).eval().requires_grad_(False)
+        dec_dt = torch.bfloat16 if bf16_decoder and not smoke else ht
+        dec = WanVAE(WanVAEConfig.preset("tiny" if smoke else "wan2.1")).to(dev, dec_dt).eval().requires_grad_(False)
         dec.decode_impl = "reference" if ref else "auto"  # auto: the fast path on CUDA
     else:
-        dec = TAEHV(TAEHVConfig.preset("tiny" if smoke else "taew2.1")).init_random_(seed=1).to(dev, ht).eval()
+        dec_dt = torch.bfloat16 if bf16_decoder and not smoke else ht
+        dec = TAEHV(TAEHVConfig.preset("tiny" if smoke else "taew2.1")).init_random_(seed=1).to(dev, dec_dt).eval()
     rife = IFNet(RIFEConfig.preset("tiny" if smoke else "v4.26")).to(dev, ht).eval().requires_grad_(False)
     rife = rife.to(memory_format=torch.channels_last)
     text = load_text_encoder(None, dim=model.cfg.text_dim, device=dev, dtype=dt)
@@ -227,8 +232,9 @@ async def run_latency(pipeline: Pipeline, width: int, height: int, samples: int)
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variants", default="wan,taehv",
-                    help="comma list of DECODER[+compile][+bench][+ref], DECODER in wan|taehv (bench: cudnn.benchmark; "
-                         "ref: the Wan VAE's reference decode path instead of the fast one)")
+                    help="comma list of DECODER[+compile][+bench][+ref][+bf16], DECODER in wan|taehv (bench: cudnn.benchmark; "
+                         "ref: the Wan VAE's reference decode path instead of the fast one; bf16: the decoder in "
+                         "bf16, as served, instead of fp16)")
     ap.add_argument("--chunks", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--samples", type=int, default=3, help="warm sessions per variant (after the cold one)")
@@ -264,7 +270,7 @@ def main(argv=None) -> int:
         torch.backends.cudnn.benchmark = "bench" in opts  # every variant sets it: no order dependence
         pipe = None
         try:
-            pipe = build(decoder, "compile" in opts, dev, args.smoke, ref="ref" in opts)
+            pipe = build(decoder, "compile" in opts, dev, args.smoke, ref="ref" in opts, bf16_decoder="bf16" in opts)
             r = asyncio.run(run_stream(pipe, args))
         except Exception as e:  # noqa: BLE001 - report and go on with the next variant
             r = {"error": f"{type(e).__name__}: {e}"[:300]}
