@@ -134,6 +134,24 @@ def test_to_uint8_layout_and_rounding_on_cpu():
     assert torch.equal(a, b) and a.shape == (5, 4, 6, 3)
 
 
+def test_auto_takes_the_reference_path_under_forward_hooks(vae, monkeypatch, caplog):
+    """The fast path calls no module's forward: with a hook on a decoder module, auto must not take it."""
+    seen = []
+    h = vae.decoder.head[2].register_forward_pre_hook(lambda m, args: seen.append(m))
+    try:
+        vae._hook_warned = False
+        with caplog.at_level(logging.WARNING, logger="streamgen.models.wan_vae"):
+            assert not vae._fast_path(on_cuda=True) and not vae._fast_path(on_cuda=True)
+            vae.decode(torch.randn(1, CFG.z_dim, 1, 4, 4))  # the reference path: the hook runs
+        assert len([r for r in caplog.records if "forward hooks" in r.getMessage()]) == 1  # said once
+        vae.decode_impl = "fast"  # asked for explicitly: taken (and the hook skipped)
+        assert vae._fast_path(on_cuda=True) and vae._fast_path(on_cuda=False)
+    finally:
+        vae.decode_impl = "auto"
+        h.remove()
+    assert seen and vae._fast_path(on_cuda=True) and not vae._fast_path(on_cuda=False)
+
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 

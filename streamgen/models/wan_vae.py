@@ -574,6 +574,26 @@ class WanVAE(nn.Module):
     def new_state(self) -> WanVAEState:
         return WanVAEState()
 
+    def _fast_path(self, on_cuda: bool) -> bool:
+        """Whether decode_chunk takes the fast path (``decode_impl``; "auto": on CUDA, without hooks)."""
+        if self.decode_impl not in self.DECODE_IMPLS:
+            raise ValueError(f"decode_impl={self.decode_impl!r}; allowed: {', '.join(self.DECODE_IMPLS)}")
+        return self.decode_impl == "fast" or (self.decode_impl == "auto" and on_cuda and not self._hooked())
+
+    def _hooked(self) -> bool:
+        """Whether forward hooks sit on the decoder's modules (the fast path calls no module's forward,
+        so it would skip them): then "auto" takes the reference path, and says so once."""
+        import torch.nn.modules.module as mm
+
+        hooked = bool(mm._global_forward_hooks or mm._global_forward_pre_hooks) or any(
+            m._forward_hooks or m._forward_pre_hooks for m in self.decoder.modules()
+        )
+        if hooked and not getattr(self, "_hook_warned", False):
+            self._hook_warned = True
+            log.warning("Wan VAE: forward hooks on the decoder's modules; decode_impl='auto' takes the reference "
+                        "path (the fast path would skip them)")
+        return hooked
+
     def use_conv2d_sum(self, max_channels: int) -> int:
         """Fast path only, opt-in: the decoder's residual-block 3x3x3 convs of at most ``max_channels``
         input channels run as 3 summed conv2d (0 = none). Same result within rounding; faster where
@@ -616,9 +636,7 @@ class WanVAE(nn.Module):
         if latents.ndim != 5 or latents.shape[1] != cfg.z_dim or latents.shape[2] < 1:
             raise ValueError(f"latents must be (B, {cfg.z_dim}, f>=1, h, w), got {tuple(latents.shape)}")
         p = self._param()
-        if self.decode_impl not in self.DECODE_IMPLS:
-            raise ValueError(f"decode_impl={self.decode_impl!r}; allowed: {', '.join(self.DECODE_IMPLS)}")
-        fast = self.decode_impl == "fast" or (self.decode_impl == "auto" and p.is_cuda)
+        fast = self._fast_path(p.is_cuda)
         mean, std = self.latent_stats(p.device)
         z = latents.to(p.device, torch.float32) * std + mean
         x = self.conv2(z.to(p.dtype))
