@@ -53,7 +53,8 @@ dtype=None, device=None)``
 
 ``model.new_cache(..., storage=flat)`` carves the cache's buffers out of a 1-D tensor (a slot of a
 preallocated pool) instead of allocating them; ``WanCache.numel_for(cfg, batch, (h, w), capacity)``
-is its size.
+is its size. ``kv=`` a store factory keeps the self-attention K/V outside the cache (in host
+memory, streamed in per layer, and/or fp8/int8: ``streamgen.ops.kvcache``, which passes it in).
 
 ``cache.reset_self_attn(start_frame=0)``
     Forget all self-attention K/V; the next committed frames start at ``start_frame`` and the
@@ -380,6 +381,7 @@ class WanCache:
         dtype: torch.dtype,
         device: torch.device | str,
         storage: torch.Tensor | None = None,
+        kv: Callable | None = None,
     ):
         pt, ph, pw = cfg.patch_size
         h, w = latent_hw
@@ -412,17 +414,25 @@ class WanCache:
         self.device = torch.device(device)
         shape = (cfg.num_layers, batch, capacity * self.tokens_per_frame, cfg.num_heads, cfg.head_dim)
         cshape = (cfg.num_layers, batch, cfg.text_len, cfg.num_heads, cfg.head_dim)
+        # kv: a store that keeps the self-attention K/V elsewhere (streamgen.ops.kvcache: host memory,
+        # fp8/int8); called (shape, dtype, device), it has .k/.v (its storage), load(layer) -> (kb, vb)
+        # in ``dtype`` on ``device`` and store(layer, plan, kb, vb) after the chunk's writes into kb/vb
+        self._kv = None if kv is None else kv(shape, dtype, self.device)
+        if self._kv is not None:
+            self.k, self.v = self._kv.k, self._kv.v
         if storage is None:
-            self.k, self.v = (torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(2))
+            if self._kv is None:
+                self.k, self.v = (torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(2))
             self.cross_k, self.cross_v = (torch.zeros(cshape, dtype=dtype, device=self.device) for _ in range(2))
         else:  # views into a slot of a preallocated pool (streamgen.engine.pool): no allocation here
-            n, nc = math.prod(shape), math.prod(cshape)
+            n, nc = (0 if self._kv is not None else math.prod(shape)), math.prod(cshape)
             if storage.dim() != 1 or storage.dtype != dtype or storage.numel() < 2 * (n + nc):
                 raise ValueError(f"cache storage must be a 1-D {dtype} tensor of >= {2 * (n + nc)} elements, got "
                                  f"{tuple(storage.shape)} {storage.dtype}")
             flat = storage[: 2 * (n + nc)]
             flat.zero_()  # a reused slot holds the last session's K/V; masked keys must be finite
-            self.k, self.v = flat[:n].view(shape), flat[n : 2 * n].view(shape)
+            if self._kv is None:
+                self.k, self.v = flat[:n].view(shape), flat[n : 2 * n].view(shape)
             self.cross_k, self.cross_v = flat[2 * n : 2 * n + nc].view(cshape), flat[2 * n + nc :].view(cshape)
         self.prompt_set = False
         self.origin = 0
@@ -531,10 +541,12 @@ class WanCache:
     @torch.compiler.disable  # cache writes + the attention kernel stay eager under a compiled block
     def _attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _ChunkPlan, mask,
                 attn: AttnFn = sdpa):
-        kb, vb = self.k[layer], self.v[layer]  # (B, capacity*T, H, D)
+        kb, vb = (self.k[layer], self.v[layer]) if self._kv is None else self._kv.load(layer)  # (B, capacity*T, H, D)
         for dst, src, n in plan.write:
             kb[:, dst : dst + n] = k[:, src : src + n]
             vb[:, dst : dst + n] = v[:, src : src + n]
+        if self._kv is not None:
+            self._kv.store(layer, plan, kb, vb)
         if plan.n_prefix_keys is not None:
             n = plan.n_prefix_keys
             return attn(q, kb[:, :n], vb[:, :n])
@@ -672,6 +684,7 @@ class WanModel(nn.Module):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         storage: torch.Tensor | None = None,
+        kv: Callable | None = None,
     ) -> WanCache:
         return WanCache(
             self.cfg,
@@ -683,6 +696,7 @@ class WanModel(nn.Module):
             dtype=dtype or self.dtype,
             device=device if device is not None else self.patch_embedding.weight.device,
             storage=storage,
+            kv=kv,
         )
 
     @torch.no_grad()
