@@ -38,6 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--self-frac", type=float, default=0.5, help="share of sequences with self-generated context")
     p.add_argument("--self-after", type=float, default=0.4, help="from this fraction of the DiT time on")
+    p.add_argument("--switch-prob", type=float, default=0.35, help="share of sequences with a prompt switch")
+    p.add_argument("--switch-weights", default=None, metavar="KIND=W,...",
+                   help="relative odds of the switch kinds colour, shape, motion, background (default: equal), "
+                        "e.g. shape=3 to train shape changes three times as often")
     p.add_argument("--max-steps", type=int, default=10**9)
     p.add_argument("--eval-prompts", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
@@ -45,6 +49,18 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from streamgen.training import toy, toy_data
+
+    weights = None
+    if args.switch_weights:
+        weights = dict.fromkeys(("colour", "shape", "motion", "background"), 1.0)
+        for item in args.switch_weights.split(","):
+            kind, _, w = item.partition("=")
+            try:
+                if kind.strip() not in weights or float(w) < 0:
+                    raise ValueError
+                weights[kind.strip()] = float(w)
+            except ValueError:
+                p.error(f"--switch-weights: {item!r} is not KIND=W with KIND one of {', '.join(weights)} and W >= 0")
     from streamgen.weights import TOY_SAMPLING, save_toy
 
     os.makedirs(args.out, exist_ok=True)
@@ -101,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
                                    batch=2 if args.tiny else args.dit_batch, lr=args.lr, size=size,
                                    self_frac=args.self_frac, self_after=0.0 if args.tiny else args.self_after,
                                    seed=args.seed + 2 + 100 * len(history), warmup=2 if args.tiny else
-                                   (50 if args.resume else 200), log=log)  # fmt: skip
+                                   (50 if args.resume else 200), switch_prob=args.switch_prob,
+                                   switch_weights=weights, log=log)  # fmt: skip
     history.append(run)
 
     # 4. save: resumable shards + the shipped file (EMA weights)

@@ -114,6 +114,11 @@ def test_renderer_ground_truth_is_right():
         if kind == "colour":
             assert set(td._words(cap)) & set(td.COLOURS[td.COLOUR_NAMES[int(sc.colour[i, 0, 1])]][1]), cap
     assert {k for k in sc.switch_kind} == {None, "colour", "shape", "motion", "background"}
+    # switch_weights: the odds of the kinds of one-object switches (two objects switch the background)
+    sc = td.sample_scenes(200, random.Random(1), two_prob=0.0, switch_prob=1.0, switch_at=[30.0] * 200,
+                          switch_weights={"shape": 1.0})
+    assert set(sc.switch_kind) == {"shape"}
+    assert all(int(sc.shape[i, 0, 0]) != int(sc.shape[i, 0, 1]) for i in range(200))
     assert len(td.heldout_combinations()) > 100 and len(td.heldout_prompts(60)) == 60
 
 

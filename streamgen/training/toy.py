@@ -188,7 +188,8 @@ class Batch:
 
 
 def dit_batch(batch: int, rng: random.Random, device, *, size: int = 128, switch_prob: float = 0.35,
-              gap_prob: float = 0.5, max_gap_chunks: int = 160, two_prob: float = 0.2) -> Batch:
+              gap_prob: float = 0.5, max_gap_chunks: int = 160, two_prob: float = 0.2,
+              switch_weights: dict[str, float] | None = None) -> Batch:
     """One training batch of ``SEQ_CHUNKS`` chunks (see the module doc), rendered on ``device``."""
     fpc, n_win = 3, SEQ_CHUNKS - 1
     starts, sw_chunk, sw_time = [], [], []
@@ -198,7 +199,8 @@ def dit_batch(batch: int, rng: random.Random, device, *, size: int = 128, switch
         starts.append(p)
         sw_chunk.append(j)
         sw_time.append(4.0 * (p + fpc * (j - 1)) - 3)
-    scenes = td.sample_scenes(batch, rng, two_prob=two_prob, switch_prob=switch_prob, switch_at=sw_time)
+    scenes = td.sample_scenes(batch, rng, two_prob=two_prob, switch_prob=switch_prob, switch_at=sw_time,
+                              switch_weights=switch_weights)
     p = torch.tensor(starts, device=device)
     times = torch.cat([td.latent_times(torch.zeros_like(p), fpc), td.latent_times(p, fpc * n_win)], dim=1)
     frames, cover = td.render(scenes, times, size, size)
@@ -437,13 +439,14 @@ def sample_chunk_timesteps(batch: int, chunks: int, gen: torch.Generator, device
 
 def dit_step(parts: ToyParts, ema: ToyParts | None, opt, rng: random.Random, gen: torch.Generator, mask: torch.Tensor,
              *, batch: int, size: int = 128, self_frac: float = 0.0, ctx_noise_frac: float = 0.5,
-             ema_decay: float = 0.998) -> torch.Tensor:
+             ema_decay: float = 0.998, switch_prob: float = 0.35,
+             switch_weights: dict[str, float] | None = None) -> torch.Tensor:
     """One DiT + text-encoder step (stage 2, or stage 3 with ``self_frac`` > 0); returns the loss."""
     model, text = parts.model, parts.text
     device = model.patch_embedding.weight.device
     cuda = device.type == "cuda"
     fpc = model.cfg.frames_per_chunk
-    data = dit_batch(batch, rng, device, size=size)
+    data = dit_batch(batch, rng, device, size=size, switch_prob=switch_prob, switch_weights=switch_weights)
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
         x0 = parts.encoder(data.frames).float() / parts.decoder.latent_scale  # (B, 16, F, h, w)
     b, _, f = x0.shape[:3]
@@ -488,7 +491,8 @@ def make_mask(cfg: WanConfig, size: int, device) -> torch.Tensor:
 
 def train_dit(parts: ToyParts, ema: ToyParts, *, seconds: float, max_steps: int = 10**9, batch: int = 48,
               lr: float = 5e-4, size: int = 128, self_frac: float = 0.0, self_after: float = 0.5, seed: int = 2,
-              warmup: int = 200, log: Callable[[str], None] = print) -> dict:
+              warmup: int = 200, switch_prob: float = 0.35, switch_weights: dict[str, float] | None = None,
+              log: Callable[[str], None] = print) -> dict:
     """Stages 2 and 3: teacher forcing, then (after ``self_after`` of the time) ``self_frac`` of the
     sequences with self-generated context. ``ema`` is updated in place."""
     device = parts.model.patch_embedding.weight.device
@@ -506,7 +510,8 @@ def train_dit(parts: ToyParts, ema: ToyParts, *, seconds: float, max_steps: int 
             g["lr"] = _lr_at(step, frac, lr, warmup)
         sf = self_frac if frac >= self_after else 0.0
         decay = min(0.998, (1 + step) / (10 + step))
-        loss = dit_step(parts, ema, opt, rng, gen, mask, batch=batch, size=size, self_frac=sf, ema_decay=decay)
+        loss = dit_step(parts, ema, opt, rng, gen, mask, batch=batch, size=size, self_frac=sf, ema_decay=decay,
+                        switch_prob=switch_prob, switch_weights=switch_weights)
         step += 1
         if step % 20 == 1:
             v = float(loss)

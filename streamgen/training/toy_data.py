@@ -203,17 +203,24 @@ def make_scene(colour: str, shape: str, motion: str, background: str, *, p0=(0.5
 
 
 def sample_scenes(batch: int, gen: random.Random, *, two_prob: float = 0.2, switch_prob: float = 0.0,
-                  switch_at: list[float] | None = None, aspect: float = 1.0) -> Scene:
+                  switch_at: list[float] | None = None, aspect: float = 1.0,
+                  switch_weights: dict[str, float] | None = None) -> Scene:
     """Random training scenes that avoid every held-out combination (before and after a switch).
 
-    ``switch_at[i]``: the video frame of item i's switch when it gets one (``switch_prob``)."""
+    ``switch_at[i]``: the video frame of item i's switch when it gets one (``switch_prob``);
+    ``switch_weights``: relative odds of the switch kinds of one-object scenes (default: equal)."""
     rows = []
     for i in range(batch):
         two = gen.random() < two_prob
         n = 2 if two else 1
         switch = None
         if switch_at is not None and gen.random() < switch_prob:
-            switch = "background" if two else gen.choice(_SWITCH_KINDS)
+            if two:
+                switch = "background"
+            elif switch_weights:
+                switch = gen.choices(_SWITCH_KINDS, [switch_weights.get(k, 0.0) for k in _SWITCH_KINDS])[0]
+            else:
+                switch = gen.choice(_SWITCH_KINDS)
         while True:
             b0 = gen.randrange(5)
             b1 = gen.randrange(5) if switch == "background" else b0
