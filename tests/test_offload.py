@@ -274,3 +274,62 @@ def test_disk_source_errors(resident, tmp_path):
     with pytest.raises(ValueError, match="meta"):
         offload(meta_model, device="cpu")
     assert not hasattr(model, "_streamgen_offload")
+
+
+def test_resident_blocks_stay_on_the_device_and_the_rest_streams(resident):
+    x, t, ctx = _inputs(4, seed=7)
+    model = copy.deepcopy(resident)
+    with torch.no_grad():
+        ref = [resident(x, t, ctx) for _ in range(3)]
+    handle = offload(model, device="cpu", prefetch=1, resident=[3, 1])
+    st = handle.stats()
+    assert st["streamed"] == [0, 2, 4] and st["resident_blocks"] == [1, 3] and st["blocks"] == 3
+    ptrs = _slot_ptrs(handle)
+    for i, block in enumerate(model.blocks):
+        inside = {p.untyped_storage().data_ptr() in ptrs for p in block.parameters()}
+        assert inside == ({False} if i in (1, 3) else {True}), i
+    with torch.no_grad():
+        for r in ref:
+            assert torch.equal(model(x, t, ctx), r)
+    st = handle.stats()
+    assert st["copies"] == 3 * 3 + 1 and st["misses"] == 1  # 3 streamed blocks a forward, + the wrap prefetch
+    assert st["resident_bytes"] > 2 * st["max_block_bytes"]  # the two resident blocks count as resident
+    handle.remove()
+    with torch.no_grad():
+        assert torch.equal(model(x, t, ctx), ref[0])
+    for bad in ([5], [-1], [0, 1, 2, 3, 4], ["a"]):
+        with pytest.raises(ValueError, match="resident"):
+            offload(copy.deepcopy(resident), device="cpu", resident=bad)
+    with pytest.raises(ValueError, match="prefetch"):  # 2 streamed blocks: prefetch <= 1
+        offload(copy.deepcopy(resident), device="cpu", prefetch=2, resident=[0, 1, 2])
+
+
+@pytest.mark.parametrize("readers", [1, 3])
+def test_disk_tier_reads_each_block_once_per_pass(resident, tmp_path, readers):
+    """A thread pool reads blocks from the memory-mapped file into staging: every streamed block
+    is read exactly once per forward (plus the prefetch that wraps into the next one)."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in resident.state_dict().items()}, str(path))
+    x, t, ctx = _inputs(3, seed=9)
+    with torch.no_grad():
+        ref = resident(x, t, ctx)
+    with torch.device("meta"):
+        model = WanModel(resident.cfg).eval()
+    outside = {k: v for k, v in resident.state_dict().items() if not k.startswith("blocks.")}
+    model.load_state_dict(outside, strict=False, assign=True)
+    prefetch, passes = 2, 4
+    handle = offload(model, device="cpu", prefetch=prefetch, source="disk", path=path, readers=readers)
+    st = handle.stats()
+    assert st["readers"] == readers and st["host_bytes"] == (readers + 1) * st["max_block_bytes"]
+    with torch.no_grad():
+        for _ in range(passes):
+            assert torch.equal(model(x, t, ctx), ref)
+    st = handle.stats()
+    n = len(model.blocks)
+    assert st["reads"] == [passes + (1 if i < prefetch else 0) for i in range(n)]
+    assert st["misses"] == 1 and st["copies"] == sum(st["reads"])
+    handle.remove()
+    with pytest.raises(ValueError, match="readers"):
+        offload(copy.deepcopy(resident), device="cpu", source="disk", path=path, readers=0)

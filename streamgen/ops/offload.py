@@ -39,14 +39,20 @@ offload; CUDA graphs and torch.compile over the block loop are not supported.
 
 ``source="disk", path="model.safetensors"``: block tensors are read from a safetensors file
 (the model's own state_dict keys, ``<blocks_attr>.N.<name>``, any dtype castable to the model's)
-instead of from the model, which may then hold its blocks on the ``meta`` device. A background
-thread fills two page-locked staging buffers from the memory-mapped file and issues each block's
-device copy itself; the model thread waits (on the host, only when the reader is behind) until the
+instead of from the model, which may then hold its blocks on the ``meta`` device. ``readers``
+threads (default 1) fill ``readers + 1`` page-locked staging buffers from the memory-mapped file
+(each request first asks the kernel to read the block's byte range ahead, ``MADV_WILLNEED``) and
+issue each block's device copy themselves; the model thread waits (on the host, only when the reader is behind) until the
 copy it needs has been issued, then orders the compute stream after it with the same events. Host
-memory: two blocks of staging plus the OS page cache. Throughput is that of reading the file (page
+memory: ``readers + 1`` blocks of staging plus the OS page cache (clean file pages the kernel may
+drop: host RAM can be smaller than the model). Each streamed block is read once per forward
+(``stats()["reads"]``). Throughput is that of reading the file (page
 cache or disk), usually far below the pinned path's.
 
 On a CPU device the same code runs with plain copies and no streams or events (for tests).
+
+``resident=[i, ...]``: those blocks stay on the device (the planner's partial residency); the
+others stream as above, prefetch and wrap-around counted among them.
 
 ``handle.remove()`` restores a resident model on ``device``; ``handle.stats()`` reports sizes
 and copy counters.
@@ -60,6 +66,7 @@ import os
 import queue
 import threading
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -67,6 +74,7 @@ import torch.nn as nn
 
 __all__ = ["offload", "OffloadHandle"]
 
+_MADV_WILLNEED = getattr(mmap, "MADV_WILLNEED", None)
 _ALIGN = 256  # byte alignment of every tensor inside a block's flat region
 _ATTR = "_streamgen_offload"
 
@@ -184,6 +192,21 @@ class _SafetensorsFile:
         a, b = self.header[key]["data_offsets"]
         return self._data[self._base + a : self._base + b]
 
+    def span(self, keys: list[str]) -> tuple[int, int]:
+        """The byte range of the file that holds ``keys`` (start, end)."""
+        offs = [self.header[k]["data_offsets"] for k in keys]
+        return self._base + min(a for a, _ in offs), self._base + max(b for _, b in offs)
+
+    def willneed(self, start: int, end: int) -> None:
+        """Ask the kernel to read ``[start, end)`` of the file ahead (no-op where madvise is missing)."""
+        if _MADV_WILLNEED is not None and end > start:
+            page = mmap.PAGESIZE
+            a = start // page * page
+            try:
+                self._mm.madvise(_MADV_WILLNEED, a, end - a)
+            except (OSError, ValueError):
+                pass
+
     def read_into(self, dst: torch.Tensor, key: str) -> None:
         """Copy tensor ``key`` into ``dst`` (same shape), casting if the dtypes differ."""
         raw = self.raw(key)
@@ -214,6 +237,8 @@ def offload(
     pin: bool = True,
     source: str = "memory",
     path: str | os.PathLike | None = None,
+    resident: Iterable[int] = (),
+    readers: int = 1,
 ) -> "OffloadHandle":
     """Offload ``getattr(model, blocks_attr)``'s blocks to host memory; see the module docstring.
 
@@ -221,7 +246,11 @@ def offload(
     the device holds ``prefetch + 1`` block slots. ``pin``: page-lock the host copy (CUDA only;
     without it copies are staged by the driver and block the host). ``source``: ``"memory"`` (the
     model's own block tensors, packed into host memory) or ``"disk"`` (read from the safetensors
-    file ``path``). Returns the handle that undoes it (``remove()``)."""
+    file ``path``). ``resident``: indices of blocks that stay on the device like the rest of the
+    model (the budget planner's partial residency, streamgen/plan.py); the others are streamed, and
+    ``prefetch`` counts among them. ``readers``: threads reading blocks from the file (disk
+    source), each block ``readers + 1`` staging buffers; up to ``min(readers, prefetch)`` blocks
+    are read at once. Returns the handle that undoes it (``remove()``)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     dev = _check_device(device)
@@ -233,18 +262,27 @@ def offload(
             f"blocks_attr={blocks_attr!r} must name a non-empty nn.ModuleList/nn.Sequential of blocks, "
             f"got {type(blocks).__name__}" + (" of length 0" if isinstance(blocks, nn.Module) else "")
         )
-    if isinstance(prefetch, bool) or not isinstance(prefetch, int) or not 0 <= prefetch < len(blocks):
-        raise ValueError(f"prefetch={prefetch!r} must be an int in [0, {len(blocks) - 1}] (number of blocks - 1)")
+    try:
+        keep = sorted({int(i) for i in resident})
+    except (TypeError, ValueError):
+        raise ValueError(f"resident={resident!r} must be block indices") from None
+    if keep and not (0 <= keep[0] and keep[-1] < len(blocks) and len(keep) < len(blocks)):
+        raise ValueError(f"resident={resident!r}: block indices in [0, {len(blocks) - 1}], at least one block streamed")
+    streamed = len(blocks) - len(keep)
+    if isinstance(prefetch, bool) or not isinstance(prefetch, int) or not 0 <= prefetch < streamed:
+        raise ValueError(f"prefetch={prefetch!r} must be an int in [0, {streamed - 1}] (number of streamed blocks - 1)")
     if not isinstance(pin, bool):
         raise ValueError(f"pin={pin!r} must be a bool")
     if source not in ("memory", "disk"):
         raise ValueError(f"source={source!r} must be 'memory' or 'disk'")
+    if isinstance(readers, bool) or not isinstance(readers, int) or readers < 1:
+        raise ValueError(f"readers={readers!r} must be an int >= 1 (threads reading the file)")
     if (source == "disk") != (path is not None):
         raise ValueError(f"path={path!r}: give a safetensors path exactly when source='disk' (source={source!r})")
     if getattr(model, _ATTR, None) is not None:
         raise ValueError("model is already offloaded: call its handle's remove() first")
     file = _SafetensorsFile(path) if source == "disk" else None
-    return OffloadHandle(model, blocks, blocks_attr, dev, prefetch, pin and dev.type == "cuda", file)
+    return OffloadHandle(model, blocks, blocks_attr, dev, prefetch, pin and dev.type == "cuda", file, keep, readers)
 
 
 class OffloadHandle:
@@ -259,12 +297,16 @@ class OffloadHandle:
         prefetch: int,
         pin: bool,
         file: _SafetensorsFile | None,
+        resident: list[int] = (),
+        readers: int = 1,
     ):
         self.device = device
         self.prefetch = prefetch
         self.source = "memory" if file is None else "disk"
         self._model = model
-        self._blocks = list(blocks)
+        self.resident = list(resident)
+        self.streamed = [i for i in range(len(blocks)) if i not in set(self.resident)]  # model block indices
+        self._blocks = [blocks[i] for i in self.streamed]  # what is streamed; the rest is resident
         self._file = file
         n_blocks = len(self._blocks)
         self._cuda = device.type == "cuda"
@@ -278,25 +320,27 @@ class OffloadHandle:
             for e in entries:
                 j = owner.setdefault(id(_entry_tensor(e)), i)
                 if j != i:
-                    raise ValueError(f"blocks {j} and {i} share a tensor {tuple(e.shape)}: tied weights cannot be offloaded")
+                    raise ValueError(f"blocks {self.streamed[j]} and {self.streamed[i]} share a tensor {tuple(e.shape)}: tied weights cannot be offloaded")
         block_modules = {id(m) for b in self._blocks for m in b.modules()}
         resident = [m for m in model.modules() if id(m) not in block_modules]
         for m in resident:
             for t in (*m._parameters.values(), *m._buffers.values()):
                 if t is not None and id(t) in owner:
-                    raise ValueError(f"a tensor {tuple(t.shape)} of block {owner[id(t)]} is also used outside the blocks")
+                    raise ValueError(f"a tensor {tuple(t.shape)} of block {self.streamed[owner[id(t)]]} is also used outside "
+                                     "the streamed blocks")
         if any(t.is_meta for m in resident for t in (*m._parameters.values(), *m._buffers.values()) if t is not None):
             raise ValueError("tensors outside the blocks are on the meta device: load them before offload")
         if file is None and any(_entry_tensor(e).is_meta for entries in self._entries for e in entries):
             raise ValueError("the blocks hold meta tensors (no data): use source='disk' with a safetensors path")
         if file is not None:
-            self._keys = [[f"{blocks_attr}.{i}.{e.name}" for e in entries] for i, entries in enumerate(self._entries)]
+            self._keys = [[f"{blocks_attr}.{i}.{e.name}" for e in entries] for i, entries in zip(self.streamed, self._entries)]
             self._check_file()
 
         # 2. host memory, page-locked in place (exact size, no allocator rounding): every block
-        #    (memory source) or two staging buffers (disk source)
+        #    (memory source) or readers + 1 staging buffers (disk source)
         self.max_block_bytes = max(self.block_bytes)
-        sizes = self.block_bytes if file is None else [self.max_block_bytes] * 2
+        self.readers = readers if file is not None else 0
+        sizes = self.block_bytes if file is None else [self.max_block_bytes] * (readers + 1)
         offsets = [0]
         for size in sizes:
             offsets.append(offsets[-1] + size)
@@ -351,11 +395,20 @@ class OffloadHandle:
         self._pending: list[threading.Event | None] = [None] * self.num_slots
         self._reader_error: BaseException | None = None
         self._requests: queue.SimpleQueue | None = None
-        self._reader = None
+        self._workers: list[threading.Thread] = []
+        self.reads = [0] * n_blocks  # disk source: times each streamed block was read from the file
+        self._reads_lock = threading.Lock()
+        self._issue_lock = threading.Lock()  # one reader at a time enqueues its (wait, copy, record)
         if file is not None:
+            self._spans = [file.span(keys) for keys in self._keys]
             self._requests = queue.SimpleQueue()
-            self._reader = threading.Thread(target=self._read_loop, name="offload-reader", daemon=True)
-            self._reader.start()
+            self._staging_pool: queue.SimpleQueue = queue.SimpleQueue()
+            for k in range(len(self._staging)):
+                self._staging_pool.put(k)
+            self._workers = [threading.Thread(target=self._read_loop, name=f"offload-reader-{i}", daemon=True)
+                             for i in range(readers)]
+            for w in self._workers:
+                w.start()
         self._hooks = []
         for i, block in enumerate(self._blocks):
             hook = self._make_hook(i)
@@ -412,12 +465,15 @@ class OffloadHandle:
         """Disk source: block ``block``'s tensors from the file into the flat region ``flat``."""
         for key, e in zip(self._keys[block], self._entries[block]):
             self._file.read_into(_typed_view(flat, e), key)
+        with self._reads_lock:
+            self.reads[block] += 1
 
     # -- the hot path (no host syncs)
 
     def _copy(self, block: int, slot: int) -> None:
         n = self.block_bytes[block]
-        if self._requests is not None:  # disk: the reader thread reads and issues the copy
+        if self._requests is not None:  # disk: a reader thread reads and issues the copy
+            self._file.willneed(*self._spans[block])  # the kernel starts reading it from disk now
             done = threading.Event()
             self._pending[slot] = done
             self._requests.put((block, slot, done))
@@ -464,32 +520,36 @@ class OffloadHandle:
         self._current, self._current_slot = block, slot
 
     def _read_loop(self) -> None:
-        """Disk source, on its own thread: fill a staging buffer, then issue its copy into the slot.
-        A staging buffer is refilled only after its previous copy finished (a sync of this thread)."""
-        k = 0
+        """Disk source, on each reader thread: take a request, fill a free staging buffer from the
+        file, then issue its copy into the slot. A staging buffer is refilled only after its previous
+        copy finished (a sync of this thread). Copies into one slot are issued in request order: a
+        slot's next request is only made after the model thread waited for the previous one."""
         while True:
             req = self._requests.get()
             if req is None:
                 return
             block, slot, done = req
+            k = None
             try:
                 if self._reader_error is None:
+                    k = self._staging_pool.get()
                     n, stage = self.block_bytes[block], self._staging[k]
                     if self._cuda:
                         self._staging_free[k].synchronize()
                     self._fill(stage, block)
                     if self._cuda:
-                        with torch.cuda.device(self.device), torch.cuda.stream(self._copy_stream):
+                        with self._issue_lock, torch.cuda.device(self.device), torch.cuda.stream(self._copy_stream):
                             self._copy_stream.wait_event(self._free[slot])
                             self.slots[slot][:n].copy_(stage[:n], non_blocking=True)
                             self._ready[slot].record(self._copy_stream)
                             self._staging_free[k].record(self._copy_stream)
                     else:
                         self.slots[slot][:n].copy_(stage[:n])
-                    k = (k + 1) % len(self._staging)
             except BaseException as exc:  # handed to the model thread, raised at the block's entry
                 self._reader_error = exc
             finally:
+                if k is not None:
+                    self._staging_pool.put(k)
                 done.set()
 
     # -- public
@@ -498,13 +558,17 @@ class OffloadHandle:
         """Sizes (bytes) and counters. ``gpu_bytes`` = slots + the resident (non-block) tensors;
         ``host_bytes`` = the (pinned) host buffer: all blocks, or the staging of the disk source;
         ``copies``/``bytes_copied`` count block copies issued so far, ``misses`` those issued when
-        the block was already needed (not prefetched)."""
+        the block was already needed (not prefetched); ``blocks`` counts the streamed blocks
+        (``streamed``: their indices; ``resident_blocks`` stay on the device, in ``resident_bytes``);
+        ``reads[i]``: times streamed block i was read from the file (disk source)."""
         resident = sum(t.numel() * t.element_size() for t in self._resident_tensors())
         slot_bytes = self.num_slots * self.max_block_bytes
         return {
             "device": str(self.device),
             "source": self.source,
             "blocks": len(self._blocks),
+            "streamed": list(self.streamed),
+            "resident_blocks": list(self.resident),
             "prefetch": self.prefetch,
             "num_slots": self.num_slots,
             "bytes_per_block": list(self.block_bytes),
@@ -518,6 +582,8 @@ class OffloadHandle:
             "copies": self.copies,
             "bytes_copied": self.bytes_copied,
             "misses": self.misses,
+            "readers": self.readers,
+            "reads": list(self.reads),
         }
 
     def _resident_tensors(self):
@@ -557,9 +623,10 @@ class OffloadHandle:
             raise RuntimeError("this offload was already removed")
         for h in self._hooks:
             h.remove()
-        if self._reader is not None:
+        for _ in self._workers:
             self._requests.put(None)
-            self._reader.join()
+        for w in self._workers:
+            w.join()
         if self._cuda:
             torch.cuda.current_stream(self.device).wait_stream(self._copy_stream)
         with torch.no_grad():
