@@ -109,6 +109,11 @@ CASES = {
     "serve --device cuda": (["serve", "--model", "tiny", "--port", "{free}", "--device", "cuda"],
                             ["--device cuda", "no CUDA device", "cpu"]),
     "serve unknown option": (["serve", "--model", "testpattern", "--bogus"], ["unrecognized arguments: --bogus"]),
+    "serve --cache-memory 0": (["serve", "--model", "tiny", "--cache-memory", "0"], ["--cache-memory", "GiB (> 0)"]),
+    "serve --cache-memory too small": (["serve", "--model", "tiny", "--port", "{free}", "--cache-memory", "0.0001"],
+                                       ["--cache-memory 0.0001", "needs", "GiB of KV cache"]),
+    "serve --cache-memory with the test pattern": (["serve", "--model", "testpattern", "--port", "{free}",
+                                                    "--cache-memory", "1"], ["--cache-memory", "no engine"]),
     # download
     "download nosuch": (["download", "nosuch"], ["nosuch", "self-forcing-1.3b", "lightx2v-t2v-14b", "rife"]),
     # watch

@@ -34,6 +34,16 @@ def _port(text: str) -> int:
     return v
 
 
+def _gib(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of GiB (> 0)")
+    if not v > 0 or v != v or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a number of GiB (> 0)")
+    return v
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p, models=STREAM_MODELS + (TESTPATTERN,))
     g = p.add_argument_group("server")
@@ -62,6 +72,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--width", type=int, default=None, help="width of a start that gives none (default: the model's)")
     g.add_argument("--height", type=int, default=None, help="height of a start that gives none (default: the model's)")
     g.add_argument("--fps", type=int, default=None, help="test pattern frame rate (default 16)")
+    g.add_argument("--cache-memory", type=_gib, default=None, metavar="GIB",
+                   help="GiB of KV cache the engine admits sessions into (a start that does not fit waits in a "
+                        "queue, then gets 'overloaded'); default: 0.6 of the GPU memory free at start, "
+                        "unbounded on the CPU")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -120,6 +134,8 @@ def _build(args: argparse.Namespace):
         given += ["--rife"] if args.rife not in (None, "auto", "none") else []
         if given:
             raise UsageError(f"{given[0]}: --model {TESTPATTERN} draws its frames and loads no weight files")
+        if args.cache_memory is not None:
+            raise UsageError(f"--cache-memory: --model {TESTPATTERN} draws its frames and has no engine to hold caches")
 
         w, h = args.width or 320, args.height or 192
         _check_size(w, h, DEFAULT_LIMITS)
@@ -141,9 +157,16 @@ def _build(args: argparse.Namespace):
     pipe = build_pipeline(args)
     warmup = GenRequest("warm-up", w, h, interpolate=2 if pipe.rife is not None else 1, chunks=2, name="warm-up")
     try:
-        engine = Engine(pipe, engine_settings(args, MODELS[args.model], limits=limits, warmup=warmup))
+        memory = None if args.cache_memory is None else int(args.cache_memory * 2**30)
+        engine = Engine(pipe, engine_settings(args, MODELS[args.model], limits=limits, warmup=warmup,
+                                              cache_memory=memory))
         # the defaults must be servable: the same check a client's start gets
-        engine.validate(GenRequest("check", w, h, chunks=None if engine.settings.local_frames else 1))
+        check = GenRequest("check", w, h, chunks=None if engine.settings.local_frames else 1)
+        engine.validate(check)
+        if not engine.pool.fits_ever(need := engine.cache_bytes(check)):
+            given = f" {args.cache_memory:g}" if args.cache_memory is not None else ""
+            raise UsageError(f"--cache-memory{given}: a {w}x{h} session needs {need / 2**30:.3g} GiB of KV cache; "
+                             f"the engine's pool holds {engine.pool.capacity_bytes / 2**30:.3g} GiB")
     except EngineError as e:
         raise UsageError(f"--{(e.field or 'model').replace('_', '-')}: {e}") from None
     from streamgen.server.sources import EngineFactory
