@@ -21,7 +21,8 @@ import sys
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "info": ("streamgen.cli", "version, torch, device, attention backends / kernels, which presets are ready"),
+    "info": ("streamgen.cli", "version, torch, device, attention backends / kernels, which presets are ready; "
+                              "--plan: what stays on the GPU within --gpu-memory-gb"),
     "generate": ("streamgen.generate", "generate a video chunk by chunk into an MP4 file"),
     "interpolate": ("streamgen.media.interpolate", "RIFE frame interpolation of a video file"),
     "serve": ("streamgen.server.serve", "run the streaming server (WebSocket + browser player)"),
@@ -30,11 +31,17 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:  # `info` takes no arguments
-    pass
+def add_arguments(p: argparse.ArgumentParser) -> None:  # `info`: only the memory plan's options
+    from streamgen.plan import add_plan_arguments
+
+    add_plan_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "plan", False):
+        from streamgen.plan import run_plan
+
+        return run_plan(args)
     import platform
 
     import torch
