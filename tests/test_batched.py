@@ -218,6 +218,18 @@ async def test_batched_engine_steps_equal_each_session_alone(tiny):
             np.testing.assert_array_equal(g, r)
 
 
+async def test_a_session_ahead_of_its_viewer_yields_to_the_others(tiny):
+    d = _Driver(tiny, max_ahead=3)
+    ahead = d.open(GenRequest("ahead", 64, 64, lead_s=1.0))
+    other = d.open(GenRequest("other", 64, 64))
+    d.eng._apply_command("viewer", ahead, 0.0)  # SessionHandle.set_viewer(0.0)
+    assert d.step() == [ahead, other]  # both new
+    assert d.step() == [ahead, other]  # 9 + 12 frames = 1.31 s made > 1 s lead: it yields from now on
+    assert d.step() == [other]
+    d.eng._apply_command("viewer", ahead, 0.75)  # its viewer moved on
+    assert sorted(d.step(ahead, other)) == [ahead, other]
+
+
 async def test_sessions_of_other_sizes_run_in_their_own_batch(tiny):
     d = _Driver(tiny)
     a = d.open(GenRequest("p", 64, 64))

@@ -100,7 +100,9 @@ class Pipeline:
 class GenRequest:
     """One session. image: uint8 (height, width, 3) RGB first frame, or None; chunks: how many
     chunks in all (None: until cancelled); prompts: {chunk index: prompt} switches that take effect
-    exactly at that chunk (`generate --prompt-at`); name: the session's id in log lines."""
+    exactly at that chunk (`generate --prompt-at`); name: the session's id in log lines; lead_s:
+    with ``SessionHandle.set_viewer`` reports, the session yields while this many seconds of media
+    ahead of its viewer (None: paced by its requests alone, as the server's sessions are)."""
 
     prompt: str
     width: int
@@ -111,6 +113,7 @@ class GenRequest:
     image: np.ndarray | None = None
     prompts: dict[int, str] = field(default_factory=dict)
     name: str = ""
+    lead_s: float | None = None
 
 
 @dataclass
@@ -517,7 +520,7 @@ class Engine:
             self._sessions[sid] = es = self._make_session(req, handle.reservation)
             # sessions of one frame size and chunk shape can share a forward
             key = (req.height, req.width) if es.state.batchable else ("alone", sid)
-            self.scheduler.admit(sid, limit=req.chunks, key=key)
+            self.scheduler.admit(sid, limit=req.chunks, key=key, lead_s=req.lead_s)
         except Exception as e:  # noqa: BLE001 - reported to this session only
             self._fail(sid, e, "could not start", name=req.name)
 
