@@ -10,7 +10,7 @@ back (unpaced: what the engine can make; ``max_ahead=1``, as ``generate`` runs).
 block-causal DiT with random weights (bf16, or its block linears in fp8 rowwise, ``ops.quant``), 4
 Self-Forcing steps + cache pass per chunk of 3 latent frames, window 12 frames with 3 sinks, the Wan
 VAE (fp16) or TAEHV (fp16) decoder, no RIFE; CPU (``--model toy``): the built-in default model at
-its native size, float32.
+its native size, float32, with its own decoder (the variant's decoder and precision do not apply).
 
 Reported per N: "1st chunk" = open -> first chunk on the host, the slowest of the N sessions (they
 all start together); per-session generated fps = decoded frames / s after the first ``--warmup``
