@@ -172,9 +172,10 @@ class Plan:
     def host_kv(self) -> int:
         return self.kv_layer_bytes * self.layers if self.kv_offload else 0
 
-    def apply(self, model, device=None) -> list:
+    def apply(self, model, device=None, *, source: str = "memory", path=None, readers: int = 1) -> list:
         """Apply the plan to ``model`` (already quantized as planned): FFN slicing, block offload with
-        the resident blocks, the KV store. Returns the handles (``remove()`` each to undo)."""
+        the resident blocks (``source``/``path``/``readers`` as ``offload`` takes them: the disk tier),
+        the KV store. Returns the handles (``remove()`` each to undo)."""
         from streamgen.ops.chunked import chunk_ffn
         from streamgen.ops.kvcache import kv_cache
         from streamgen.ops.offload import offload
@@ -186,7 +187,8 @@ class Plan:
             handles.append(chunk_ffn(model, self.ffn_tokens))
         if self.streamed_blocks:
             dev = device if device is not None else next(model.parameters()).device
-            handles.append(offload(model, device=dev, prefetch=self.weight_prefetch, resident=self.resident_blocks))
+            handles.append(offload(model, device=dev, prefetch=self.weight_prefetch, resident=self.resident_blocks,
+                                   source=source, path=path, readers=readers))
         if self.kv_offload or self.kv_quant is not None:
             handles.append(kv_cache(model, offload=self.kv_offload, prefetch=self.kv_prefetch, quant=self.kv_quant))
         return handles

@@ -24,7 +24,7 @@ offloaded too, so block i's weights and layer i's K/V travel in order on one que
 2. layers i+1 .. i+prefetch (wrapping into the next forward) are copied into the next slots on
    the copy stream, each copy first waiting for its slot to be free and for any write-back into
    the host region it reads;
-3. the compute stream waits for layer i's copy.
+3. the compute stream waits for layer i's copy (and for the slot's last write-back).
 
 Write-back: only what a call *commits* goes back to the host (``update_cache=True``: the cache
 pass and the prompt-switch re-cache), as a device-to-host copy of the written token ranges of
@@ -119,6 +119,8 @@ class KVStore:
         self.layers = shape[0]
         self.dtype = dtype
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.offload = offload
         self.quant = quant
         self.prefetch = prefetch
@@ -207,9 +209,11 @@ class KVStore:
             nl, ns = (layer + j) % self.layers, (slot + j) % self.num_slots
             if self._slot_layer[ns] != nl:
                 self._copy_in(nl, ns)
-        # 3. compute waits for the copy
+        # 3. compute waits for the copy, and for the last write-back out of this slot (a slot that
+        #    still holds its layer is written again without a copy in between)
         if self._cuda:
             compute.wait_event(self._ready[slot])
+            compute.wait_event(self._wb_slot[slot])
         self._current_slot = slot
         return self._slot_views[slot]
 
