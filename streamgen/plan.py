@@ -161,7 +161,9 @@ class Plan:
         out.append(f"  cross-attention K/V: {g(self.parts['cross'])}")
         ffn = "whole" if self.ffn_tokens is None else f"in slices of {self.ffn_tokens} tokens"
         out.append(f"  activations (estimate; FFN {ffn}): {g(self.parts['activations'])}, margin {g(self.parts['margin'])}")
-        out.append(f"  total {g(self.total)} of {g(self.budget)}; pinned host memory {g(self.host_bytes)}")
+        disk = self.host_kv + (5 * self.block_bytes if self.streamed_blocks else 0)
+        out.append(f"  total {g(self.total)} of {g(self.budget)}; pinned host memory {g(self.host_bytes)} "
+                   f"(blocks read from disk by 4 readers instead: {g(disk)} + the page cache)")
         moved = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in self.h2d.items() if v) or "nothing"
         out.append(f"  moved per chunk ({self.forwards} forwards): host-to-device {self.h2d_bytes / 1e9:.1f} GB ({moved}), "
                    f"device-to-host {self.d2h_bytes / 1e9:.2f} GB; PCIe bound at {gbps:g} GB/s: "

@@ -36,7 +36,10 @@ the host copy never needs it. Quantization follows the same rule: the chunk's ow
 attended to in full precision while it is denoised and quantized once, when committed.
 
 On a CPU device the same code runs with plain copies, no streams or events (for tests): an
-offloaded fp32 cache gives bit for bit the video of a resident one (tests/test_kvcache.py).
+offloaded fp32 cache gives bit for bit the video of a resident one (tests/test_kvcache.py). The CUDA
+path is unmeasured and untested on a GPU so far (bench/kv_offload.py is the first run). Not with CUDA
+graphs (streamgen.ops.graphs): the copies and events are issued from Python at every layer. Caches
+made from the engine's pool still reserve a full-size slot (only the cross-attention K/V use it).
 
 ``kv_cache_bytes(cfg, batch, latent_hw, capacity, dtype=..., quant=..., offload=..., prefetch=...)``
     The bytes a store of that geometry takes: ``{"device": ..., "host": ..., "per_layer": ...}``
