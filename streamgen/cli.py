@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     for mod in ("av", "aiohttp", "websockets", "msgpack", "safetensors", "huggingface_hub", "prometheus_client"):
         try:
             m = importlib.import_module(mod)
-            rows.append((mod, getattr(m, "__version__", "installed")))
+            rows.append((mod, getattr(m, "__version__", None) or _dist_version(mod)))
         except ImportError:
             rows.append((mod, "MISSING"))
     from streamgen import hub
@@ -87,6 +87,15 @@ def run(args: argparse.Namespace) -> int:
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
     return 0
+
+
+def _dist_version(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "installed"
 
 
 class Parser(argparse.ArgumentParser):
