@@ -326,6 +326,7 @@ def test_disk_tier_reads_each_block_once_per_pass(resident, tmp_path, readers):
     with torch.no_grad():
         for _ in range(passes):
             assert torch.equal(model(x, t, ctx), ref)
+    handle.wait_reads()  # the prefetch into a next pass may still be reading
     st = handle.stats()
     n = len(model.blocks)
     assert st["reads"] == [passes + (1 if i < prefetch else 0) for i in range(n)]

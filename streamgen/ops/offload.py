@@ -586,6 +586,14 @@ class OffloadHandle:
             "reads": list(self.reads),
         }
 
+    def wait_reads(self) -> None:
+        """Disk source: return once every block read requested so far has been read and its copy
+        issued (the prefetch into the next forward included); a no-op otherwise. For counters and
+        tests; the hot path never needs it."""
+        for done in list(self._pending):
+            if done is not None:
+                done.wait()
+
     def _resident_tensors(self):
         block_ids = {id(_entry_tensor(e)) for entries in self._entries for e in entries}
         seen: set[int] = set()
