@@ -4,6 +4,7 @@ against the same computation done directly with SessionState + Interpolator."""
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import numpy as np
 import pytest
@@ -110,9 +111,12 @@ def _engine(tiny, **kw) -> Engine:
 
 
 @pytest.mark.parametrize("warmup", [False, True])
-async def test_two_interleaved_sessions_equal_their_direct_computation(tiny, warmup):
-    """Also with a warm-up stream run first: it must leave no trace (RNG, caches, stats)."""
-    eng = _engine(tiny, warmup=GenRequest("warm-up", 64, 64, seed=9) if warmup else None)
+async def test_two_interleaved_sessions_equal_their_direct_computation(tiny, warmup, caplog):
+    """Also with warm-up streams run first, one per frame size (serve --warmup-sizes): they must
+    leave no trace (RNG, caches, stats)."""
+    sizes = ((64, 64), (96, 64))
+    caplog.set_level(logging.INFO, logger="streamgen.engine.core")
+    eng = _engine(tiny, warmup=tuple(GenRequest("warm-up", w, h, seed=9) for w, h in sizes) if warmup else None)
     try:
         a_req = GenRequest("a fox in the snow", 64, 64, seed=3)
         b_req = GenRequest("a city at night", 96, 64, seed=4)
@@ -132,6 +136,9 @@ async def test_two_interleaved_sessions_equal_their_direct_computation(tiny, war
         for g, r in zip(got, ref):
             np.testing.assert_array_equal(g, r)
     assert eng.stats["chunks"] >= 8 and eng.stats["errors"] == 0
+    warmed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("engine warm-up:")]
+    assert len(warmed) == (2 if warmup else 0), warmed
+    assert all(f"at {w}x{h} " in m for (w, h), m in zip(sizes, warmed)), warmed
 
 
 async def test_prompt_switch_and_interpolation_match_direct(tiny):

@@ -136,7 +136,7 @@ class EngineSettings:
     guidance: float = 1.0
     negative_prompt: str | None = None
     limits: Limits = DEFAULT_LIMITS
-    warmup: GenRequest | None = None  # a throwaway session run once when the busy loop starts
+    warmup: GenRequest | tuple[GenRequest, ...] | None = None  # throwaway sessions run once when the busy loop starts
     # batching and admission (see the module docstring)
     max_batch: int = 8  # sessions in one step's batch
     cache_memory: int | None = None  # bytes of the KV cache pool; None: unbounded on the CPU, on CUDA
@@ -437,8 +437,9 @@ class Engine:
 
     def _run(self) -> None:
         torch.set_grad_enabled(False)
-        if self.settings.warmup is not None:
-            self._warmup(self.settings.warmup)
+        warm = self.settings.warmup
+        for req in (warm,) if isinstance(warm, GenRequest) else (warm or ()):
+            self._warmup(req)  # one per frame size: kernel choice and autotuning are per shape
         try:
             while not self._stop.is_set():
                 batch = self.scheduler.next_batch()

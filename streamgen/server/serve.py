@@ -72,6 +72,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--width", type=int, default=None, help="width of a start that gives none (default: the model's)")
     g.add_argument("--height", type=int, default=None, help="height of a start that gives none (default: the model's)")
     g.add_argument("--fps", type=int, default=None, help="test pattern frame rate (default 16)")
+    g.add_argument("--warmup-sizes", default=None, metavar="WxH,...",
+                   help="more frame sizes the engine warms up at start, besides the default size (each size's "
+                        "first chunk pays kernel selection and autotuning: seconds on a GPU), e.g. 480x832,640x640")
     g.add_argument("--cache-memory", type=_gib, default=None, metavar="GIB",
                    help="GiB of KV cache the engine admits sessions into (a start that does not fit waits in a "
                         "queue, then gets 'overloaded'); default: 0.6 of the GPU memory free at start, "
@@ -154,8 +157,24 @@ def _build(args: argparse.Namespace):
     limits = replace(DEFAULT_LIMITS, max_pixels=preset.max_pixels)
     w, h = args.width or preset.width, args.height or preset.height
     _check_size(w, h, limits)
+    sizes = [(w, h)]
+    for item in (args.warmup_sizes or "").split(","):
+        if not item.strip():
+            continue
+        ww, _, hh = item.strip().lower().partition("x")
+        try:
+            size = (int(ww), int(hh))
+        except ValueError:
+            raise UsageError(f"--warmup-sizes: {item.strip()!r} is not WIDTHxHEIGHT (e.g. 480x832)") from None
+        try:
+            _check_size(*size, limits)
+        except UsageError as e:
+            raise UsageError(f"--warmup-sizes {item.strip()}: {e}") from None
+        if size not in sizes:
+            sizes.append(size)
     pipe = build_pipeline(args)
-    warmup = GenRequest("warm-up", w, h, interpolate=2 if pipe.rife is not None else 1, chunks=2, name="warm-up")
+    warmup = tuple(GenRequest("warm-up", ww, hh, interpolate=2 if pipe.rife is not None else 1, chunks=2,
+                              name="warm-up") for ww, hh in sizes)
     try:
         memory = None if args.cache_memory is None else int(args.cache_memory * 2**30)
         engine = Engine(pipe, engine_settings(args, MODELS[args.model], limits=limits, warmup=warmup,
