@@ -23,6 +23,8 @@ Variants (``--variants``, comma-separated):
   (fp8 weights + fp8 KV in 8 GiB), 14b-fp8-plan8-disk (the same, its streamed blocks read from a
   safetensors file by ``--readers`` threads: written just before, so from the page cache), 14b-resident
   (bf16 compute reference); tiny-smoke / tiny-plan / tiny-plan-disk (the tiny model at 64x64, any device).
+A plan variant whose measured peak exceeds its budget is run once more, planned for the budget less
+the overshoot ("-fit"; ``--no-fit`` to skip): the planner's activation estimate is unverified on a GPU.
 The model of one preset is built once (random weights on the device, bf16), quantized in place
 before its fp8 variants; each variant's transforms are removed after it.
 """
@@ -173,6 +175,21 @@ def run_variant(model, name, spec, device, args, bw) -> dict:
     return row
 
 
+def fit_variant(name: str, row: dict, args):
+    """A plan variant whose measured peak exceeded its budget -> (name, spec) of the same plan for
+    the budget less the overshoot (and 0.1 GiB), or None (``--no-fit``, fitted, other variants)."""
+    preset, wq, kq, layout, w, h = VARIANTS[name]
+    kind, _, arg = layout.partition(":")
+    if not args.fit or not kind.startswith("plan") or row.get("peak_gib") is None:
+        return None
+    gib, _, margin = arg.partition(":")
+    over = row["peak_gib"] - float(gib)
+    if over <= 0:
+        return None
+    fitted = float(gib) - over - 0.1
+    return f"{name}-fit", (preset, wq, kq, f"{kind}:{fitted:.2f}" + (f":{margin}" if margin else ""), w, h)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--variants", default=DEFAULT, help=f"comma-separated, of: {', '.join(VARIANTS)}")
@@ -183,6 +200,8 @@ def main() -> int:
     ap.add_argument("--local-frames", type=int, default=12)
     ap.add_argument("--sink-frames", type=int, default=3)
     ap.add_argument("--json", default=None, help="write the rows here")
+    ap.add_argument("--no-fit", dest="fit", action="store_false",
+                    help="do not re-plan a plan variant whose measured peak exceeded its budget")
     ap.add_argument("--readers", type=int, default=4, help="disk variants: reader threads (default 4)")
     ap.add_argument("--disk-dir", default=None, help="disk variants: where the model file goes (default: a temp dir)")
     args = ap.parse_args()
@@ -226,6 +245,22 @@ def main() -> int:
         print(json.dumps({k: v for k, v in row.items() if k != "plan_lines"}), flush=True)
         for line in row.get("plan_lines", []):
             print("#", line, flush=True)
+        refit = fit_variant(name, row, args)
+        if refit is not None:  # the estimate missed: plan again for the budget minus the overshoot
+            fit_name, spec = refit
+            print(f"# {name}: peak {row['peak_gib']:.2f} GiB over its budget; again as {fit_name} ({spec[3]})", flush=True)
+            try:
+                row = run_variant(model, fit_name, spec, device, args, bw)
+            except Exception as exc:
+                traceback.print_exc()
+                row = {"variant": fit_name, "error": f"{type(exc).__name__}: {exc}"[:300]}
+            for path in args.cleanup:
+                path.unlink(missing_ok=True)
+            args.cleanup.clear()
+            rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "plan_lines"}), flush=True)
+            for line in row.get("plan_lines", []):
+                print("#", line, flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     ref = {(r["preset"], r["weight_quant"]): r["ms_per_chunk"] for r in rows
