@@ -187,6 +187,8 @@ def fit_variant(name: str, row: dict, args):
     if over <= 0:
         return None
     fitted = float(gib) - over - 0.1
+    if fitted <= 0:
+        return None
     return f"{name}-fit", (preset, wq, kq, f"{kind}:{fitted:.2f}" + (f":{margin}" if margin else ""), w, h)
 
 
