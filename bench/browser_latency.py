@@ -63,6 +63,11 @@ async def one_start(cdp, session, port: int, path: str, seed: int, switches: int
                 break
             await asyncio.sleep(0.05)
         s = await until(cdp, session, lambda s: len(s["promptLatencies"]) > n, "the prompt latency", timeout=15)
+        if s["promptLatencyMethod"] == "estimate":  # the server may still name a later fragment (the player revises)
+            try:
+                s = await until(cdp, session, lambda s: s["promptLatencyMethod"] == "server", "a revision", timeout=2)
+            except AssertionError:
+                pass
         out["prompt_latency_s"].append(s["promptLatencyS"])
         out["method"].append(s["promptLatencyMethod"])
         out["colour_visible_s"].append(seen)

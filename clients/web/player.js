@@ -67,6 +67,7 @@ export class Player {
     this.arrivals = []; // [{seq, pts, end, t}] of recent fragments, for latency
     this.marks = []; // prompt switches waiting for their first frame
     this.skipTo = null; // seq of the first fragment of a new prompt, to jump to once appended
+    this.provisional = null; // {mark, latency}: a prompt latency taken by estimate, until the server confirms it
     this.stats = freshStats();
     this.timers = [];
     this.stopTimer = null;
@@ -131,6 +132,7 @@ export class Player {
     // the first fragment that can carry it: one the server has not sent yet (refined by a
     // status `prompt_seq`, when the server reports where the new prompt starts)
     this.marks.push({ prompt, sentAt: performance.now(), fromSeq: this.lastSeq + 1, method: 'estimate' });
+    this.provisional = null;
     if (this.marks.length > 8) this.marks.shift();
     return true;
   }
@@ -371,10 +373,22 @@ export class Player {
     if (Number.isInteger(msg.prompt_seq)) { // optional server hint: first seq made with the latest prompt
       // (only a fragment the server had not sent when the prompt left can carry it)
       const m = this.marks.findLast((x) => x.shownAt === undefined);
+      const p = this.provisional;
       if (m && m.method !== 'server' && msg.prompt_seq >= m.fromSeq) {
         Object.assign(m, { fromSeq: msg.prompt_seq, method: 'server' });
         this.skipTo = msg.prompt_seq;
         this.trySkip();
+      } else if (!m && p && msg.prompt_seq > p.mark.fromSeq) {
+        // the estimate took a fragment still made under the old prompt (the one in progress when the
+        // prompt arrived): measure again, from the fragment the server names, and skip to it
+        this.provisional = null;
+        this.marks.push(Object.assign(p.mark, { fromSeq: msg.prompt_seq, method: 'server', shownAt: undefined,
+          revise: p.latency }));
+        this.skipTo = msg.prompt_seq;
+        this.trySkip();
+      } else if (p && msg.prompt_seq === p.mark.fromSeq) {
+        this.provisional = null; // the estimate was right
+        if (this.stats.promptLatencyS === p.latency) this.stats.promptLatencyMethod = 'server';
       }
     }
     if (msg.dropped != null && msg.dropped > this.stats.dropped) {
@@ -421,9 +435,12 @@ export class Player {
         m.shownAt = wallMs;
         const latency = Math.max(0, (wallMs - m.sentAt) / 1000);
         s.promptLatencyS = latency;
-        s.promptLatencies.push(latency);
+        const k = m.revise === undefined ? -1 : s.promptLatencies.lastIndexOf(m.revise);
+        if (k >= 0) s.promptLatencies[k] = latency; // a revised estimate replaces its sample
+        else s.promptLatencies.push(latency);
         if (s.promptLatencies.length > 50) s.promptLatencies.shift();
         s.promptLatencyMethod = m.method;
+        this.provisional = m.method === 'estimate' ? { mark: m, latency } : null;
       }
     }
     this.marks = this.marks.filter((m) => m.shownAt === undefined);
@@ -558,7 +575,7 @@ export class Player {
     this.closeSocket();
     if (this.sink) this.sink.destroy();
     Object.assign(this, { sink: null, sinkReady: null, session: null, initSegment: null, lastSeq: -1, appendedSeq: -1,
-      arrivals: [], marks: [], skipTo: null, lastPlayhead: null, stalledNow: false });
+      arrivals: [], marks: [], skipTo: null, provisional: null, lastPlayhead: null, stalledNow: false });
   }
 }
 
