@@ -210,9 +210,15 @@ def model_type(models: tuple[str, ...]):
             return text
         if text in by_repo:
             return by_repo[text]
+        if os.path.isdir(os.path.expanduser(text)) and any(MODELS[n].files for n in models if n in MODELS):
+            return text  # a local copy of a preset's repo (check_options finds which)
+        if os.path.isfile(os.path.expanduser(text)):
+            raise argparse.ArgumentTypeError(f"{text!r} is a file; --model takes a preset, its hub repo or a folder "
+                                             "holding a copy of that repo (a weights file goes to --checkpoint)")
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a model; allowed: {', '.join(models)}"
-            + (f", or a preset's hub repo: {', '.join(sorted(by_repo))}" if by_repo else ""))
+            + (f", or a preset's hub repo: {', '.join(sorted(by_repo))}" if by_repo else "")
+            + ", or a folder holding a copy of one")
 
     return model
 
@@ -354,10 +360,76 @@ def load_rife_model(path: str, device: "torch.device", dtype: "torch.dtype | Non
 # -- building ---------------------------------------------------------------------------------------
 
 
+def _repo_files(root: str) -> list[str]:
+    out = []
+    for d, _, names in os.walk(root):
+        out += [os.path.relpath(os.path.join(d, n), root).replace(os.sep, "/") for n in names]
+    return out
+
+
+def local_model(folder: str) -> tuple[str, dict[str, str]]:
+    """A folder holding a copy of a preset's hub repo (e.g. ``hf download REPO --local-dir DIR``) ->
+    (the preset, {option: path in the folder} for the preset's files found there). The preset is
+    the one whose DiT files are all there; presets that share a file layout (Wan2.1 1.3B / 14B) are
+    told apart by the folder's config.json ``dim``. Raises UsageError naming --model otherwise."""
+    import fnmatch
+    import json
+
+    from streamgen.hub import parse
+    from streamgen.models.wan import WanConfig
+
+    root = os.path.expanduser(folder)
+    files = _repo_files(root)
+
+    def found(pattern: str) -> bool:
+        return any(fnmatch.fnmatch(f, pattern) for f in files)
+
+    dim = None
+    if os.path.isfile(os.path.join(root, "config.json")):
+        try:
+            with open(os.path.join(root, "config.json")) as f:
+                dim = json.load(f).get("dim")
+        except (OSError, ValueError, AttributeError):
+            dim = None
+    hits = []
+    for name, preset in MODELS.items():
+        ckpt = next((src for src in preset.files if src.option == "checkpoint"), None)
+        if ckpt is None or not all(found(pt) for pt in ckpt.patterns):
+            continue
+        if dim is not None and parse(ckpt.ref).file is None and WanConfig.preset(preset.wan).dim != dim:
+            continue  # a diffusers-layout folder of the other size
+        hits.append((parse(ckpt.ref).file is None, name))  # a named file is the stronger evidence
+    hits.sort()
+    if not hits:
+        wanted = sorted({pt for p in MODELS.values() for src in p.files if src.option == "checkpoint" for pt in src.patterns})
+        raise UsageError(f"--model {folder}: no preset's DiT files in this folder (looked for {', '.join(wanted)}); "
+                         "a folder for --model is a copy of a preset's hub repo, e.g. "
+                         "`hf download Wan-AI/Wan2.1-T2V-1.3B --local-dir DIR`")
+    if len(hits) > 1 and hits[0][0] == hits[1][0]:
+        raise UsageError(f"--model {folder}: its files fit presets {', '.join(n for _, n in hits)}; "
+                         f"name one with --model and pass the folder to --checkpoint")
+    name = hits[0][1]
+    paths = {}
+    for src in MODELS[name].files:
+        ref = parse(src.ref)
+        if ref.file is None:
+            paths[src.option] = root
+        elif os.path.isfile(os.path.join(root, ref.file)):
+            paths[src.option] = os.path.join(root, ref.file)
+    return name, paths
+
+
 def check_options(args: argparse.Namespace) -> ModelPreset:
-    """Validate the model options (no weights are read); returns the preset."""
+    """Validate the model options (no weights are read); returns the preset. A ``--model`` folder
+    (a local copy of a preset's repo, see ``local_model``) becomes that preset, its files the
+    defaults of the options not given."""
     from streamgen.hub import resolve
 
+    if args.model not in MODELS:
+        args.model, local = local_model(args.model)
+        for option, path in local.items():
+            if getattr(args, option, None) is None:
+                setattr(args, option, path)
     preset = MODELS[args.model]
     decoder = args.decoder or preset.decoder
     if not preset.builtin:  # each takes a path or a hub reference ORG/NAME[@REV][:FILE] (streamgen.hub)

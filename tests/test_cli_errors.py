@@ -235,10 +235,16 @@ def _readme_commands(tool: str) -> list[list[str]]:
     return out
 
 
-def test_every_streamgen_command_in_the_readme_parses():
-    """A README line copied into a shell gets past the command line (the `... --compile` line once did not)."""
+def test_every_streamgen_command_in_the_readme_parses(tmp_path, monkeypatch):
+    """A README line copied into a shell gets past the command line (the `... --compile` line once did not).
+    A `--model ./DIR` line is run where DIR exists (the folder the README's `hf download` made)."""
     cmds = _readme_commands("streamgen")
     assert len(cmds) >= 15, cmds
+    monkeypatch.chdir(tmp_path)
+    for argv in cmds:
+        for a, b in zip(argv, argv[1:]):
+            if a == "--model" and b.startswith("./"):
+                (tmp_path / b).mkdir(parents=True, exist_ok=True)
     parser = build_parser()
     for argv in cmds:
         try:

@@ -220,3 +220,50 @@ def test_download_with_hf_hub_offline_fails_in_one_line_without_network(tmp_path
     r = subprocess.run([sys.executable, "-m", "streamgen", "download", "rife"], capture_output=True, text=True,
                        env=env, cwd=tmp_path, timeout=120)
     assert r.returncode == 0 and "already in" in r.stderr and r.stdout.startswith("ready: rife"), r.stderr
+
+
+def _folder(root: Path, files: dict[str, bytes]) -> Path:
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    return root
+
+
+def test_a_local_copy_of_a_preset_repo_as_model(cache, tmp_path, capsys):
+    """--model DIR: a folder made by `hf download REPO --local-dir DIR` is the preset whose DiT files it
+    holds (Wan2.1 1.3B and 14B told apart by config.json's dim); its files become the defaults of the
+    weight options not given; anything else is one line naming --model."""
+    from streamgen.pipeline import local_model
+
+    wan = {"Wan2.1_VAE.pth": b"v", "models_t5_umt5-xxl-enc-bf16.pth": b"t", "google/umt5-xxl/spiece.model": b"s"}
+    d13 = _folder(tmp_path / "w13", {"diffusion_pytorch_model.safetensors": b"d", "config.json": b'{"dim": 1536}', **wan})
+    name, paths = local_model(str(d13))
+    assert name == "wan2.1-t2v-1.3b"
+    assert paths == {"checkpoint": str(d13), "vae": str(d13 / "Wan2.1_VAE.pth"),
+                     "text_encoder": str(d13 / "models_t5_umt5-xxl-enc-bf16.pth")}
+    d14 = _folder(tmp_path / "w14", {f"diffusion_pytorch_model-0000{i}-of-00006.safetensors": b"d" for i in range(1, 7)}
+                  | {"config.json": b'{"dim": 5120}'} | wan)
+    assert local_model(str(d14))[0] == "wan2.1-t2v-14b"
+    sf = _folder(tmp_path / "sf", {"checkpoints/self_forcing_dmd.pt": b"x"})
+    assert local_model(str(sf)) == ("self-forcing-1.3b", {"checkpoint": str(sf / "checkpoints/self_forcing_dmd.pt")})
+    lx = _folder(tmp_path / "lx", {"wan2.1_t2v_14b_lightx2v_4step.safetensors": b"x", "README.md": b"#"})
+    assert local_model(str(lx))[0] == "lightx2v-t2v-14b"
+    # no config.json: the diffusers layout fits both sizes
+    both = _folder(tmp_path / "both", {"diffusion_pytorch_model.safetensors": b"d", "config.json": b"not json"})
+    with pytest.raises(UsageError, match=r"--model .*both: its files fit presets .*wan2\.1-t2v-1\.3b.*wan2\.1-t2v-14b"):
+        local_model(str(both))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError, match=r"--model .*empty: no preset's DiT files in this folder"):
+        local_model(str(tmp_path / "empty"))
+    # through the CLI: the folder's (corrupt) DiT is what --checkpoint reads; serve says it streams other models
+    rc = main(["generate", "--model", str(sf), "--vae", str(d13 / "Wan2.1_VAE.pth"), "--text-encoder", str(d13),
+               "--prompt", "a fox", "--out", "o.mp4", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "--checkpoint" in err and "self_forcing_dmd.pt" in err, err
+    rc = main(["serve", "--model", str(d13), "--port", "65000"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "holds wan2.1-t2v-1.3b, a whole-clip model" in err, err
+    with pytest.raises(SystemExit) as e:  # argparse's own error: one line, status 2
+        main(["generate", "--model", str(d13 / "Wan2.1_VAE.pth"), "--prompt", "a"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "is a file; --model takes a preset" in err, err

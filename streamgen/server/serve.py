@@ -153,7 +153,11 @@ def _build(args: argparse.Namespace):
     from streamgen.engine.core import Engine, EngineError, GenRequest
     from streamgen.pipeline import MODELS, build_pipeline, check_options, engine_settings
 
+    folder = args.model
     preset = check_options(args)
+    if preset.mode != "stream":  # a --model folder that holds a whole-clip model
+        raise UsageError(f"--model {folder}: holds {args.model}, a whole-clip model (`streamgen generate` runs it); "
+                         f"serve streams {', '.join(n for n in STREAM_MODELS if not MODELS[n].builtin or n == 'toy')}")
     limits = replace(DEFAULT_LIMITS, max_pixels=preset.max_pixels)
     w, h = args.width or preset.width, args.height or preset.height
     _check_size(w, h, limits)
