@@ -1,0 +1,227 @@
+"""One stream over several ranks: Ulysses sequence parallelism for the block-causal Wan DiT.
+
+``SequenceParallelWan(model, group=None)`` wraps a built :class:`~streamgen.models.wan.WanModel`
+(every rank holds the full weights, built the same way) and offers the streaming interface a
+``SessionState`` drives (``cfg``, ``parameters()``, ``new_cache``, ``set_prompt``, ``forward_chunk``),
+so the chunk loop, prompt switch (KV re-cache) and window roll run unchanged on every rank (SPMD:
+every rank runs the same session with the same seed, and gets the same flow back).
+
+One ``forward_chunk`` on N ranks (DeepSpeed-Ulysses):
+
+1. Patch embedding, time embedding and RoPE tables of the whole chunk on every rank (cheap);
+   rank r keeps the tokens ``[r*L/N, (r+1)*L/N)`` of the chunk's ``L`` tokens.
+2. Per block, the norms, modulation, q/k/v/o projections and the FFN run on the rank's tokens,
+   all heads. Around each attention, an all-to-all turns q, k, v ``(B, L/N, H, D)`` into
+   ``(B, L, H/N, D)`` (the whole sequence, the rank's heads); attention runs over the rank's
+   cache, and a second all-to-all turns the output back to ``(B, L/N, H, D)``.
+3. The head runs on the rank's tokens; an all-gather puts the chunk's flow together on every rank.
+
+Caches are sharded with the attention: rank r's :class:`WanCache` holds the self- and
+cross-attention K/V of heads ``[r*H/N, (r+1)*H/N)`` only (``1/N`` of the single-rank cache, the
+same window, ring and plan logic), so a session's KV memory splits over the ranks. Communication per
+block: 4 all-to-alls of ``B*L*dim/N`` elements per rank for self-attention, 2 for
+cross-attention.
+
+Constraints: ``num_heads`` and the chunk's token count divisible by the world size; a per-frame
+``t`` needs each rank's tokens to be whole frames. Every collective runs on ``group`` (default: the
+world), on whatever backend it was made with (gloo on the CPU, NCCL on GPUs).
+
+Launch on GPUs (one process per GPU)::
+
+    torchrun --nproc-per-node 2 -m streamgen.parallel.sequence --chunks 4
+
+runs a tiny-config stream (window roll and prompt switch included) split over the ranks and, on
+rank 0, the same stream on one rank, and prints the largest difference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+from dataclasses import replace
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from streamgen.models.wan import WanCache, WanModel
+
+__all__ = ["SequenceParallelWan", "all_to_all_heads", "all_to_all_seq"]
+
+
+def _all_to_all(x: torch.Tensor, group) -> torch.Tensor:
+    """x (N, ...) contiguous: chunk j goes to rank j; returns (N, ...) with chunk i from rank i."""
+    x = x.contiguous()
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # not empty_like: it keeps x's strides
+    dist.all_to_all_single(out, x, group=group)
+    return out
+
+
+def all_to_all_heads(x: torch.Tensor, world: int, group=None) -> torch.Tensor:
+    """(B, L/N, H, D) sequence shard, all heads -> (B, L, H/N, D) whole sequence, this rank's heads."""
+    b, n, h, d = x.shape
+    y = x.view(b, n, world, h // world, d).permute(2, 0, 1, 3, 4)  # (N, B, L/N, H/N, D)
+    y = _all_to_all(y, group)  # chunk i: rank i's tokens, my heads
+    return y.permute(1, 0, 2, 3, 4).reshape(b, world * n, h // world, d)
+
+
+def all_to_all_seq(x: torch.Tensor, world: int, group=None) -> torch.Tensor:
+    """Inverse of :func:`all_to_all_heads`: (B, L, H/N, D) -> (B, L/N, H, D)."""
+    b, n_all, hl, d = x.shape
+    n = n_all // world
+    y = x.view(b, world, n, hl, d).permute(1, 0, 2, 3, 4)  # (N, B, L/N, H/N, D)
+    y = _all_to_all(y, group)  # chunk i: my tokens, rank i's heads
+    return y.permute(1, 2, 0, 3, 4).reshape(b, n, world * hl, d)
+
+
+class SequenceParallelWan(nn.Module):
+    """A WanModel's streaming forward split over the ranks of ``group`` (see the module docstring)."""
+
+    def __init__(self, model: WanModel, group=None):
+        super().__init__()
+        if not dist.is_initialized():
+            raise RuntimeError("SequenceParallelWan needs torch.distributed initialised (torchrun, or init_process_group)")
+        self.model = model
+        self.group = group
+        self.world = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        cfg = model.cfg
+        if cfg.num_heads % self.world:
+            raise ValueError(f"num_heads={cfg.num_heads} is not divisible by the world size {self.world}")
+        self.cfg = cfg
+        hl = cfg.num_heads // self.world
+        self.heads = slice(self.rank * hl, (self.rank + 1) * hl)
+        # the geometry of one rank's cache: its heads only (head_dim unchanged)
+        self.shard_cfg = replace(cfg, num_heads=hl, dim=hl * cfg.head_dim)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    def cache_numel(self, batch: int, latent_hw: tuple[int, int], capacity: int) -> int:
+        """Elements of one rank's cache storage (1/N of ``WanCache.numel_for`` of the full model)."""
+        return WanCache.numel_for(self.shard_cfg, batch, latent_hw, capacity)
+
+    def new_cache(self, batch: int, latent_hw: tuple[int, int], *, max_frames: int = 21, local_frames=None,
+                  sink_frames: int = 0, dtype=None, device=None, storage=None, kv=None) -> WanCache:
+        """This rank's shard of a session cache: the K/V of its heads, same window as ``WanModel.new_cache``."""
+        p = self.model.patch_embedding.weight
+        return WanCache(self.shard_cfg, batch, latent_hw, max_frames=max_frames, local_frames=local_frames,
+                        sink_frames=sink_frames, dtype=dtype or self.dtype,
+                        device=device if device is not None else p.device, storage=storage, kv=kv)
+
+    @torch.no_grad()
+    def set_prompt(self, cache: WanCache, context: torch.Tensor) -> None:
+        """Cross-attention K/V of this rank's heads for ``context`` (B, L, text_dim)."""
+        if context.shape[0] != cache.batch:
+            raise ValueError(f"context batch {context.shape[0]} != cache batch {cache.batch}")
+        ctx = self.model.embed_text(context.to(cache.device))
+        for i, block in enumerate(self.model.blocks):
+            k, v = block.cross_attn.key_value(ctx)  # (B, text_len, H, D)
+            cache.cross_k[i].copy_(k[:, :, self.heads])
+            cache.cross_v[i].copy_(v[:, :, self.heads])
+        cache.prompt_set = True
+
+    def _self_attn(self, layer: int, q, k, v, *, cache: WanCache, plan, mask):
+        q, k, v = (all_to_all_heads(a, self.world, self.group) for a in (q, k, v))  # (B, L, H/N, D)
+        out = cache._attend(layer, q, k, v, plan, mask, self.model.attention)
+        return all_to_all_seq(out, self.world, self.group)  # (B, L/N, H, D)
+
+    def _cross_attn(self, layer: int, q, *, cache: WanCache):
+        q = all_to_all_heads(q, self.world, self.group)
+        out = self.model.attention(q, cache.cross_k[layer], cache.cross_v[layer])
+        return all_to_all_seq(out, self.world, self.group)
+
+    @torch.no_grad()
+    def forward_chunk(self, x: torch.Tensor, t, cache: WanCache, *, start_frame: int | None = None,
+                      update_cache: bool = False) -> torch.Tensor:
+        """``WanModel.forward_chunk`` over the ranks; every rank passes the same x and t and gets the
+        whole chunk's flow (B, 16, f, h, w) float32."""
+        m = self.model
+        b, _, f, h, w = x.shape
+        if (h, w) != cache.latent_hw or b != cache.batch:
+            raise ValueError(f"chunk (B={b}, h={h}, w={w}) does not match the cache (B={cache.batch}, hw={cache.latent_hw})")
+        if not cache.prompt_set:
+            raise ValueError("no prompt in this cache: call set_prompt(cache, context) first")
+        if start_frame is None:
+            start_frame = cache.frames_written
+        plan = cache._plan(int(start_frame), f, update_cache)
+        # 1. the whole chunk's embeddings, then this rank's tokens
+        tokens, grid = m._patchify(x)  # (B, L, dim)
+        e, e0 = m._time(t, b, f)  # (B, Fe, dim), (B, Fe, 6, dim)
+        cos, sin = m._rope(grid, int(start_frame), x.device)  # (L, 1, D/2)
+        n_all = tokens.shape[1]
+        if n_all % self.world:
+            raise ValueError(f"the chunk has {n_all} tokens, not divisible by the world size {self.world}")
+        n = n_all // self.world
+        lo, hi = self.rank * n, (self.rank + 1) * n
+        if e0.shape[1] > 1:  # per-frame t: the rank's tokens must be whole frames
+            tpf = cache.tokens_per_frame
+            if n % tpf:
+                raise ValueError(f"a per-frame t needs whole frames per rank: {n} tokens a rank, {tpf} a frame")
+            e, e0 = e[:, lo // tpf : hi // tpf], e0[:, lo // tpf : hi // tpf]
+        tokens, rope = tokens[:, lo:hi], (cos[lo:hi], sin[lo:hi])
+        mask = None if plan.n_prefix_keys is not None else cache._key_mask(plan, n_all)
+        # 2. the blocks on the rank's tokens, attention over the whole sequence for the rank's heads
+        for i, block in enumerate(m.blocks):
+            self_attn = functools.partial(self._self_attn, i, cache=cache, plan=plan, mask=mask)
+            cross = functools.partial(self._cross_attn, i, cache=cache)
+            tokens = block(tokens, e0, rope, self_attn, cross, m.dtype, m.attention)
+        cache._commit(plan)
+        # 3. the head on the rank's tokens, gathered: (B, L, prod(patch) * out_dim)
+        y = m.head(tokens, e, m.dtype).contiguous()
+        parts = [torch.empty_like(y) for _ in range(self.world)]
+        dist.all_gather(parts, y, group=self.group)
+        return m._unpatchify(torch.cat(parts, dim=1), grid)
+
+
+# ----------------------------------------------------------------------------- torchrun smoke run
+
+
+def _stream(model, chunks: int, switch_at: int, hw: int, seed: int = 0) -> list[torch.Tensor]:
+    """A tiny stream with a rolling window (local 7, sink 1: the ring wraps from the third chunk) and a prompt
+    switch before chunk ``switch_at``; returns the clean latents of each chunk."""
+    from streamgen.sampling.stream import SessionState, StreamConfig
+
+    g = torch.Generator().manual_seed(seed + 1)
+    dev = next(model.parameters()).device
+    p1, p2 = (torch.randn(1, 6, model.cfg.text_dim, generator=g).to(dev) for _ in range(2))
+    s = SessionState(model, p1, height=hw, width=hw, config=StreamConfig(local_frames=7, sink_frames=1, seed=seed))
+    out = []
+    for c in range(chunks):
+        if c == switch_at:
+            s.set_prompt(p2)
+        out.append(s.next_chunk().latents)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    from streamgen.models.wan import WanConfig
+
+    ap = argparse.ArgumentParser(prog="python -m streamgen.parallel.sequence",
+                                 description="Ulysses sequence-parallel smoke run (launch with torchrun).")
+    ap.add_argument("--chunks", type=int, default=4)
+    ap.add_argument("--size", type=int, default=64, help="frame size in pixels (square, multiple of 16)")
+    args = ap.parse_args(argv)
+    if "RANK" not in os.environ:
+        ap.error("run under torchrun (RANK, WORLD_SIZE, MASTER_ADDR unset)")
+    cuda = torch.cuda.is_available()
+    dist.init_process_group("nccl" if cuda else "gloo")
+    rank = dist.get_rank()
+    dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(dev)
+    torch.manual_seed(0)
+    model = WanModel(WanConfig.preset("tiny", num_heads=2 * dist.get_world_size())).to(dev).eval()
+    split = _stream(SequenceParallelWan(model), args.chunks, args.chunks // 2, args.size)
+    if rank == 0:
+        alone = _stream(model, args.chunks, args.chunks // 2, args.size)
+        diff = max((a - b).abs().max().item() for a, b in zip(split, alone))
+        print(f"world {dist.get_world_size()}: {args.chunks} chunks, max |split - one rank| = {diff:.3g}")
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
