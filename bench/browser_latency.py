@@ -73,7 +73,7 @@ async def one_start(cdp, session, port: int, path: str, seed: int, switches: int
         out["colour_visible_s"].append(seen)
         await asyncio.sleep(settle)
     s = await until(cdp, session, lambda s: True, "stats")
-    out.update(stalls=s["stalls"], dropped_frames=s["droppedFrames"], gaps=s["gaps"], buffered_s=s["bufferedS"],
+    out.update(stalls=s["stalls"], stall_log=s.get("stallLog"), dropped_frames=s["droppedFrames"], gaps=s["gaps"], buffered_s=s["bufferedS"],
                lead_s=s.get("leadS"))
     await cdp.eval(session, "document.getElementById('stop').click()")
     await until(cdp, session, lambda s: s["state"] in ("ended", "error"), "the stream to end", allow_error=True)

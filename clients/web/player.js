@@ -75,6 +75,7 @@ export class Player {
     this.t0 = 0; // performance.now() at start
     this.lastPlayhead = null;
     this.stalledNow = false;
+    this.lastPromptAt = null; // performance.now() of the latest prompt change
   }
 
   /** The MSE SourceBuffer (null on the WebCodecs path). */
@@ -129,6 +130,7 @@ export class Player {
     if (!this.sendMsg({ type: 'prompt', prompt })) return false;
     this.stats.prompt = prompt;
     this.stats.promptSwitches += 1;
+    this.lastPromptAt = performance.now();
     // the first fragment that can carry it: one the server has not sent yet (refined by a
     // status `prompt_seq`, when the server reports where the new prompt starts)
     this.marks.push({ prompt, sentAt: performance.now(), fromSeq: this.lastSeq + 1, method: 'estimate' });
@@ -465,6 +467,7 @@ export class Player {
       this.sink.jump(skip);
       this.stats.promptSkips += 1;
       this.stats.promptSkippedS += skip;
+      this.sendAck(); // the server paces by the playhead: tell it at once, so the next chunk starts now
     }
   }
 
@@ -490,7 +493,14 @@ export class Player {
       const t = sink.currentTime;
       const stalled = playing && this.lastPlayhead !== null && t - this.lastPlayhead < 1e-3 && !jump;
       if (stalled) {
-        if (!this.stalledNow) this.stats.stalls += 1;
+        if (!this.stalledNow) {
+          this.stats.stalls += 1;
+          // when: seconds since start, and since the latest prompt change (null: none yet)
+          const now = performance.now();
+          this.stats.stallLog.push({ atS: +((now - this.t0) / 1000).toFixed(2),
+            sincePromptS: this.lastPromptAt === null ? null : +((now - this.lastPromptAt) / 1000).toFixed(2) });
+          if (this.stats.stallLog.length > 20) this.stats.stallLog.shift();
+        }
         this.stats.stallS += TICK_MS / 1000;
       }
       this.stalledNow = stalled;
@@ -575,7 +585,8 @@ export class Player {
     this.closeSocket();
     if (this.sink) this.sink.destroy();
     Object.assign(this, { sink: null, sinkReady: null, session: null, initSegment: null, lastSeq: -1, appendedSeq: -1,
-      arrivals: [], marks: [], skipTo: null, provisional: null, lastPlayhead: null, stalledNow: false });
+      arrivals: [], marks: [], skipTo: null, provisional: null, lastPlayhead: null, stalledNow: false,
+      lastPromptAt: null });
   }
 }
 
@@ -585,7 +596,7 @@ function freshStats() {
   return { state: 'idle', path: null, session: null, fragments: 0, appended: 0, bytes: 0, gaps: 0, dropped: 0,
     errors: 0, lastError: null, genFps: 0, leadS: 0, serverState: null, latencyS: null, bufferedS: 0,
     currentTime: 0, decodedFrames: 0, droppedFrames: 0, shownFrames: 0, stalls: 0, stallS: 0, liveJumps: 0,
-    gapJumps: 0, quotaDrops: 0, promptSwitches: 0, promptSkips: 0, promptSkippedS: 0, firstFrameS: null, promptLatencyS: null, promptLatencies: [],
+    gapJumps: 0, quotaDrops: 0, promptSwitches: 0, stallLog: [], promptSkips: 0, promptSkippedS: 0, firstFrameS: null, promptLatencyS: null, promptLatencies: [],
     promptLatencyMethod: null, endReason: null, mediaError: null, live: null };
 }
 
