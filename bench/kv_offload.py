@@ -224,6 +224,15 @@ def main() -> int:
     bw = h2d_gbps(256 << 20, device)
     if bw:
         print(f"# pinned H2D, 256 MiB alone: {bw:.1f} GB/s", flush=True)
+    def record(row: dict) -> None:  # one variant's row: temporary files gone, kept, printed
+        for path in args.cleanup:
+            path.unlink(missing_ok=True)
+        args.cleanup.clear()
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "plan_lines"}), flush=True)
+        for line in row.get("plan_lines", []):
+            print("#", line, flush=True)
+
     for name in names:
         preset, wq = VARIANTS[name][0], VARIANTS[name][1]
         try:
@@ -240,13 +249,7 @@ def main() -> int:
         except Exception as exc:  # one variant failing must not lose the others' numbers
             traceback.print_exc()
             row = {"variant": name, "error": f"{type(exc).__name__}: {exc}"[:300]}
-        for path in args.cleanup:
-            path.unlink(missing_ok=True)
-        args.cleanup.clear()
-        rows.append(row)
-        print(json.dumps({k: v for k, v in row.items() if k != "plan_lines"}), flush=True)
-        for line in row.get("plan_lines", []):
-            print("#", line, flush=True)
+        record(row)
         refit = fit_variant(name, row, args)
         if refit is not None:  # the estimate missed: plan again for the budget minus the overshoot
             fit_name, spec = refit
@@ -256,13 +259,7 @@ def main() -> int:
             except Exception as exc:
                 traceback.print_exc()
                 row = {"variant": fit_name, "error": f"{type(exc).__name__}: {exc}"[:300]}
-            for path in args.cleanup:
-                path.unlink(missing_ok=True)
-            args.cleanup.clear()
-            rows.append(row)
-            print(json.dumps({k: v for k, v in row.items() if k != "plan_lines"}), flush=True)
-            for line in row.get("plan_lines", []):
-                print("#", line, flush=True)
+            record(row)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     ref = {(r["preset"], r["weight_quant"]): r["ms_per_chunk"] for r in rows

@@ -133,25 +133,10 @@ def tiny():
 
 
 def _reference(tiny, req: GenRequest, n: int, settings: EngineSettings, switch_at: dict[int, str]):
-    from streamgen.media.interpolate import Interpolator
-    from streamgen.sampling.stream import SessionState, StreamConfig
+    """The stream computed directly, alone (test_engine's reference; no RIFE here)."""
+    from test_engine import _reference as alone
 
-    model, text, dec = tiny
-    cfg = StreamConfig(local_frames=settings.local_frames, sink_frames=settings.sink_frames, seed=req.seed)
-    sess = SessionState(model, req.prompt, height=req.height, width=req.width, config=cfg, text_encoder=text,
-                        decoder=dec)
-    interp = Interpolator(None, 1, settings.scene_threshold)
-    st = interp.new_state()
-    out = []
-    for i in range(n):
-        if i in switch_at:
-            sess.set_prompt(switch_at[i])
-        c = sess.next_chunk()
-        if c.switched:
-            st.cut()
-        f = interp.process(c.frames[0].transpose(0, 1).add(1).mul(0.5).clamp(0, 1), st)
-        out.append(f.mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
-    return out
+    return alone((*tiny, None), req, n, settings, switch_at)
 
 
 class _Driver:
