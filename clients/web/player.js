@@ -20,7 +20,8 @@
 // (start -> first frame shown), promptLatencyS / promptLatencies (prompt sent -> first frame of a
 // fragment generated after it shown), stalls / stallS, decodedFrames / droppedFrames (MSE:
 // getVideoPlaybackQuality; WebCodecs: decoded frames never shown), live (the LiveEdge snapshot:
-// targetS, lowWaterS, rate, jumps, catchupS, paced, floorS), counters of fragments, gaps, errors.
+// targetS, lowWaterS, rate, jumps, catchupS, paced, floorS), stallLog (when each stall began),
+// promptSkips / promptSkippedS (jumps to a new prompt's first fragment), counters of fragments, gaps, errors.
 //
 // mountUI(document) wires the controls of index.html; URL parameters: prompt, autostart=1,
 // token, width, height, fps, seed, chunks, interpolate, path (auto|webcodecs|mse), target (s of
