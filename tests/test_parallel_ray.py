@@ -1,6 +1,6 @@
 """Engine workers on a local Ray cluster (streamgen.parallel.ray_pool): two workers on the tiny model,
 sessions placed by free cache memory, affinity, and a worker's death ending only its sessions.
-Skipped where Ray is not installed (the optional extra streamgen[ray])."""
+Ray comes with the test extra (streamgen[test]; for users it is the optional streamgen[ray])."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def test_importing_the_pool_and_the_server_imports_no_ray():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-ray = pytest.importorskip("ray")
+import ray  # noqa: E402 - after the test above, which must run without it
 
 from streamgen.parallel.ray_pool import RayEnginePool, WorkerLost  # noqa: E402
 
