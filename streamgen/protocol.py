@@ -667,14 +667,16 @@ class ServerConnection(_Connection):
         self._client_message(msg)
         return msg
 
-    def send(self, msg: ServerMessage) -> bytes:
+    def send(self, msg: ServerMessage, data: bytes | None = None) -> bytes:
         """Check that the server keeps the order (raises ProtocolError on a server bug), update the
-        state and return the frame."""
+        state and return the frame. ``data``: ``encode(msg, limits)`` made once already (a fragment
+        that goes to many viewers is serialised once, not once per viewer)."""
         if msg.TYPE not in SERVER_TYPES:
             raise TypeError(f"{msg.TYPE!r} is a client message")
         if self.phase is Phase.CLOSED:
             raise self._out_of_order(msg.TYPE, "the connection is closed")
-        data = encode(msg, self.limits)
+        if data is None:
+            data = encode(msg, self.limits)
         self._server_message(msg)
         return data
 

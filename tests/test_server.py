@@ -501,3 +501,39 @@ async def test_a_new_prompt_is_made_at_once_past_the_lead(server):
     await hold(0.5)
     assert session.log.next_seq == held + 1  # and no more: one chunk past the lead at most
     await c.close()
+
+
+async def test_a_fragment_is_serialised_once_for_all_its_viewers(server, monkeypatch):
+    """Three viewers of one session get the same bytes for each fragment, encoded once (not per viewer)."""
+    import streamgen.protocol as proto
+
+    encoded = []
+    real = proto.encode
+
+    def counting(msg, limits=proto.DEFAULT_LIMITS):
+        if isinstance(msg, P.Fragment):
+            encoded.append(msg.seq)
+        return real(msg, limits)
+
+    monkeypatch.setattr(proto, "encode", counting)
+    srv = await server(max_lead_s=None, log_fragments=64, queue_fragments=64)
+    a = await Raw.open(srv.url)
+    await a.send(P.Start(prompt="one to many", chunks=12))
+    ready = await a.until(P.Ready)
+    viewers = [a]
+    for _ in range(2):
+        v = await Raw.open(srv.url)
+        await v.send(P.Attach(session=ready.session, from_seq=0))
+        viewers.append(v)
+    got = []
+    for v in viewers:
+        frames = {}
+        while len(frames) < 12:
+            raw = await asyncio.wait_for(v.ws.recv(), 20)
+            msg = P.decode(raw, "server")
+            if isinstance(msg, P.Fragment):
+                frames[msg.seq] = raw
+        got.append(frames)
+        await v.close()
+    assert got[0] == got[1] == got[2]  # byte for byte the same frames
+    assert sorted(encoded) == list(range(12)), encoded  # each fragment encoded once

@@ -56,10 +56,11 @@ class Connection:
 
     # -- writing -----------------------------------------------------------------------------------
 
-    async def send(self, msg: P.ServerMessage) -> int:
-        """Serialise ``msg`` through the protocol state machine and write it; returns bytes written."""
+    async def send(self, msg: P.ServerMessage, entry=None) -> int:
+        """Serialise ``msg`` through the protocol state machine and write it; returns bytes written.
+        ``entry``: the fragment log's entry of ``msg``, whose bytes are encoded once for all viewers."""
         async with self._lock:
-            data = self.proto.send(msg)
+            data = self.proto.send(msg, None if entry is None else entry.wire(self.limits))
             if isinstance(msg, P.Error):
                 self.state.metrics.inc("errors_total", code=msg.code)
             await self.ws.send_bytes(data)

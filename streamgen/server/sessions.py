@@ -46,7 +46,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from streamgen import protocol as P
@@ -63,7 +63,15 @@ __all__ = ["LogEntry", "FragmentLog", "Subscriber", "Session", "SessionLimits", 
 class LogEntry:
     seq: int
     fragment: Fragment
-    message: P.Fragment  # the wire message (serialised per subscriber by its connection)
+    message: P.Fragment  # the wire message
+    _wire: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def wire(self, limits: P.Limits) -> bytes:
+        """``message`` encoded under ``limits``: made once, then the same bytes for every viewer."""
+        data = self._wire.get(limits)
+        if data is None:
+            data = self._wire[limits] = P.encode(self.message, limits)
+        return data
 
     @property
     def end_s(self) -> float:
@@ -139,7 +147,7 @@ class Subscriber:
     (awaiting the socket's flow control); it returns the number of bytes written.
     """
 
-    def __init__(self, session: "Session", send: Callable[[P.ServerMessage], Awaitable[int]], *,
+    def __init__(self, session: "Session", send: Callable[..., Awaitable[int]], *,
                  from_seq: int = 0, queue_fragments: int = 8, conn_id: str = ""):
         self.session = session
         self._send = send
@@ -205,7 +213,7 @@ class Subscriber:
                         continue
                     entry = lg.get(self.cursor)  # held: first_seq <= cursor < head
                     self.blocked_since = time.monotonic()
-                    n = await self._send(entry.message)
+                    n = await self._send(entry.message, entry)
                     self.blocked_since = None
                     if self.first_sent is None:
                         self.first_sent = (time.monotonic(), entry.fragment.pts)
@@ -371,7 +379,7 @@ class Session:
         return P.Ready(session=self.id, mime=self.encoder.mime, width=self.encoder.width,
                        height=self.encoder.height, fps=max(1, round(float(self.encoder.fps))))
 
-    def subscribe(self, send: Callable[[P.ServerMessage], Awaitable[int]], *, from_seq: int = 0,
+    def subscribe(self, send: Callable[..., Awaitable[int]], *, from_seq: int = 0,
                   conn_id: str = "") -> Subscriber:
         """Add a subscriber: it is sent ready, init, then fragments from ``from_seq`` on. Fragments
         no longer held are skipped and counted in a status ``dropped`` field."""
