@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from clips import flat_frames, write_h264
 from streamgen.cli import build_parser, main
 
 
@@ -27,12 +28,7 @@ def files(tmp_path_factory):
             f.sample_rate, f.pts = 16000, i * 1024
             c.mux(s.encode(f))
         c.mux(s.encode(None))
-    with av.open(str(d / "clip.mp4"), "w") as c:
-        s = c.add_stream("libx264", rate=8)
-        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
-        for i in range(3):
-            c.mux(s.encode(av.VideoFrame.from_ndarray(np.full((48, 64, 3), 40 * i, np.uint8), format="rgb24")))
-        c.mux(s.encode(None))
+    write_h264(d / "clip.mp4", flat_frames(3, 48, 64, 40))
     return d
 
 
@@ -179,12 +175,7 @@ def test_dtype_has_the_same_spellings_on_every_command():
 def test_interpolate_keeps_an_odd_size(tmp_path, capsys):
     """4:2:0 H.264 needs even sizes; an odd-sized input is written 4:4:4 at its own size, not cropped."""
     src, out = tmp_path / "odd.mp4", tmp_path / "out.mp4"
-    with av.open(str(src), "w") as c:
-        s = c.add_stream("libx264", rate=8)
-        s.width, s.height, s.pix_fmt = 33, 17, "yuv444p"
-        for i in range(3):
-            c.mux(s.encode(av.VideoFrame.from_ndarray(np.full((17, 33, 3), 60 * i, np.uint8), format="rgb24")))
-        c.mux(s.encode(None))
+    write_h264(src, flat_frames(3, 17, 33, 60), pix_fmt="yuv444p")
     assert main(["interpolate", str(src), "--out", str(out), "--device", "cpu"]) == 0, capsys.readouterr().err
     with av.open(str(out)) as c:
         v = c.streams.video[0]

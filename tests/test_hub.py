@@ -10,9 +10,9 @@ import zipfile
 from pathlib import Path
 
 import av
-import numpy as np
 import pytest
 
+from clips import flat_frames, write_h264
 from rife_data import WEIGHTS
 from streamgen import hub
 from streamgen.cli import main
@@ -146,12 +146,7 @@ def test_rife_from_its_release_zip_in_the_cache(cache, tmp_path, monkeypatch, ca
     assert Path(rife_path("auto", required=True)) == snap / "RIFEv4.26_0921.zip"  # found without being named
     assert Path(rife_path("hzwer/RIFE:RIFEv4.26_0921.zip", required=True)) == snap / "RIFEv4.26_0921.zip"
     src = tmp_path / "clip.mp4"
-    with av.open(str(src), "w") as c:
-        s = c.add_stream("libx264", rate=8)
-        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
-        for i in range(3):
-            c.mux(s.encode(av.VideoFrame.from_ndarray(np.full((48, 64, 3), 60 * i, np.uint8), format="rgb24")))
-        c.mux(s.encode(None))
+    write_h264(src, flat_frames(3, 48, 64, 60))
     assert main(["interpolate", str(src), "--out", str(tmp_path / "o.mp4"), "--device", "cpu"]) == 0, \
         capsys.readouterr().err
     with av.open(str(tmp_path / "o.mp4")) as c:
@@ -167,11 +162,7 @@ def test_a_zip_without_the_weights_is_named(tmp_path, capsys):
     # the input is checked first; give it a real one
     assert rc == 2 and "in.mp4" in err
     src = tmp_path / "clip.mp4"
-    with av.open(str(src), "w") as c:
-        s = c.add_stream("libx264", rate=8)
-        s.width, s.height, s.pix_fmt = 32, 32, "yuv420p"
-        c.mux(s.encode(av.VideoFrame.from_ndarray(np.zeros((32, 32, 3), np.uint8), format="rgb24")))
-        c.mux(s.encode(None))
+    write_h264(src, flat_frames(1, 32, 32, 0))
     rc = main(["interpolate", str(src), "--out", str(tmp_path / "o.mp4"), "--rife", str(bad), "--device", "cpu"])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "other.zip: expected one RIFE weights file (flownet.pkl)" in err, err

@@ -286,7 +286,6 @@ class Session:
             self.lead = min(self.lead, limits.lead_cap_s)
         self.ready_delivered = False  # some client got `ready` (knows the id, so it could attach)
         self._prompt_pending = False
-        self._chunk_s = 0.0  # duration of the latest fragment
         self.prompt_seq: int | None = None  # first fragment made under the latest prompt
         self._grace: asyncio.TimerHandle | None = None
         self._on_closed = on_closed
@@ -481,7 +480,8 @@ class Session:
                 return
             # a new prompt's first chunk is made at once, up to one chunk past the lead: the viewer
             # waits for it, and the player may skip the old prompt's buffered tail to show it
-            if self._prompt_pending and self.lead_s() < lead + self._chunk_s:
+            last = self.log.get(self.log.next_seq - 1)  # the newest fragment is always kept
+            if self._prompt_pending and self.lead_s() < lead + (last.fragment.duration if last else 0.0):
                 return
             # wake on ack, or when wall clock would move the viewer enough
             await self._pace.wait(timeout=max(0.01, min(0.25, self.lead_s() - lead)))
@@ -517,7 +517,6 @@ class Session:
                 seq += 1
                 self.generated_frames += frag.frames
                 self.generated_s = frag.pts + frag.duration
-                self._chunk_s = frag.duration
                 self.gen_time += t2 - t0
                 inst = frag.frames / max(t2 - t0, 1e-6)
                 self.gen_fps = inst if self.gen_fps == 0 else 0.7 * self.gen_fps + 0.3 * inst
