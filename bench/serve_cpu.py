@@ -29,23 +29,18 @@ import os
 import platform
 import re
 import shlex
-import socket
 import statistics
-import subprocess
 import sys
 import time
 import urllib.request
 
-from streamgen.client import StreamClient
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+
+from streamgen.client import StreamClient  # noqa: E402
+from test_toy_browser import free_port, streamgen_serve  # noqa: E402
 
 METRICS = ("frames_generated_total", "generate_seconds_total", "encode_seconds_total", "fragments_generated_total")
 PROMPT = "a red ball moving right on a black background"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -82,34 +77,13 @@ def read_metrics(base: str) -> dict[str, float]:
 
 @contextlib.contextmanager
 def serve(extra: list[str], nice: int = 0):
-    """``python -m streamgen serve --port P`` + extra; yields (base URL, pid) once /healthz answers."""
+    """``python -m streamgen serve --port P`` + extra (the tests' launcher); yields (base URL, pid)
+    once /healthz answers."""
     port = free_port()
-    cmd = [sys.executable, "-m", "streamgen", "serve", "--port", str(port), *extra]
-    if nice:
-        cmd = ["nice", "-n", str(nice), *cmd]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr.read()}")
-            try:
-                urllib.request.urlopen(f"{base}/healthz", timeout=1).read()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the server did not answer /healthz within 120 s")
-                time.sleep(0.2)
-        print(f"server: {' '.join(shlex.quote(c) for c in cmd)}", file=sys.stderr)
-        yield base, proc.pid
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    prefix = ("nice", "-n", str(nice)) if nice else ()
+    with streamgen_serve(port, *extra, prefix=prefix, timeout=120) as (proc, _):
+        print(f"server: {' '.join(shlex.quote(c) for c in proc.args)}", file=sys.stderr)
+        yield f"http://127.0.0.1:{port}", proc.pid
 
 
 async def measure(base: str, width: int, height: int, *, warmup: float, seconds: float, window: float,

@@ -71,15 +71,16 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def streamgen_serve(port: int, *args: str):
-    """`python -m streamgen serve --port PORT` as a user starts it (no model arguments: the default)."""
+def streamgen_serve(port: int, *args: str, prefix: tuple[str, ...] = (), timeout: float = 60):
+    """`python -m streamgen serve --port PORT` as a user starts it (no model arguments: the default);
+    ``prefix``: a command it runs under (e.g. nice -n 5). Yields (process, /healthz body)."""
     log = tempfile.TemporaryFile("w+")
     env = {k: v for k, v in os.environ.items() if k != "STREAMGEN_RIFE_WEIGHTS"}  # conftest's; a new user has none
-    proc = subprocess.Popen([sys.executable, "-m", "streamgen", "serve", "--port", str(port), *args],
+    proc = subprocess.Popen([*prefix, sys.executable, "-m", "streamgen", "serve", "--port", str(port), *args],
                             stdout=log, stderr=subprocess.STDOUT, text=True, env=env,
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + timeout
         while True:
             if proc.poll() is not None:
                 log.seek(0)
@@ -89,7 +90,7 @@ def streamgen_serve(port: int, *args: str):
                     health = r.read().decode()
                 break
             except OSError:
-                assert time.monotonic() < deadline, "streamgen serve did not answer /healthz within 60 s"
+                assert time.monotonic() < deadline, f"streamgen serve did not answer /healthz within {timeout:g} s"
                 time.sleep(0.2)
         try:
             yield proc, health
