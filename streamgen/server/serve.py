@@ -79,6 +79,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="GiB of KV cache the engine admits sessions into (a start that does not fit waits in a "
                         "queue, then gets 'overloaded'); default: 0.6 of the GPU memory free at start, "
                         "unbounded on the CPU")
+    r = p.add_argument_group("ray (pip install 'streamgen[ray]')")
+    r.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="run the engines as Ray actors, one per GPU, behind this one front: no ADDRESS starts a "
+                        "local Ray; 'auto' or HOST:PORT joins a running cluster (each node needs streamgen and the "
+                        "model files at the same paths)")
+    r.add_argument("--ray-workers", type=positive, default=None, metavar="N",
+                   help="engine workers under --ray (default: the cluster's GPUs, 1 without any)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -92,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
     from streamgen.server.app import build_app
 
     app = build_app(cfg, factory, executor=executor)
+    if args.ray is not None:
+        app.on_startup.append(factory.on_startup)  # the workers' health check, on the server's loop
     url = f"http://{args.host}:{args.port}/"
     log.info("serving model %r at %s%s", cfg.model, url, " (token required: ?token=...)" if cfg.token else "")
     logging.getLogger("aiohttp.server").addFilter(_one_line_bad_requests)
@@ -128,6 +137,16 @@ def _build(args: argparse.Namespace):
         grace_s=args.grace, encode_threads=args.encode_threads, preset=args.preset,
         public_hosts=list(args.public_host),
     )
+    if args.ray is None and args.ray_workers is not None:
+        raise UsageError("--ray-workers applies to --ray (engine workers as Ray actors)")
+    if args.ray is not None:
+        if args.model == TESTPATTERN:
+            raise UsageError(f"--ray: --model {TESTPATTERN} draws its frames on the front; there is no engine "
+                             "to run on Ray workers")
+        try:
+            import ray  # noqa: F401 - only under --ray
+        except ImportError:
+            raise UsageError("--ray needs Ray: pip install 'streamgen[ray]'") from None
     executor = ThreadPoolExecutor(max_workers=cfg.encode_threads, thread_name_prefix="encode")
     if args.model == TESTPATTERN:
         from streamgen.server.sources import TestPatternFactory
@@ -150,8 +169,7 @@ def _build(args: argparse.Namespace):
         raise UsageError(f"--fps applies to --model {TESTPATTERN}; a model generates at its own rate "
                          "(ask for more with interpolate 2 or 4)")
 
-    from streamgen.engine.core import Engine, EngineError, GenRequest
-    from streamgen.pipeline import MODELS, build_pipeline, check_options, engine_settings
+    from streamgen.pipeline import MODELS, check_options
 
     folder = args.model
     preset = check_options(args)
@@ -176,6 +194,21 @@ def _build(args: argparse.Namespace):
             raise UsageError(f"--warmup-sizes {item.strip()}: {e}") from None
         if size not in sizes:
             sizes.append(size)
+    if args.ray is not None:
+        return cfg, _ray_factory(args, limits, sizes, w, h, executor), executor
+    engine = build_engine(args, limits, sizes, w, h)
+    from streamgen.server.sources import EngineFactory
+
+    return cfg, EngineFactory(args.model, engine, width=w, height=h, executor=executor), executor
+
+
+def build_engine(args: argparse.Namespace, limits, sizes: list[tuple[int, int]], w: int, h: int):
+    """The (not started) engine of the checked model options in ``args``, warmed up at ``sizes``; the
+    default ``w`` x ``h`` must be servable (the check a client's start gets), else UsageError. Each
+    `serve --ray` worker runs this too."""
+    from streamgen.engine.core import Engine, EngineError, GenRequest
+    from streamgen.pipeline import MODELS, build_pipeline, engine_settings
+
     pipe = build_pipeline(args)
     warmup = tuple(GenRequest("warm-up", ww, hh, interpolate=2 if pipe.rife is not None else 1, chunks=2,
                               name="warm-up") for ww, hh in sizes)
@@ -192,9 +225,49 @@ def _build(args: argparse.Namespace):
                              f"the engine's pool holds {engine.pool.capacity_bytes / 2**30:.3g} GiB")
     except EngineError as e:
         raise UsageError(f"--{(e.field or 'model').replace('_', '-')}: {e}") from None
-    from streamgen.server.sources import EngineFactory
+    return engine
 
-    return cfg, EngineFactory(args.model, engine, width=w, height=h, executor=executor), executor
+
+def _ray_factory(args: argparse.Namespace, limits, sizes, w: int, h: int, executor):
+    """`serve --ray`: join (or start) Ray, start the engine workers (each runs ``build_engine`` on its
+    own GPU) and wait until every one is built; a worker's build error is this command's one line."""
+    import asyncio
+    import functools
+
+    import ray
+
+    from streamgen.parallel.ray_pool import RayEnginePool
+    from streamgen.parallel.ray_sources import RaySourceFactory
+
+    address = None if args.ray == "local" else args.ray
+    owns = not ray.is_initialized()
+    if owns:
+        try:
+            ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+        except Exception as e:  # noqa: BLE001 - ConnectionError, ValueError, RuntimeError: one line
+            where = "start a local Ray" if address is None else f"connect to the Ray cluster at {address}"
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UsageError(f"--ray{'' if address is None else ' ' + address}: cannot {where}: {first}") from None
+    gpus = int(ray.cluster_resources().get("GPU", 0)) if args.device != "cpu" else 0
+    workers = args.ray_workers or max(1, gpus)
+    if gpus and workers > gpus:
+        raise UsageError(f"--ray-workers {workers}: the Ray cluster has {gpus} GPU(s), one worker each")
+    plain = argparse.Namespace(**{k: v for k, v in vars(args).items() if not k.startswith("_")})
+    pool = RayEnginePool(workers, num_gpus=1 if gpus else 0,
+                         make_engine=functools.partial(build_engine, plain, limits, sizes, w, h))
+    log.info("starting %d engine worker(s) on Ray (%d GPU each)", workers, 1 if gpus else 0)
+    states = asyncio.run(pool.ready())
+    for i, st in enumerate(states):
+        if st.get("error"):
+            pool.shutdown()
+            if owns:
+                ray.shutdown()
+            raise UsageError(st["error"] if st["error"].startswith("--") else
+                             f"--ray: engine worker {i} failed to start: {st['error']}")
+    for i, st in enumerate(states):
+        log.info("engine worker %d: pid %s on %s", i, st.get("pid"), st.get("node"))
+    return RaySourceFactory(args.model, pool, width=w, height=h, fps=states[0]["fps"], executor=executor,
+                            owns_ray=owns)
 
 
 def _check_port(host: str, port: int) -> None:
