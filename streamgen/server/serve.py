@@ -88,9 +88,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="engine workers under --ray (default: the cluster's GPUs, 1 without any)")
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, pipeline=None) -> int:
+    """Serve until interrupted. ``pipeline``: a prebuilt engine Pipeline to serve instead of the one the
+    model options name (bench/client_latency.py: random weights), every other setting from ``args``."""
     try:
-        cfg, factory, executor = _build(args)
+        cfg, factory, executor = _build(args, pipeline)
     except UsageError as e:
         print(f"streamgen serve: error: {e}", file=sys.stderr)
         return 2
@@ -112,8 +114,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _build(args: argparse.Namespace):
-    """Check every setting, then build the frame-source factory (and the engine behind it)."""
+def _build(args: argparse.Namespace, pipeline=None):
+    """Check every setting, then build the frame-source factory (and the engine behind it); ``pipeline``:
+    see ``run`` (then ``--model`` names only the preset whose settings apply, and no weights are read)."""
     from concurrent.futures import ThreadPoolExecutor
     from dataclasses import replace
 
@@ -143,6 +146,8 @@ def _build(args: argparse.Namespace):
         if args.model == TESTPATTERN:
             raise UsageError(f"--ray: --model {TESTPATTERN} draws its frames on the front; there is no engine "
                              "to run on Ray workers")
+        if pipeline is not None:
+            raise UsageError("--ray: the workers build their own pipelines from the model options")
         try:
             import ray  # noqa: F401 - only under --ray
         except ImportError:
@@ -172,7 +177,7 @@ def _build(args: argparse.Namespace):
     from streamgen.pipeline import MODELS, check_options
 
     folder = args.model
-    preset = check_options(args)
+    preset = check_options(args) if pipeline is None else MODELS[args.model]
     if preset.mode != "stream":  # a --model folder that holds a whole-clip model
         raise UsageError(f"--model {folder}: holds {args.model}, a whole-clip model (`streamgen generate` runs it); "
                          f"serve streams {', '.join(n for n in STREAM_MODELS if not MODELS[n].builtin or n == 'toy')}")
@@ -196,20 +201,20 @@ def _build(args: argparse.Namespace):
             sizes.append(size)
     if args.ray is not None:
         return cfg, _ray_factory(args, limits, sizes, w, h, executor), executor
-    engine = build_engine(args, limits, sizes, w, h)
+    engine = build_engine(args, limits, sizes, w, h, pipeline)
     from streamgen.server.sources import EngineFactory
 
     return cfg, EngineFactory(args.model, engine, width=w, height=h, executor=executor), executor
 
 
-def build_engine(args: argparse.Namespace, limits, sizes: list[tuple[int, int]], w: int, h: int):
-    """The (not started) engine of the checked model options in ``args``, warmed up at ``sizes``; the
-    default ``w`` x ``h`` must be servable (the check a client's start gets), else UsageError. Each
-    `serve --ray` worker runs this too."""
+def build_engine(args: argparse.Namespace, limits, sizes: list[tuple[int, int]], w: int, h: int, pipeline=None):
+    """The (not started) engine of the checked model options in ``args`` (or of ``pipeline``), warmed up
+    at ``sizes``; the default ``w`` x ``h`` must be servable (the check a client's start gets), else
+    UsageError. Each `serve --ray` worker runs this too."""
     from streamgen.engine.core import Engine, EngineError, GenRequest
     from streamgen.pipeline import MODELS, build_pipeline, engine_settings
 
-    pipe = build_pipeline(args)
+    pipe = build_pipeline(args) if pipeline is None else pipeline
     warmup = tuple(GenRequest("warm-up", ww, hh, interpolate=2 if pipe.rife is not None else 1, chunks=2,
                               name="warm-up") for ww, hh in sizes)
     try:
