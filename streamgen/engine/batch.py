@@ -18,13 +18,13 @@ committed to any cache before a forward completes, and the retried calls rewrite
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 
 import torch
 
 from streamgen.sampling.stream import ModelCall, Program
 
-__all__ = ["run_programs", "forward_calls"]
+__all__ = ["run_programs", "forward_calls", "Interrupted"]
 
 
 def forward_calls(model, calls: list[ModelCall]) -> list[torch.Tensor]:
@@ -39,9 +39,17 @@ def forward_calls(model, calls: list[ModelCall]) -> list[torch.Tensor]:
     return list(torch.split(y, [c.cache.batch for c in calls]))
 
 
-def run_programs(model, programs: dict[Hashable, Program], stats: dict | None = None) -> dict[Hashable, object]:
+class Interrupted(Exception):
+    """The result of a program that ``run_programs`` stopped early (its ``interrupt`` said so)."""
+
+
+def run_programs(model, programs: dict[Hashable, Program], stats: dict | None = None,
+                 interrupt: Callable[[Hashable], bool] | None = None) -> dict[Hashable, object]:
     """Run ``programs`` to the end together; returns {key: result or the exception it raised}.
-    ``stats`` (optional) counts ``forwards`` and ``rows``."""
+    ``stats`` (optional) counts ``forwards`` and ``rows``. ``interrupt(key)``, asked before each
+    round of forwards for every program whose next calls commit nothing (``update_cache`` False:
+    the denoising steps, which change no cache), stops that program there: it is closed and its
+    result is an ``Interrupted`` (a prompt change abandons the old prompt's chunk in progress)."""
     results: dict[Hashable, object] = {}
     pending: dict[Hashable, list[ModelCall]] = {}
 
@@ -58,6 +66,11 @@ def run_programs(model, programs: dict[Hashable, Program], stats: dict | None = 
     for k in programs:
         advance(k, None)
     while pending:
+        if interrupt is not None:
+            for k in [k for k, calls in pending.items() if not any(c.update_cache for c in calls) and interrupt(k)]:
+                pending.pop(k)
+                programs[k].close()
+                results[k] = Interrupted()
         groups: dict[tuple, list[tuple[Hashable, int, ModelCall]]] = {}
         for k, calls in pending.items():
             for j, c in enumerate(calls):

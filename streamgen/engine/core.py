@@ -15,7 +15,11 @@ ever blocks the other. Commands (open, prompt, pause, cancel, request) are queue
 thread, which is the only thread that touches models, caches and CUDA state. A failure inside one
 session (bad image, OOM, a prompt the text encoder rejects, a bug) is delivered to that session's
 handle as :class:`EngineError` and the loop goes on with the others; a cancelled session's cache
-is dropped at once. When the loop ends (``close()``) every handle still waiting gets an
+is dropped at once. A prompt command also marks its session (``_new_prompt``, read by the busy
+thread between forwards): a chunk of the old prompt still in its denoising steps is abandoned there
+(``batch.run_programs``' interrupt: nothing of it is committed, the session stays due), so the
+new prompt's re-cache and first chunk start at once instead of after it
+(``EngineSettings.interrupt_on_prompt``). When the loop ends (``close()``) every handle still waiting gets an
 EngineError, and ``open()`` refuses new streams, so no awaiting coroutine is left hanging.
 
 Threads: ``_handles`` is shared by both sides and guarded by ``_lock``; every other piece of
@@ -54,7 +58,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from streamgen.engine.batch import run_programs
+from streamgen.engine.batch import Interrupted, run_programs
 from streamgen.engine.pool import CachePool, Reservation
 from streamgen.engine.scheduler import Scheduler
 from streamgen.media.frames import to_uint8, unit_frames
@@ -144,6 +148,9 @@ class EngineSettings:
     cache_fraction: float = 0.6
     queue_limit: int = 8  # opens that may wait for pool memory; more are refused ("overloaded")
     retry_after_s: float = 10.0  # the retry hint of an "overloaded" refusal
+    # a prompt change abandons the old prompt's chunk still being denoised (nothing of it is
+    # committed yet), so the new prompt's first chunk starts at the next forward, not after it
+    interrupt_on_prompt: bool = True
 
 
 @dataclass
@@ -256,7 +263,9 @@ class Engine:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
-        self.stats = {"chunks": 0, "frames": 0, "busy_s": 0.0, "errors": 0, "steps": 0, "forwards": 0, "rows": 0}
+        self.stats = {"chunks": 0, "frames": 0, "busy_s": 0.0, "errors": 0, "steps": 0, "forwards": 0, "rows": 0,
+                      "interrupted": 0}
+        self._new_prompt: set[int] = set()  # sessions with a prompt command not yet applied (any thread adds)
         self.lags: dict[str, float] = {}  # session name -> seconds behind real time (busy thread writes)
         self._lag_by_sid: dict[int, float] = {}
 
@@ -431,6 +440,8 @@ class Engine:
                 pass
 
     def _command(self, kind: str, sid: int, arg: Any = None) -> None:
+        if kind == "prompt":
+            self._new_prompt.add(sid)  # before the command: the busy thread discards it when applying it
         self._cmds.put((kind, sid, arg))
 
     # -- busy loop (engine thread only) ----------------------------------------------------------
@@ -481,6 +492,7 @@ class Engine:
         elif kind == "request":
             self.scheduler.requested(sid)
         elif kind == "prompt":  # coalesced: a flood of prompts costs one text encoding per chunk
+            self._new_prompt.discard(sid)
             self._sessions[sid].pending_prompt = arg
         elif kind in ("pause", "resume"):
             self.scheduler.set_paused(sid, kind == "pause")
@@ -555,11 +567,15 @@ class Engine:
         """One chunk for each session of ``sids``, their model calls batched (engine.batch)."""
         t0 = time.perf_counter()
         programs = {sid: self._program(self._sessions[sid]) for sid in sids}
-        results = run_programs(self.pipeline.model, programs, self.stats)
+        interrupt = self._new_prompt.__contains__ if self.settings.interrupt_on_prompt else None
+        results = run_programs(self.pipeline.model, programs, self.stats, interrupt=interrupt)
         self.stats["steps"] += 1
         self.stats["busy_s"] += time.perf_counter() - t0
         for sid in sids:
             out = results[sid]
+            if isinstance(out, Interrupted):  # still due: its next step starts under the new prompt
+                self.stats["interrupted"] += 1
+                continue
             if isinstance(out, BaseException):  # one session's failure must not stop the others
                 if isinstance(out, torch.cuda.OutOfMemoryError):
                     torch.cuda.empty_cache()
@@ -633,6 +649,7 @@ class Engine:
         """Forget a session: its state, its schedule and its pool range (freed now; the queue's head
         may then be admitted)."""
         self._sessions.pop(sid, None)
+        self._new_prompt.discard(sid)
         self.scheduler.remove(sid)
         self._update_lags()
         with self._lock:

@@ -1,0 +1,136 @@
+"""A prompt change abandons the old prompt's chunk still being denoised (issue 10: the new prompt's
+first chunk starts at the next forward instead of after that chunk).
+
+``batch.run_programs(interrupt=...)`` stops a program only where its next calls commit nothing,
+and the engine's session is left exactly as it was before the abandoned chunk (position, chunk
+count, every cache buffer): the next chunk delivered is the new prompt's, with no gap."""
+
+from __future__ import annotations
+
+import asyncio
+
+import torch
+
+from streamgen.engine.batch import Interrupted, run_programs
+from streamgen.engine.core import GenRequest
+from streamgen.sampling.stream import ModelCall
+
+from test_batched import _cache, _Driver, tiny, wan  # noqa: F401 - fixtures
+
+
+def _steps(model, cache, x, steps: int, log: list):
+    try:
+        out = []
+        for i in range(steps):
+            (y,) = yield [ModelCall(x, torch.full((1,), 500.0), cache, cache.frames_written, i == steps - 1)]
+            out.append(y)
+        return out
+    finally:
+        log.append("closed")
+
+
+def test_run_programs_interrupts_only_before_a_commit(wan):
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(1, 16, 3, 16, 16, generator=g) for _ in range(2)]
+    caches = [_cache(wan, i, 3) for i in range(2)]
+    written = [c.frames_written for c in caches]
+    logs: list[list] = [[], []]
+    asked: list = []
+
+    def interrupt(k) -> bool:
+        asked.append(k)
+        return k == 1 and len(asked) > 2  # program 1 from its second round on
+
+    got = run_programs(wan, {k: _steps(wan, caches[k], xs[k], 3, logs[k]) for k in range(2)}, interrupt=interrupt)
+    assert isinstance(got[1], Interrupted) and logs[1] == ["closed"]
+    assert caches[1].frames_written == written[1]  # its commit never ran
+    assert len(got[0]) == 3 and caches[0].frames_written == written[0] + 3
+    assert 0 in asked  # asked for program 0 too, which said no
+    # a program whose next call commits is never asked: the third (committing) round of program 0
+    # ran although an interrupt that says yes to everything was given from the start
+    logs = [[]]
+    got = run_programs(wan, {0: _steps(wan, caches[0], xs[0], 1, logs[0])}, interrupt=lambda k: True)
+    assert len(got[0]) == 1 and logs[0] == ["closed"]  # a finished program, not Interrupted
+
+
+def _two_sessions(tiny, **kw):
+    d = _Driver(tiny, **kw)
+    a = d.open(GenRequest("a fox in the snow", 64, 64, seed=3))
+    b = d.open(GenRequest("a city at night", 64, 64, seed=4))
+    for _ in range(2):
+        assert d.step(a, b) == [a, b]
+    return d, a, b
+
+
+def _drain(d) -> None:  # the busy loop applies its queued commands between steps
+    while not d.eng._cmds.empty():
+        d.eng._handle_command(*d.eng._cmds.get_nowait())
+
+
+async def _chunks(d, sid) -> list:
+    await asyncio.sleep(0)  # deliveries go through call_soon_threadsafe
+    q = d.eng._handles[sid]._queue
+    return [q.get_nowait() for _ in range(q.qsize())]
+
+
+async def test_a_prompt_change_abandons_the_chunk_being_denoised(tiny, monkeypatch):
+    d, a, b = _two_sessions(tiny)
+    st = d.eng._sessions[b].state
+    before = (st.next_frame, st.chunk_index, st.cache.frames_written, st.cache.cross_k.clone())
+    model = tiny[0]
+    calls = {"n": 0}
+    real = model.forward_rows
+
+    def forward_rows(*args, **kw):  # the viewer types while the second denoising step runs
+        calls["n"] += 1
+        if calls["n"] == 2:
+            d.eng._handles[b].set_prompt("rain")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(model, "forward_rows", forward_rows)
+    n0 = dict(d.eng.stats)
+    assert d.step(a, b) == [a, b]
+    monkeypatch.undo()
+    assert d.eng.stats["interrupted"] - n0["interrupted"] == 1
+    assert d.eng.stats["chunks"] - n0["chunks"] == 1  # a's chunk only
+    assert (st.next_frame, st.chunk_index, st.cache.frames_written) == before[:3]  # b did not move on
+    assert torch.equal(st.cache.cross_k, before[3])  # nor change prompt yet
+
+    _drain(d)
+    assert not d.eng._new_prompt
+    assert [s.sid for s in d.eng.scheduler.next_batch()] == [b]  # still due, without a new request
+    d.eng._step([b])
+    got = await _chunks(d, b)
+    assert [c.switched for c in got] == [False, False, True]  # no gap: its third chunk is the new prompt's
+    assert st.prompt == "rain" and st.chunk_index == before[1] + 1
+
+    # the abandoned chunk left nothing behind but its noise draws: a session that never started it,
+    # with its generator advanced by the same three draws (x, then one per step before the third),
+    # makes the same chunk
+    r, ra, rb = _two_sessions(tiny)
+    rst = r.eng._sessions[rb].state
+    for _ in range(3):
+        rst._randn(rst._noise)
+    r.eng._handles[rb].set_prompt("rain")
+    _drain(r)
+    r.eng._step([rb])
+    ref = await _chunks(r, rb)
+    assert ref[-1].switched
+    assert torch.equal(ref[-1].frames, got[-1].frames)
+
+
+async def test_no_interrupt_when_turned_off(tiny, monkeypatch):
+    d = _Driver(tiny, interrupt_on_prompt=False)
+    b = d.open(GenRequest("a city at night", 64, 64, seed=4))
+    d.step(b)
+    model = tiny[0]
+    real = model.forward_chunk
+
+    def forward_chunk(*args, **kw):
+        d.eng._handles[b].set_prompt("rain")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(model, "forward_chunk", forward_chunk)
+    d.step(b)
+    monkeypatch.undo()
+    assert d.eng.stats["interrupted"] == 0 and d.eng.stats["chunks"] == 2
