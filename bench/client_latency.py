@@ -513,11 +513,40 @@ async def bench_decoder(decoder: str, args) -> dict:
             print(f"[{decoder}] smooth stream: {sm['video_s']} s, stalls {sm['stalls']} ({sm['stall_s']} s), "
                   f"prompt skips {sm['prompt_skips']}, dropped {sm['dropped']}, decoded {sm['decoded_frames']}/"
                   f"{sm['frames']} frames", file=sys.stderr, flush=True)
+        r["server"] = await server_split(srv.port)
     finally:
         await srv.stop()
         r["server_exit"], r["server_shutdown_s"] = srv.returncode, getattr(srv, "shutdown_s", None)
         r["wall_s"] = time.monotonic() - t0
     return r
+
+
+async def server_split(port: int) -> dict:
+    """The server's own account from its /metrics, over every session of the run: wall ms per
+    fragment in the source (engine: generate, decode, RIFE, copy) and in the H.264 encoder, and its
+    mean time to first fragment / prompt switch -> first new fragment (the client's figures minus
+    the network and the client)."""
+    import aiohttp
+
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://127.0.0.1:{port}/metrics") as resp:
+            text = await resp.text()
+    vals: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("streamgen_") and "{" not in line:
+            name, _, v = line.partition(" ")
+            with contextlib.suppress(ValueError):
+                vals[name[len("streamgen_"):]] = float(v)
+    n = vals.get("fragments_generated_total") or 0
+    out = {"fragments": n}
+    if n:
+        out["generate_ms_per_fragment"] = 1e3 * vals.get("generate_seconds_total", 0) / n
+        out["encode_ms_per_fragment"] = 1e3 * vals.get("encode_seconds_total", 0) / n
+    for h in ("time_to_first_fragment_seconds", "prompt_switch_seconds"):
+        c = vals.get(h + "_count")
+        if c:
+            out[h.replace("_seconds", "_mean_s")] = vals.get(h + "_sum", 0) / c
+    return out
 
 
 def fmt(m: dict | None, unit: str = "") -> str:
@@ -532,20 +561,22 @@ def table(rows: list[dict], args) -> str:
              f"smooth stream {args.seconds:g} s; jitter buffer {args.jitter_buffer:g} s; "
              f"skip on prompt {'off' if args.no_skip else 'on'}",
              "| decoder | build s | warm-up s | cold session start->decoded s | start->fragment s | start->decoded s "
-             "| prompt->new fragment received s | ->shown s | smooth: stalls (s) | prompt skips | dropped |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| prompt->new fragment received s | ->shown s | smooth: stalls (s) | prompt skips | dropped "
+             "| server: generate / encode ms per fragment |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['decoder']} | ERROR: {r['error'][:200]} |")
             continue
-        ce, cs, sm = r["cold_engine"], r["cold_session"], r.get("smooth") or {}
+        ce, cs, sm, sv = r["cold_engine"], r["cold_session"], r.get("smooth") or {}, r.get("server") or {}
         g = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
         missed = f" ({r['prompt_missed']} missed)" if r["prompt_missed"] else ""
         smooth = f"{sm['stalls']} ({sm['stall_s']:.2f}) in {sm['video_s']:.0f} s" if sm else "-"
         lines.append(f"| {r['decoder']} | {g(ce['build_s'])} | {g(ce['warmup_s'])} | {g(cs['start_to_decoded_s'])} | "
                      f"{fmt(r['start_to_fragment_s'])} | {fmt(r['start_to_decoded_s'])} | {fmt(r['prompt_received_s'])}"
                      f"{missed} | {fmt(r['prompt_shown_s'])} | "
-                     f"{smooth} | {sm.get('prompt_skips', '-')} | {sm.get('dropped', '-')} |")
+                     f"{smooth} | {sm.get('prompt_skips', '-')} | {sm.get('dropped', '-')} | "
+                     f"{g(sv.get('generate_ms_per_fragment'))} / {g(sv.get('encode_ms_per_fragment'))} |")
     return "\n".join(lines)
 
 
