@@ -106,25 +106,31 @@ def switch_latency(frames: torch.Tensor, starts: list[int], what, at: int, max_a
     return out
 
 
-def speed(model, text, decoder, threads: int, chunks: int = 24, size: int = 128) -> dict:
+def speed(model, text, decoder, threads: int, chunks: int = 24, size: int = 128, device: str = "cpu") -> dict:
+    """One stream's chunk loop (text encode, 4 steps + cache pass, decode) on ``device``."""
     from streamgen.sampling.stream import SessionState, StreamConfig
 
     torch.set_num_threads(threads)
+    dev = torch.device(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     s = toy.SAMPLING
     cfg = StreamConfig(num_steps=s["num_steps"], shift=s["shift"], frames_per_chunk=s["frames_per_chunk"],
                        local_frames=s["local_frames"], sink_frames=s["sink_frames"])  # fmt: skip
     warm = SessionState(model, "a red ball moving right on black", height=size, width=size, config=cfg,
-                        text_encoder=text, decoder=decoder)  # fmt: skip
+                        text_encoder=text, decoder=decoder, device=dev)  # fmt: skip
     for _ in range(3):
         warm.next_chunk()
+    sync()
     t0 = time.perf_counter()
     sess = SessionState(model, "a cobalt box rising over a dark blue sky", height=size, width=size, config=cfg,
-                        text_encoder=text, decoder=decoder)  # fmt: skip
+                        text_encoder=text, decoder=decoder, device=dev)  # fmt: skip
     n = 0
     for _ in range(chunks):
         n += sess.next_chunk().frames.shape[2]
+    sync()
     dt = time.perf_counter() - t0
-    return {"threads": threads, "size": size, "frames": n, "seconds": dt, "fps": n / dt, "ms_per_chunk": 1000 * dt / chunks}
+    return {"device": str(dev), "threads": threads, "size": size, "frames": n, "seconds": dt, "fps": n / dt,
+            "ms_per_chunk": 1000 * dt / chunks}
 
 
 def main(argv=None) -> int:
@@ -138,6 +144,7 @@ def main(argv=None) -> int:
     p.add_argument("--speed-sizes", default="128", help="comma-separated square sizes for the speed section")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--speed-only", action="store_true")
+    p.add_argument("--speed-device", default="cpu", help="where the speed section runs (cpu: the goal's 2-core figure)")
     p.add_argument("--no-speed", action="store_true")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -183,8 +190,9 @@ def main(argv=None) -> int:
                             "temporal_last": temporal(fr[:, :, st[-4]:], [s - st[-4] for s in st[-4:]])}  # fmt: skip
             print(f"drift ({n} prompts, {chunks} chunks = {fr.shape[2] / td.FPS:.0f}s): first {first} last {last}", flush=True)
     if not args.no_speed:
-        cpu = load_toy("cpu", torch.float32, path=args.weights) if dev.type != "cpu" else (model, text, decoder)
-        res["speed"] = [speed(*cpu, threads=args.threads, size=int(s)) for s in args.speed_sizes.split(",")]
+        sdev = torch.device(args.speed_device)
+        parts = load_toy(sdev, torch.float32, path=args.weights) if sdev != dev else (model, text, decoder)
+        res["speed"] = [speed(*parts, threads=args.threads, size=int(s), device=str(sdev)) for s in args.speed_sizes.split(",")]
         for r in res["speed"]:
             print(f"speed: {r}", flush=True)
     if args.json:
