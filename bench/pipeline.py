@@ -45,6 +45,7 @@ from streamgen.models.text import load_text_encoder  # noqa: E402
 from streamgen.models.wan import WanConfig, WanModel  # noqa: E402
 from streamgen.models.wan_vae import WanVAE, WanVAEConfig  # noqa: E402
 from streamgen.ops.compile import compile_blocks  # noqa: E402
+from streamgen.sampling.stream import SessionState  # noqa: E402
 
 
 def build(decoder: str, compile_dit: bool, dev: torch.device, smoke: bool = False, ref: bool = False,
@@ -232,9 +233,10 @@ async def run_latency(pipeline: Pipeline, width: int, height: int, samples: int)
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variants", default="wan,taehv",
-                    help="comma list of DECODER[+compile][+bench][+ref][+bf16], DECODER in wan|taehv (bench: cudnn.benchmark; "
-                         "ref: the Wan VAE's reference decode path instead of the fast one; bf16: the decoder in "
-                         "bf16, as served, instead of fp16)")
+                    help="comma list of DECODER[+compile][+bench][+ref][+bf16][+seqrecache], DECODER in wan|taehv (bench: "
+                         "cudnn.benchmark; ref: the Wan VAE's reference decode path instead of the fast one; bf16: the "
+                         "decoder in bf16, as served, instead of fp16; seqrecache, with --latency: the prompt switch's "
+                         "KV re-cache one forward per chunk instead of one forward)")
     ap.add_argument("--chunks", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--samples", type=int, default=3, help="warm sessions per variant (after the cold one)")
@@ -246,21 +248,31 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("--smoke", action="store_true", help="tiny configs on the CPU (checks the script, times nothing real)")
     ap.add_argument("--latency", type=int, default=0, metavar="N",
-                    help="instead: cold first chunk, then N warm sessions' open -> first chunk and prompt -> new chunk")
+                    help="instead: cold first chunk, then N warm sessions' open -> first chunk and prompt -> new chunk, "
+                         "per variant (e.g. --variants wan,wan+seqrecache)")
     args = ap.parse_args(argv)
     dev = torch.device("cpu" if args.smoke else "cuda")
     if args.latency:
-        decoder, *opts = args.variants.split(",")[0].split("+")
-        torch.backends.cudnn.benchmark = "bench" in opts
-        r = asyncio.run(run_latency(build(decoder, "compile" in opts, dev, args.smoke), args.width, args.height,
-                                    args.latency))
-        r["variant"] = args.variants.split(",")[0]
-        print(json.dumps(r), flush=True)
-        if args.json:
-            Path(args.json).write_text(json.dumps(r, indent=1))
-        print(f"\n{'variant':<16} {'cold 1st s':>10} {'open->1st s':>11} {'prompt->chunk s':>15}")
-        print(f"{r['variant']:<16} {r['cold_first_chunk_s']:>10.2f} {r['open_first_chunk_s_median']:>11.3f} "
-              f"{r['prompt_to_chunk_s_median']:>15.3f}")
+        rows = []
+        for v in args.variants.split(","):
+            decoder, *opts = v.split("+")
+            torch.backends.cudnn.benchmark = "bench" in opts
+            # +seqrecache: the prompt switch re-caches chunk by chunk (one forward per chunk), not in one forward
+            SessionState.one_forward_recache = "seqrecache" not in opts
+            try:
+                r = asyncio.run(run_latency(build(decoder, "compile" in opts, dev, args.smoke), args.width,
+                                            args.height, args.latency))
+            finally:
+                SessionState.one_forward_recache = True
+            r["variant"] = v
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+        if args.json:  # one variant: its dict, as before; several: {"rows": [...]}
+            Path(args.json).write_text(json.dumps(rows[0] if len(rows) == 1 else {"rows": rows}, indent=1))
+        print(f"\n{'variant':<22} {'cold 1st s':>10} {'open->1st s':>11} {'prompt->chunk s':>15}")
+        for r in rows:
+            print(f"{r['variant']:<22} {r['cold_first_chunk_s']:>10.2f} {r['open_first_chunk_s_median']:>11.3f} "
+                  f"{r['prompt_to_chunk_s_median']:>15.3f}")
         return 0
     rows = []
     for v in args.variants.split(","):

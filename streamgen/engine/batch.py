@@ -28,10 +28,10 @@ __all__ = ["run_programs", "forward_calls", "Interrupted"]
 
 
 def forward_calls(model, calls: list[ModelCall]) -> list[torch.Tensor]:
-    """Outputs of ``calls`` (same key, distinct caches) from one forward."""
-    if len(calls) == 1:
-        c = calls[0]
-        return [model.forward_chunk(c.x, c.t, c.cache, start_frame=c.start, update_cache=c.update_cache)]
+    """Outputs of ``calls`` (same key, distinct caches) from one forward. A call with ``blocks`` (the
+    one-forward re-cache, whose key is its own) runs alone as ``forward_chunk(..., blocks=...)``."""
+    if len(calls) == 1 or any(c.blocks is not None for c in calls):
+        return [c.run(model) for c in calls]
     x = torch.cat([c.x for c in calls])  # (B, 16, f, h, w)
     t = torch.cat([c.t.reshape(-1).expand(c.cache.batch) for c in calls])  # (B,)
     y = model.forward_rows(x, t, [c.cache for c in calls], start_frames=[c.start for c in calls],

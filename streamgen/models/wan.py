@@ -45,6 +45,18 @@ dtype=None, device=None)``
     (t=0) with ``update_cache=True``. ``start_frame`` may not exceed ``frames_written``; a call
     that needs frames the window already evicted raises ``ValueError``. No host syncs.
 
+``model.forward_chunk(x, t, cache, *, start_frame, update_cache=True, blocks=(f1, f2, ...)) -> flow``
+    The calls ``forward_chunk`` of each block of ``f1``, ``f2``, ... consecutive frames (sum = f),
+    committed one after the other, as one forward (the prompt-switch re-cache: one forward instead of
+    one per chunk): norms, projections, FFN and head run over all tokens at once, every block's K/V
+    are written to the cache, then block j's queries attend to the cache up to the end of block j
+    (one prefix attention call per block: a block-causal mask without a mask). Needs
+    ``update_cache=True`` and blocks that each attend to a prefix of the cache that no later block
+    overwrites (always true right after ``reset_self_attn`` for frames that fit the cache), else
+    ``ValueError``; a KV store that reads back other values than were written (fp8/int8) has each
+    block's K/V replaced by their read-back values before the next block attends, as the sequential
+    calls would see them. ``WanModel.supports_blocks`` says a model (or wrapper) takes ``blocks``.
+
 ``model.forward_rows(x, t, caches, *, start_frames, update_cache) -> flow``
     ``forward_chunk`` of several caches as one batch (the engine's batched step): row group i of x
     is ``caches[i]``'s chunk at ``start_frames[i]``, committed when ``update_cache[i]``. Each row keeps
@@ -358,6 +370,8 @@ class _ChunkPlan:
     key_slots: list[tuple[int, int]] = field(default_factory=list)  # valid slot ranges (masked path)
     concat_chunk: bool = False  # masked path: chunk K/V not written, appended to the buffer
     commit: bool = False
+    # forward_chunk(blocks=...): per block (query token start, end, prefix keys, its writes (slot token start, n))
+    blocks: list[tuple[int, int, int, list[tuple[int, int]]]] = field(default_factory=list)
 
 
 class WanCache:
@@ -416,7 +430,8 @@ class WanCache:
         cshape = (cfg.num_layers, batch, cfg.text_len, cfg.num_heads, cfg.head_dim)
         # kv: a store that keeps the self-attention K/V elsewhere (streamgen.ops.kvcache: host memory,
         # fp8/int8); called (shape, dtype, device), it has .k/.v (its storage), load(layer) -> (kb, vb)
-        # in ``dtype`` on ``device`` and store(layer, plan, kb, vb) after the chunk's writes into kb/vb
+        # in ``dtype`` on ``device`` and store(layer, plan, kb, vb) after the chunk's writes into kb/vb;
+        # a lossy one also reread(layer, kb, vb, [(token start, n)]): those stored ranges back into kb/vb
         self._kv = None if kv is None else kv(shape, dtype, self.device)
         if self._kv is not None:
             self.k, self.v = self._kv.k, self._kv.v
@@ -516,6 +531,48 @@ class WanCache:
             plan.key_slots = self._frame_ranges_to_slots([(0, min(S, rs)), (max(lo, min(S, rs)), rs)])
         return plan
 
+    def _plan_call(self, start_frame: int, f: int, update_cache: bool, blocks) -> _ChunkPlan:
+        """The plan of ``forward_chunk(x of f frames, start_frame, update_cache, blocks)``."""
+        if blocks is not None:
+            blocks = tuple(int(n) for n in blocks)
+            if sum(blocks) != f or any(n < 1 for n in blocks):
+                raise ValueError(f"blocks={blocks} must be positive frame counts summing to the chunk's {f} frames")
+            if len(blocks) > 1:
+                return self._plan_blocks(start_frame, blocks, update_cache)
+        return self._plan(start_frame, f, update_cache)
+
+    def _plan_blocks(self, start_frame: int, blocks: tuple[int, ...], update_cache: bool) -> _ChunkPlan:
+        """One plan for ``forward_chunk(blocks=...)``: the plans of the committing calls of each block in
+        turn (the cache's bookkeeping left as it was), merged: all blocks' writes, the last block's
+        commit, and per block its queries' token range and prefix of keys. Raises ``ValueError`` where
+        one forward cannot equal the sequential calls (a block on the masked path, or a later block
+        writing into an earlier block's keys: a wrapped ring)."""
+        if not update_cache:
+            raise ValueError("forward_chunk(blocks=...) commits every block: it needs update_cache=True")
+        T = self.tokens_per_frame
+        saved = (self.frames_written, self._ring_end)
+        plans, s = [], int(start_frame)
+        try:
+            for n in blocks:
+                p = self._plan(s, n, True)
+                self._commit(p)
+                plans.append((s, p))
+                s += n
+        finally:
+            self.frames_written, self._ring_end = saved
+        for j, (_, p) in enumerate(plans):
+            if p.n_prefix_keys is None or any(dst < p.n_prefix_keys for _, q in plans[j + 1 :] for dst, _, _ in q.write):
+                raise ValueError(f"blocks {tuple(blocks)} at frame {start_frame}: block {j} cannot attend to a prefix "
+                                 "of the cache in one forward (masked path or a wrapped ring); run them one by one")
+        plan = _ChunkPlan(rel_start=plans[0][1].rel_start, rel_end=plans[-1][1].rel_end, write=[],
+                          n_prefix_keys=plans[-1][1].n_prefix_keys, commit=True)
+        for s, p in plans:
+            off = (s - int(start_frame)) * T  # the block's first token within the call's tokens
+            plan.write += [(dst, src + off, n) for dst, src, n in p.write]
+            plan.blocks.append((off, off + (p.rel_end - p.rel_start) * T, p.n_prefix_keys,
+                                [(dst, n) for dst, _, n in p.write]))
+        return plan
+
     def _frame_ranges_to_slots(self, ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
         T = self.tokens_per_frame
         runs = sorted((slot, slot + n) for a, b in ranges for slot, _, n in self._slot_runs(a, b))
@@ -547,6 +604,14 @@ class WanCache:
             vb[:, dst : dst + n] = v[:, src : src + n]
         if self._kv is not None:
             self._kv.store(layer, plan, kb, vb)
+        if plan.blocks:
+            reread = getattr(self._kv, "reread", None)  # a lossy store: later blocks see what it keeps
+            outs = []
+            for a, b, n, writes in plan.blocks:
+                outs.append(attn(q[:, a:b], kb[:, :n], vb[:, :n]))
+                if reread is not None:
+                    reread(layer, kb, vb, writes)
+            return torch.cat(outs, dim=1)
         if plan.n_prefix_keys is not None:
             n = plan.n_prefix_keys
             return attn(q, kb[:, :n], vb[:, :n])
@@ -578,6 +643,8 @@ class WanModel(nn.Module):
         self.blocks = nn.ModuleList(WanBlock(cfg) for _ in range(cfg.num_layers))
         self.head = WanHead(cfg)
         self.attention: AttnFn = sdpa  # every attention call; swapped by streamgen.ops.attention.use_backend
+
+    supports_blocks = True  # forward_chunk(..., blocks=...): several committed blocks in one forward
 
     # -- pieces shared by the full and the chunk forward
 
@@ -720,7 +787,9 @@ class WanModel(nn.Module):
         *,
         start_frame: int | None = None,
         update_cache: bool = False,
+        blocks: tuple[int, ...] | None = None,
     ) -> torch.Tensor:
+        """See the module docstring; ``blocks``: frame counts of consecutive committed blocks (sum = f)."""
         b, _, f, h, w = x.shape
         if (h, w) != cache.latent_hw or b != cache.batch:
             raise ValueError(
@@ -730,7 +799,7 @@ class WanModel(nn.Module):
             raise ValueError("no prompt in this cache: call model.set_prompt(cache, context) first")
         if start_frame is None:
             start_frame = cache.frames_written
-        plan = cache._plan(int(start_frame), f, update_cache)
+        plan = cache._plan_call(int(start_frame), f, update_cache, blocks)
         tokens, grid = self._patchify(x)
         e, e0 = self._time(t, b, f)
         rope = self._rope(grid, int(start_frame), x.device)

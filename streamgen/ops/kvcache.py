@@ -33,7 +33,10 @@ host-to-device copy out of that slot or into that host region waits for it. A te
 (``update_cache=False``, the denoising steps) lives in the slot only: ``WanModel`` rewrites a
 tentative range before it ever reads it again (the next call at that position writes first), so
 the host copy never needs it. Quantization follows the same rule: the chunk's own K/V are
-attended to in full precision while it is denoised and quantized once, when committed.
+attended to in full precision while it is denoised and quantized once, when committed. The
+one-forward re-cache (``forward_chunk(blocks=...)``: all blocks written, then committed together)
+writes back all its blocks at once; a quantized store's ``reread`` then gives each block the earlier
+blocks' K/V as dequantized from storage, as the sequential committing calls would have loaded them.
 
 On a CPU device the same code runs with plain copies, no streams or events (for tests): an
 offloaded fp32 cache gives bit for bit the video of a resident one (tests/test_kvcache.py). The CUDA
@@ -147,6 +150,8 @@ class KVStore:
         self.v = self._home[:, self._parts[1][3] : self._parts[1][3] + n_k].view(sdt).view(shape)
         self._home_views = [self._views(self._home[i]) for i in range(self.layers)]
         self.copies = self.misses = self.bytes_in = self.bytes_out = 0
+        if quant is None:
+            self.reread = None  # lossless: WanCache has nothing to read back (instance attribute shadows the method)
         self.num_slots = prefetch + 1 if offload else 0
         self.slots = [torch.zeros(self.region_bytes, dtype=torch.uint8, device=self.device) for _ in range(self.num_slots)]
         self._slot_views = [self._views(s) for s in self.slots]
@@ -260,6 +265,17 @@ class KVStore:
         if self._cuda:
             self._wb_slot[slot].record(self._wb_stream)
             self._wb_layer[layer].record(self._wb_stream)
+
+    def reread(self, layer: int, kb: torch.Tensor, vb: torch.Tensor, ranges: list[tuple[int, int]]) -> None:
+        """After ``store``: overwrite the token ranges ``[(start, n)]`` of ``kb``/``vb`` with what a later
+        ``load(layer)`` returns for them (their dequantized fp8/int8 values), so that a block of a
+        ``forward_chunk(blocks=...)`` call sees the earlier blocks' K/V as it would after their own
+        committing calls. None on an unquantized store (it keeps exactly what was written)."""
+        views = self._slot_views[self._current_slot] if self.offload else self._home_views[layer]
+        for dst, n in ranges:
+            for name, buf in (("k", kb), ("v", vb)):
+                buf[:, dst : dst + n] = dequantize_kv(views[name][:, dst : dst + n],
+                                                      views[name + "_scale"][:, dst : dst + n], self.dtype)
 
     def stats(self) -> dict:
         return {"offload": self.offload, "quant": self.quant, "layers": self.layers, "region_bytes": self.region_bytes,

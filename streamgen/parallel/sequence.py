@@ -133,11 +133,13 @@ class SequenceParallelWan(nn.Module):
         out = self.model.attention(q, cache.cross_k[layer], cache.cross_v[layer])
         return all_to_all_seq(out, self.world, self.group)
 
+    supports_blocks = True  # the one-forward re-cache: attention sees the whole sequence, as WanModel's
+
     @torch.no_grad()
     def forward_chunk(self, x: torch.Tensor, t, cache: WanCache, *, start_frame: int | None = None,
-                      update_cache: bool = False) -> torch.Tensor:
-        """``WanModel.forward_chunk`` over the ranks; every rank passes the same x and t and gets the
-        whole chunk's flow (B, 16, f, h, w) float32."""
+                      update_cache: bool = False, blocks: tuple[int, ...] | None = None) -> torch.Tensor:
+        """``WanModel.forward_chunk`` over the ranks (``blocks`` included); every rank passes the same x
+        and t and gets the whole chunk's flow (B, 16, f, h, w) float32."""
         m = self.model
         b, _, f, h, w = x.shape
         if (h, w) != cache.latent_hw or b != cache.batch:
@@ -146,7 +148,7 @@ class SequenceParallelWan(nn.Module):
             raise ValueError("no prompt in this cache: call set_prompt(cache, context) first")
         if start_frame is None:
             start_frame = cache.frames_written
-        plan = cache._plan(int(start_frame), f, update_cache)
+        plan = cache._plan_call(int(start_frame), f, update_cache, blocks)
         # 1. the whole chunk's embeddings, then this rank's tokens
         tokens, grid = m._patchify(x)  # (B, L, dim)
         e, e0 = m._time(t, b, f)  # (B, Fe, dim), (B, Fe, 6, dim)

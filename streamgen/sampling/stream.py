@@ -27,8 +27,11 @@ Prompt switch (LongLive KV re-cache): ``set_prompt(p)`` is queued and applied be
 chunk: the cross-attention K/V are recomputed for ``p``, the self-attention cache is reset and
 rebuilt by running the clean latents of the attention window (the last ``local_frames`` frames,
 which then also provide the new sink; all frames without a window) through the model at t = 0
-with ``update_cache=True``, chunk by chunk at their original positions and chunk boundaries,
-under the new prompt (``recache_chunks``).
+with ``update_cache=True`` at their original positions and chunk boundaries, under the new prompt
+(``recache_chunks``): as ONE forward over all of them, ``forward_chunk(..., blocks=chunk sizes)``
+(block-causal: each chunk's queries attend to the re-cached frames up to the end of that chunk,
+exactly as the chunk-by-chunk calls do), where the model has ``supports_blocks`` and
+``SessionState.one_forward_recache`` is on; else one committing forward per chunk.
 Generation then continues smoothly under ``p`` without a cut.
 
 Batching: ``chunk_program()`` is ``next_chunk()`` as a generator of ``ModelCall`` lists (the
@@ -121,17 +124,27 @@ class Chunk:
 class ModelCall:
     """One ``model.forward_chunk`` a chunk program asks for: x (B,16,f,h,w) at absolute frame
     ``start`` of ``cache``, timesteps t (B,). A driver may run it alone or batched with other
-    sessions' calls of the same shape (``WanModel.forward_rows``): the result is the same."""
+    sessions' calls of the same shape (``WanModel.forward_rows``): the result is the same.
+    ``blocks``: frame counts of consecutive committed blocks in x (``forward_chunk(blocks=...)``, the
+    one-forward re-cache); such a call runs alone, never batched with another."""
 
     x: torch.Tensor
     t: torch.Tensor
     cache: Any
     start: int
     update_cache: bool
+    blocks: tuple[int, ...] | None = None
 
     def key(self) -> tuple:
-        """Calls with equal keys can share one forward."""
-        return (tuple(self.x.shape[2:]), self.x.dtype, self.t.dtype)
+        """Calls with equal keys can share one forward (a call with blocks: none but itself)."""
+        alone = None if self.blocks is None else (self.blocks, id(self.cache))
+        return (tuple(self.x.shape[2:]), self.x.dtype, self.t.dtype, alone)
+
+    def run(self, model) -> torch.Tensor:
+        """This call as one ``model.forward_chunk``."""
+        kw = {} if self.blocks is None else {"blocks": self.blocks}
+        return model.forward_chunk(self.x, self.t, self.cache, start_frame=self.start, update_cache=self.update_cache,
+                                   **kw)
 
 
 # A chunk program: yields lists of ModelCalls (on distinct caches), is sent their outputs in order
@@ -143,8 +156,7 @@ def run_alone(model, program: Program):
     try:
         calls = next(program)
         while True:
-            outs = [model.forward_chunk(c.x, c.t, c.cache, start_frame=c.start, update_cache=c.update_cache)
-                    for c in calls]
+            outs = [c.run(model) for c in calls]
             calls = program.send(outs)
     except StopIteration as stop:
         return stop.value
@@ -171,7 +183,11 @@ class SessionState:
 
     ``next_chunk()`` runs the chunk alone; ``chunk_program()`` is the same chunk as a generator of
     model calls, so that a driver (the engine) can run the calls of many sessions as one batch.
+    ``one_forward_recache`` (class default True): a prompt switch re-caches the window in one
+    forward where the model ``supports_blocks``; False: one forward per re-cached chunk.
     """
+
+    one_forward_recache = True
 
     def __init__(self, model, prompt, *, height: int, width: int, config: StreamConfig | None = None,
                  text_encoder=None, decoder: Decoder | None = None, negative_prompt=None, image: torch.Tensor | None = None,
@@ -348,6 +364,12 @@ class SessionState:
             return
         chunks = self.recache_chunks()
         self.cache.reset_self_attn(chunks[0][0])
+        if len(chunks) > 1 and self.one_forward_recache and getattr(self.model, "supports_blocks", False):
+            # one forward, block-causal over the original chunks (they are consecutive: _history)
+            x0 = torch.cat([x for _, x in chunks], dim=2)  # (B, 16, sum f, h, w)
+            yield [ModelCall(x0, self._t_ctx, self.cache, chunks[0][0], True,
+                             blocks=tuple(x.shape[2] for _, x in chunks))]
+            return
         for start, x0 in chunks:
             yield [ModelCall(x0, self._t_ctx, self.cache, start, True)]
 
