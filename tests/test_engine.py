@@ -110,13 +110,15 @@ def _engine(tiny, **kw) -> Engine:
     return Engine(Pipeline(model=model, text_encoder=text, decoder=dec, rife=rife), settings).start()
 
 
-@pytest.mark.parametrize("warmup", [False, True])
+@pytest.mark.parametrize("warmup", [False, True, "switch"])
 async def test_two_interleaved_sessions_equal_their_direct_computation(tiny, warmup, caplog):
-    """Also with warm-up streams run first, one per frame size (serve --warmup-sizes): they must
-    leave no trace (RNG, caches, stats)."""
+    """Also with warm-up streams run first, one per frame size (serve --warmup-sizes), with a
+    prompt switch once the window is full (the default on CUDA): they must leave no trace (RNG,
+    caches, stats)."""
     sizes = ((64, 64), (96, 64))
     caplog.set_level(logging.INFO, logger="streamgen.engine.core")
-    eng = _engine(tiny, warmup=tuple(GenRequest("warm-up", w, h, seed=9) for w, h in sizes) if warmup else None)
+    eng = _engine(tiny, warmup=tuple(GenRequest("warm-up", w, h, seed=9) for w, h in sizes) if warmup else None,
+                  warmup_switch=warmup == "switch")
     try:
         a_req = GenRequest("a fox in the snow", 64, 64, seed=3)
         b_req = GenRequest("a city at night", 96, 64, seed=4)
@@ -139,6 +141,7 @@ async def test_two_interleaved_sessions_equal_their_direct_computation(tiny, war
     warmed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("engine warm-up:")]
     assert len(warmed) == (2 if warmup else 0), warmed
     assert all(f"at {w}x{h} " in m for (w, h), m in zip(sizes, warmed)), warmed
+    assert all(("and a prompt switch" in m) == (warmup == "switch") for m in warmed), warmed
 
 
 async def test_prompt_switch_and_interpolation_match_direct(tiny):

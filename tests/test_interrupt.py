@@ -134,3 +134,22 @@ async def test_no_interrupt_when_turned_off(tiny, monkeypatch):
     d.step(b)
     monkeypatch.undo()
     assert d.eng.stats["interrupted"] == 0 and d.eng.stats["chunks"] == 2
+
+
+async def test_the_same_prompt_again_does_not_interrupt(tiny, monkeypatch):
+    d = _Driver(tiny)
+    b = d.open(GenRequest("a city at night", 64, 64, seed=4))
+    d.step(b)
+    model = tiny[0]
+    real = model.forward_chunk
+
+    def forward_chunk(*args, **kw):
+        d.eng._handles[b].set_prompt("a city at night")  # what it already streams
+        return real(*args, **kw)
+
+    monkeypatch.setattr(model, "forward_chunk", forward_chunk)
+    d.step(b)
+    monkeypatch.undo()
+    assert d.eng.stats["interrupted"] == 0 and d.eng.stats["chunks"] == 2
+    _drain(d)
+    assert not d.eng._new_prompt

@@ -8,8 +8,9 @@ calls, groups the pending calls of all sessions by shape (``ModelCall.key``: chu
 size, dtypes), runs each group as one ``WanModel.forward_rows`` (each row on its own cache slot, at
 its own position, with its own valid length) and sends the outputs back, until every program has
 returned. Sessions in step (same chunk shape, the usual case) share every forward; one that is not
-(re-caching after a prompt switch, an image start's one-frame pass, a trimmed re-cache chunk) joins
-a group of the same shape where there is one and runs alone where there is none.
+(an image start's one-frame pass) joins a group of the same shape where there is one and runs alone
+where there is none. A prompt switch's re-cache (one forward over the whole window, ``ModelCall.blocks``)
+always runs alone.
 
 A program that raises gets its exception as its result; the others go on. A batched forward that
 raises is retried call by call, so one session's bad call fails that session only (nothing is

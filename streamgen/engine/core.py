@@ -141,6 +141,7 @@ class EngineSettings:
     negative_prompt: str | None = None
     limits: Limits = DEFAULT_LIMITS
     warmup: GenRequest | tuple[GenRequest, ...] | None = None  # throwaway sessions run once when the busy loop starts
+    warmup_switch: bool | None = None  # the warm-up also fills the window and switches prompt (None: on CUDA)
     # batching and admission (see the module docstring)
     max_batch: int = 8  # sessions in one step's batch
     cache_memory: int | None = None  # bytes of the KV cache pool; None: unbounded on the CPU, on CUDA
@@ -265,7 +266,7 @@ class Engine:
         self._stop = threading.Event()
         self.stats = {"chunks": 0, "frames": 0, "busy_s": 0.0, "errors": 0, "steps": 0, "forwards": 0, "rows": 0,
                       "interrupted": 0}
-        self._new_prompt: set[int] = set()  # sessions with a prompt command not yet applied (any thread adds)
+        self._new_prompt: dict[int, str] = {}  # sid -> its latest prompt command not yet applied (any thread sets)
         self.lags: dict[str, float] = {}  # session name -> seconds behind real time (busy thread writes)
         self._lag_by_sid: dict[int, float] = {}
 
@@ -441,7 +442,7 @@ class Engine:
 
     def _command(self, kind: str, sid: int, arg: Any = None) -> None:
         if kind == "prompt":
-            self._new_prompt.add(sid)  # before the command: the busy thread discards it when applying it
+            self._new_prompt[sid] = arg  # before the command: the busy thread removes it when applying it
         self._cmds.put((kind, sid, arg))
 
     # -- busy loop (engine thread only) ----------------------------------------------------------
@@ -492,7 +493,8 @@ class Engine:
         elif kind == "request":
             self.scheduler.requested(sid)
         elif kind == "prompt":  # coalesced: a flood of prompts costs one text encoding per chunk
-            self._new_prompt.discard(sid)
+            if self._new_prompt.get(sid) == arg:  # (a later prompt may be queued behind this one)
+                self._new_prompt.pop(sid, None)
             self._sessions[sid].pending_prompt = arg
         elif kind in ("pause", "resume"):
             self.scheduler.set_paused(sid, kind == "pause")
@@ -540,20 +542,31 @@ class Engine:
     def _warmup(self, req: GenRequest, chunks: int = 2) -> None:
         """Run a throwaway session so that kernel loading, cuDNN autotuning and compilation happen
         before the first viewer arrives (the first chunk on a cold H100 takes seconds, later ones < 1 s).
-        Settings were validated when the engine was built, so a failure here is a bug: it is logged
-        with its traceback and the engine goes on."""
+        On CUDA it also streams until the attention window is full and switches the prompt once, so
+        the re-cache's one forward over the whole window (a shape no chunk has) is not first met by
+        a viewer's prompt change. Settings were validated when the engine was built, so a failure
+        here is a bug: it is logged with its traceback and the engine goes on."""
         t0 = time.perf_counter()
+        s = self.settings
+        on = s.warmup_switch if s.warmup_switch is not None else torch.device(self.pipeline.device).type == "cuda"
+        switch = on and bool(s.local_frames)
+        if switch:
+            fpc = s.frames_per_chunk or self.pipeline.model.cfg.frames_per_chunk
+            chunks = max(chunks, -(-s.local_frames // fpc))
         try:
             es = self._make_session(req)
             for _ in range(chunks):
+                out = self._compute(es)
+            if switch:
+                es.pending_prompt = req.prompt + " (switched)"
                 out = self._compute(es)
             if out.ready is not None:
                 out.ready.synchronize()
         except Exception:  # noqa: BLE001 - the first viewer then pays the warm-up time
             log.exception("engine warm-up failed")
             return
-        log.info("engine warm-up: %d chunks at %dx%d in %.1f s", chunks, req.width, req.height,
-                 time.perf_counter() - t0)
+        log.info("engine warm-up: %d chunks%s at %dx%d in %.1f s", chunks, " and a prompt switch" if switch else "",
+                 req.width, req.height, time.perf_counter() - t0)
 
     def _interpolator(self, factor: int):
         from streamgen.media.interpolate import Interpolator
@@ -567,7 +580,7 @@ class Engine:
         """One chunk for each session of ``sids``, their model calls batched (engine.batch)."""
         t0 = time.perf_counter()
         programs = {sid: self._program(self._sessions[sid]) for sid in sids}
-        interrupt = self._new_prompt.__contains__ if self.settings.interrupt_on_prompt else None
+        interrupt = self._prompt_changes if self.settings.interrupt_on_prompt else None
         results = run_programs(self.pipeline.model, programs, self.stats, interrupt=interrupt)
         self.stats["steps"] += 1
         self.stats["busy_s"] += time.perf_counter() - t0
@@ -593,6 +606,11 @@ class Engine:
                     handle._deliver(None)
                     self._drop(sid, keep_handle=True)
         self._update_lags()
+
+    def _prompt_changes(self, sid: int) -> bool:
+        """A prompt other than the session's own arrived (run_programs' interrupt; busy thread)."""
+        new = self._new_prompt.get(sid)
+        return new is not None and new != self._sessions[sid].state.prompt
 
     def _update_lags(self) -> None:
         by_sid = {sid: lag for sid, lag in self.scheduler.lags().items() if sid in self._sessions}
@@ -649,7 +667,7 @@ class Engine:
         """Forget a session: its state, its schedule and its pool range (freed now; the queue's head
         may then be admitted)."""
         self._sessions.pop(sid, None)
-        self._new_prompt.discard(sid)
+        self._new_prompt.pop(sid, None)
         self.scheduler.remove(sid)
         self._update_lags()
         with self._lock:
