@@ -199,7 +199,7 @@ async def run_latency(pipeline: Pipeline, width: int, height: int, samples: int)
     prompt change -> the first chunk made under the new prompt (both as the engine delivers them;
     the H.264 encode, the network and the player come on top)."""
     engine = Engine(pipeline, EngineSettings(local_frames=12, sink_frames=3)).start()
-    out = {"open_first_chunk_s": [], "prompt_to_chunk_s": []}
+    out = {"open_first_chunk_s": [], "prompt_to_chunk_s": [], "prompt_mid_chunk_to_chunk_s": []}
     try:
         for k in range(samples + 1):
             t0 = time.perf_counter()
@@ -222,10 +222,22 @@ async def run_latency(pipeline: Pipeline, width: int, height: int, samples: int)
                     break
             if k > 0:
                 out["prompt_to_chunk_s"].append(time.perf_counter() - t1)
+            # a prompt typed while a chunk is being made (0.2 s into it): that chunk is abandoned
+            await asyncio.sleep(chunk_s)
+            pending = asyncio.ensure_future(h.get())
+            await asyncio.sleep(0.2)
+            t2 = time.perf_counter()
+            h.set_prompt(f"a green parrot {k}")
+            await pending
+            while not h.last_switched:
+                await h.get()
+            if k > 0:
+                out["prompt_mid_chunk_to_chunk_s"].append(time.perf_counter() - t2)
             h.cancel()
+        out["interrupted"] = engine.stats["interrupted"]
     finally:
         engine.close()
-    for key in ("open_first_chunk_s", "prompt_to_chunk_s"):
+    for key in ("open_first_chunk_s", "prompt_to_chunk_s", "prompt_mid_chunk_to_chunk_s"):
         out[key + "_median"] = statistics.median(out[key])
     return out
 
