@@ -302,9 +302,14 @@ async def test_status_names_the_first_fragment_of_a_new_prompt(server):
     k = seqs[-1]
     frag = next(m for m in got if isinstance(m, P.Fragment) and m.seq == k)
     with av.open(io.BytesIO(init.data + frag.data)) as cont:
-        img = next(cont.decode(video=0)).to_ndarray(format="rgb24")
-    corner = img[-6:, :6].reshape(-1, 3).mean(0)
-    assert np.abs(corner - np.array(prompt_color("after"))).max() < 24, corner
+        img = next(cont.decode(video=0)).to_ndarray(format="rgb24").astype(np.int16)
+
+    def share(colour) -> float:  # of the frame's pixels near a background colour
+        return float((np.abs(img - np.array(colour)).max(-1) < 24).mean())
+
+    # the background (most of the frame; moving bars and a square cross it) is the new prompt's
+    assert share(prompt_color("after")) > 0.4 and share(prompt_color("before")) < 0.02, \
+        (share(prompt_color("after")), share(prompt_color("before")))
     await c.close()
 
 
@@ -351,3 +356,55 @@ async def test_watch_prints_the_prompt_latency(server, tmp_path):
                   stdout.decode())
     assert m, stdout.decode()
     assert 0 < int(m.group(1)) < 5000
+
+
+async def test_a_chunk_is_encoded_while_the_next_one_is_made():
+    """The producer overlaps the encoder with the source: chunk k+1 is asked for before chunk k's
+    encode has finished, and the fragments still reach the log in order, each decodable."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import av
+
+    from types import SimpleNamespace as NS
+
+    from streamgen.media.encode import FMP4Encoder
+    from streamgen.server.app import _describe_metrics
+    from streamgen.server.metrics import Metrics
+    from streamgen.server.sessions import Session, SessionLimits
+    from streamgen.server.sources import TestPatternSource
+
+    events: list[tuple[str, int]] = []
+    lock = threading.Lock()
+
+    class Source(TestPatternSource):
+        async def next_chunk(self):
+            with lock:
+                events.append(("ask", self._next // self.frames_per_chunk))
+            return await super().next_chunk()
+
+    class SlowEncoder(FMP4Encoder):  # the real encoder, 0.2 s slower (as x264 on noise at 832x480)
+        def encode_chunk(self, frames):
+            frag = super().encode_chunk(frames)
+            time.sleep(0.2)
+            with lock:
+                events.append(("encoded", frag.seq))
+            return frag
+
+    with ThreadPoolExecutor(4) as pool:
+        src = Source(64, 48, FPS, FPC, "red", executor=pool, delay_s=0.02)
+        enc = SlowEncoder(64, 48, FPS)
+        metrics = Metrics()  # the server's series
+        _describe_metrics(metrics, NS(registry=NS(sessions={}), sockets=[], factory=NS(describe_metrics=lambda m: None)))
+        s = Session(source=src, encoder=enc, metrics=metrics, executor=pool, client="test",
+                    limits=SessionLimits(max_lead_s=None), chunks=4, lead=None)
+        s.start()
+        await s.producer
+        assert s.ended == "done" and s.errors == 0
+        frags = [s.log.get(k).fragment for k in range(4)]
+        await s.aclose()
+    assert [f.seq for f in frags] == [0, 1, 2, 3]
+    for k in range(3):  # chunk k+1 asked for before chunk k was encoded
+        assert events.index(("ask", k + 1)) < events.index(("encoded", k)), events
+    with av.open(io.BytesIO(enc.init_segment + b"".join(f.data for f in frags))) as cont:
+        assert sum(1 for _ in cont.decode(video=0)) == 4 * FPC

@@ -7,7 +7,8 @@ against the per-server and per-client limits, the frame source from the factory,
 the pool) and holds them until they close. A :class:`Session` owns one
 :class:`~streamgen.server.sources.FrameSource` and one
 :class:`~streamgen.media.encode.FMP4Encoder`. Its producer task pulls chunks from the source,
-encodes them in the shared encoder pool (never on the event loop) and appends each fragment
+encodes them in the shared encoder pool (never on the event loop; chunk k's encode runs while
+chunk k+1 is being made) and appends each fragment
 (as a protocol ``Fragment`` message) to the session's :class:`FragmentLog`: a ring bounded
 by fragment count and bytes, indexed by seq, so a reconnecting client can ``attach`` and be
 replayed everything still held from ``from_seq`` on.
@@ -269,6 +270,8 @@ class Session:
         self.ended: str | None = None  # end reason once the producer is done
         self.generated_frames = 0
         self.generated_s = 0.0  # media seconds produced
+        self._unpublished_s = 0.0  # media seconds made but still being encoded (they count for the pace)
+        self._encoding: asyncio.Future | None = None  # the encode in the encoder pool (aclose waits for it)
         self.gen_time = 0.0  # wall seconds spent in source + encoder
         self.gen_fps = 0.0  # recent generation speed (frames per wall second, EMA)
         self.errors = 0
@@ -363,6 +366,8 @@ class Session:
             await self.source.aclose()
         finally:
             try:
+                if self._encoding is not None:  # never close the encoder under a running encode
+                    await asyncio.gather(self._encoding, return_exceptions=True)
                 await asyncio.get_running_loop().run_in_executor(self.executor, self.encoder.close)
             finally:
                 if self._on_closed is not None:
@@ -454,7 +459,7 @@ class Session:
         return time.monotonic() - self._t_first
 
     def lead_s(self) -> float:
-        return self.generated_s - self.viewer_position()
+        return self.generated_s + self._unpublished_s - self.viewer_position()
 
     def status_message(self, **fields: Any) -> P.Status:
         """Status now; ``fields`` adds the per-subscriber ``queue`` / ``dropped`` counts."""
@@ -489,58 +494,87 @@ class Session:
     # -- producer ----------------------------------------------------------------------------------
 
     async def _produce(self) -> None:
-        loop = asyncio.get_running_loop()
-        m = self.metrics
+        """Chunks from the source, each encoded while the next one is being made (the encoder and
+        the engine overlap; fragments still go to the log in order)."""
+        publishing: asyncio.Task | None = None  # the previous chunk's encode + publish
         try:
             seq = 0
-            while self.chunks is None or seq < self.chunks:
-                await self._wait_for_pace()
-                t0 = time.perf_counter()
-                frames = await self.source.next_chunk()
-                t1 = time.perf_counter()
-                frag = await loop.run_in_executor(self.executor, self.encoder.encode_chunk, frames)
-                t2 = time.perf_counter()
-                del frames
-                self.log.append(LogEntry(frag.seq, frag, P.Fragment(
-                    seq=frag.seq, data=frag.data, pts=frag.pts, duration=frag.duration, frames=frag.frames,
-                    keyframe=frag.keyframe)))
-                switched = self._prompt_pending and self.source.switched
-                now = time.monotonic()
-                if switched:
-                    self._prompt_pending, self.prompt_seq = False, frag.seq
-                    m.observe("prompt_switch_seconds", now - self._t_prompt)
-                for sub in self.subscribers:
-                    sub.wake()
-                if self._t_first is None:
-                    self._t_first = now
-                    m.observe("time_to_first_fragment_seconds", now - self._t_start)
-                seq += 1
-                self.generated_frames += frag.frames
-                self.generated_s = frag.pts + frag.duration
-                self.gen_time += t2 - t0
-                inst = frag.frames / max(t2 - t0, 1e-6)
-                self.gen_fps = inst if self.gen_fps == 0 else 0.7 * self.gen_fps + 0.3 * inst
-                m.inc("fragments_generated_total")
-                m.inc("frames_generated_total", frag.frames)
-                m.inc("generate_seconds_total", t1 - t0)
-                m.inc("encode_seconds_total", t2 - t1)
-                m.observe("chunk_seconds", t2 - t0)
-                m.inc("fragment_bytes_total", len(frag.data))
-                if switched or time.monotonic() - self._last_status >= self.limits.status_interval_s or seq == 1:
-                    self._broadcast_status()
-            self._finish("done")
-        except EOFError:  # the source made its last chunk
+            try:
+                while self.chunks is None or seq < self.chunks:
+                    await self._wait_for_pace()
+                    t0 = time.perf_counter()
+                    frames = await self.source.next_chunk()
+                    t1 = time.perf_counter()
+                    # read at once: a later prompt sets _prompt_pending again for *its* chunk
+                    switched = self._prompt_pending and self.source.switched
+                    if switched:
+                        self._prompt_pending = False
+                    media_s = frames.shape[0] / float(self.encoder.fps)
+                    self._unpublished_s += media_s  # counts for the pace from now (lead_s)
+                    if publishing is not None:
+                        await publishing  # in order; raises its encode's error
+                    publishing = asyncio.ensure_future(self._publish(frames, switched, media_s, t0, t1))
+                    del frames
+                    seq += 1
+            except EOFError:  # the source made its last chunk
+                pass
+            if publishing is not None:
+                await publishing
             self._finish("done")
         except Exception as e:
             if not isinstance(e, GenerationError):  # those the engine logged (once, with this session's id)
                 log.error("session %s: generation failed", self.id, exc_info=e)
             self.errors += 1
-            m.inc("errors_total", code="generation_failed")
+            self.metrics.inc("errors_total", code="generation_failed")
             msg = P.Error(code="generation_failed", fatal=False,
                           message=f"generation failed: {type(e).__name__}: {e}"[:1000])
             for sub in self.subscribers:
                 sub.push_control(msg)
             self._finish("error")
+        finally:
+            if publishing is not None and not publishing.done():
+                publishing.cancel()  # aclose waits for an encode already in its thread (_encoding)
+
+    async def _publish(self, frames: Any, switched: bool, media_s: float, t0: float, t1: float) -> None:
+        """Encode one chunk (in the encoder pool) and append its fragment to the log."""
+        m = self.metrics
+        t_enc = time.perf_counter()
+        job = self._encoding = asyncio.get_running_loop().run_in_executor(self.executor, self.encoder.encode_chunk,
+                                                                          frames)
+        try:
+            frag = await asyncio.shield(job)
+        finally:
+            self._unpublished_s -= media_s
+        t2 = time.perf_counter()
+        del frames
+        self.log.append(LogEntry(frag.seq, frag, P.Fragment(
+            seq=frag.seq, data=frag.data, pts=frag.pts, duration=frag.duration, frames=frag.frames,
+            keyframe=frag.keyframe)))
+        now = time.monotonic()
+        if switched:
+            self.prompt_seq = frag.seq
+            m.observe("prompt_switch_seconds", now - self._t_prompt)
+        for sub in self.subscribers:
+            sub.wake()
+        if self._t_first is None:
+            self._t_first = now
+            m.observe("time_to_first_fragment_seconds", now - self._t_start)
+        self.generated_frames += frag.frames
+        self.generated_s = frag.pts + frag.duration
+        # generation and encode overlap (this chunk's encode runs during the next one's generation),
+        # so the stream's pace is set by the slower of the two stages
+        busy = max(t1 - t0, t2 - t_enc)
+        self.gen_time += busy
+        inst = frag.frames / max(busy, 1e-6)
+        self.gen_fps = inst if self.gen_fps == 0 else 0.7 * self.gen_fps + 0.3 * inst
+        m.inc("fragments_generated_total")
+        m.inc("frames_generated_total", frag.frames)
+        m.inc("generate_seconds_total", t1 - t0)
+        m.inc("encode_seconds_total", t2 - t_enc)
+        m.observe("chunk_seconds", t2 - t0)  # asked for -> its fragment in the log
+        m.inc("fragment_bytes_total", len(frag.data))
+        if switched or time.monotonic() - self._last_status >= self.limits.status_interval_s or frag.seq == 0:
+            self._broadcast_status()
 
 
 def new_session_id() -> str:
