@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 import tempfile
 
 import pytest
@@ -24,6 +23,8 @@ from streamgen.models.wan import WanConfig, WanModel
 from streamgen.ops.kvcache import kv_cache
 from streamgen.ops.offload import offload
 from streamgen.sampling.stream import SessionState, StreamConfig
+
+from test_parallel import _free_port  # noqa: E402
 
 SIZE = 64  # 8x8 latent, 16 tokens a frame (48: 6x6 latent, 9 tokens a frame, see below)
 # max |one forward - sequential| / max |sequential|. Measured on the 2-core CPU: 0 at 64x64 (every
@@ -296,12 +297,6 @@ def _sp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_sequence_parallel_recache_in_one_forward():
