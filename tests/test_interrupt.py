@@ -153,3 +153,30 @@ async def test_the_same_prompt_again_does_not_interrupt(tiny, monkeypatch):
     assert d.eng.stats["interrupted"] == 0 and d.eng.stats["chunks"] == 2
     _drain(d)
     assert not d.eng._new_prompt
+
+
+async def test_a_cancelled_session_abandons_its_chunk_at_once(tiny, monkeypatch):
+    """Nobody will take a cancelled session's chunk: the step drops it at the next forward, so the
+    sessions in its batch (and the next open) do not wait for it; its pool range is freed."""
+    d, a, b = _two_sessions(tiny, interrupt_on_prompt=False)  # cancelling does not depend on it
+    model = tiny[0]
+    calls = {"n": 0}
+    real = model.forward_rows
+
+    def forward_rows(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            d.eng._handles[b].cancel()  # the viewer leaves during the second denoising step
+        return real(*args, **kw)
+
+    monkeypatch.setattr(model, "forward_rows", forward_rows)
+    n0 = dict(d.eng.stats)
+    held0 = d.eng.pool.sessions
+    assert d.step(a, b) == [a, b]
+    monkeypatch.undo()
+    assert d.eng.stats["interrupted"] - n0["interrupted"] == 1 and d.eng.stats["chunks"] - n0["chunks"] == 1
+    # b's remaining calls never ran: a ran its own 4 steps + cache pass, b stopped after its second
+    assert d.eng.stats["rows"] - n0["rows"] == 5 + 2
+    _drain(d)
+    assert b not in d.eng._sessions and not d.eng._cancelling and d.eng.pool.sessions == held0 - 1
+    assert [s.sid for s in d.eng.scheduler.next_batch()] == []  # a was served; nothing else is due

@@ -19,7 +19,8 @@ is dropped at once. A prompt command also marks its session (``_new_prompt``, re
 thread between forwards): a chunk of the old prompt still in its denoising steps is abandoned there
 (``batch.run_programs``' interrupt: nothing of it is committed, the session stays due), so the
 new prompt's re-cache and first chunk start at once instead of after it
-(``EngineSettings.interrupt_on_prompt``). When the loop ends (``close()``) every handle still waiting gets an
+(``EngineSettings.interrupt_on_prompt``); a cancel command marks it too (``_cancelling``), and a
+cancelled session's chunk is abandoned the same way, so its batch and the next open do not wait. When the loop ends (``close()``) every handle still waiting gets an
 EngineError, and ``open()`` refuses new streams, so no awaiting coroutine is left hanging.
 
 Threads: ``_handles`` is shared by both sides and guarded by ``_lock``; every other piece of
@@ -267,6 +268,7 @@ class Engine:
         self.stats = {"chunks": 0, "frames": 0, "busy_s": 0.0, "errors": 0, "steps": 0, "forwards": 0, "rows": 0,
                       "interrupted": 0}
         self._new_prompt: dict[int, str] = {}  # sid -> its latest prompt command not yet applied (any thread sets)
+        self._cancelling: set[int] = set()  # sessions with a cancel command not yet applied (any thread adds)
         self.lags: dict[str, float] = {}  # session name -> seconds behind real time (busy thread writes)
         self._lag_by_sid: dict[int, float] = {}
 
@@ -443,6 +445,8 @@ class Engine:
     def _command(self, kind: str, sid: int, arg: Any = None) -> None:
         if kind == "prompt":
             self._new_prompt[sid] = arg  # before the command: the busy thread removes it when applying it
+        elif kind == "cancel":
+            self._cancelling.add(sid)  # its chunk in progress is abandoned at the next forward
         self._cmds.put((kind, sid, arg))
 
     # -- busy loop (engine thread only) ----------------------------------------------------------
@@ -580,7 +584,7 @@ class Engine:
         """One chunk for each session of ``sids``, their model calls batched (engine.batch)."""
         t0 = time.perf_counter()
         programs = {sid: self._program(self._sessions[sid]) for sid in sids}
-        interrupt = self._prompt_changes if self.settings.interrupt_on_prompt else None
+        interrupt = self._interrupt
         results = run_programs(self.pipeline.model, programs, self.stats, interrupt=interrupt)
         self.stats["steps"] += 1
         self.stats["busy_s"] += time.perf_counter() - t0
@@ -607,9 +611,13 @@ class Engine:
                     self._drop(sid, keep_handle=True)
         self._update_lags()
 
-    def _prompt_changes(self, sid: int) -> bool:
-        """A prompt other than the session's own arrived (run_programs' interrupt; busy thread)."""
-        new = self._new_prompt.get(sid)
+    def _interrupt(self, sid: int) -> bool:
+        """run_programs' interrupt (busy thread): the session was cancelled (nobody will take the
+        chunk: the other sessions and the next open need not wait for it), or, with
+        ``interrupt_on_prompt``, a prompt other than its own arrived."""
+        if sid in self._cancelling:
+            return True
+        new = self._new_prompt.get(sid) if self.settings.interrupt_on_prompt else None
         return new is not None and new != self._sessions[sid].state.prompt
 
     def _update_lags(self) -> None:
@@ -668,6 +676,7 @@ class Engine:
         may then be admitted)."""
         self._sessions.pop(sid, None)
         self._new_prompt.pop(sid, None)
+        self._cancelling.discard(sid)
         self.scheduler.remove(sid)
         self._update_lags()
         with self._lock:
