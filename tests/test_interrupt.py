@@ -180,3 +180,54 @@ async def test_a_cancelled_session_abandons_its_chunk_at_once(tiny, monkeypatch)
     _drain(d)
     assert b not in d.eng._sessions and not d.eng._cancelling and d.eng.pool.sessions == held0 - 1
     assert [s.sid for s in d.eng.scheduler.next_batch()] == []  # a was served; nothing else is due
+
+
+async def test_a_prompt_that_asks_to_keep_the_chunk_does_not_interrupt(tiny, monkeypatch):
+    """``set_prompt(abandon=False)`` (the server's choice when its viewer's buffer would run dry
+    first): the old prompt's chunk finishes, the new prompt starts at the next one."""
+    d = _Driver(tiny)
+    b = d.open(GenRequest("a city at night", 64, 64, seed=4))
+    d.step(b)
+    model = tiny[0]
+    real = model.forward_chunk
+
+    def forward_chunk(*args, **kw):
+        d.eng._handles[b].set_prompt("rain", abandon=False)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(model, "forward_chunk", forward_chunk)
+    d.step(b)
+    monkeypatch.undo()
+    assert d.eng.stats["interrupted"] == 0 and d.eng.stats["chunks"] == 2
+    _drain(d)
+    d.step(b)
+    assert [c.switched for c in await _chunks(d, b)] == [False, False, True]
+
+
+def test_the_server_abandons_the_old_chunk_only_when_the_viewer_can_wait():
+    """Session.can_abandon: a prompt change drops the old prompt's chunk in progress only if what
+    the viewer has ahead outlasts the expected wait for the new prompt's first fragment (else that
+    chunk bridges the wait: no stall); unpaced or before any chunk, always."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from streamgen.media.encode import FMP4Encoder
+    from streamgen.server.metrics import Metrics
+    from streamgen.server.sessions import Session, SessionLimits
+    from streamgen.server.sources import TestPatternSource
+
+    with ThreadPoolExecutor(1) as pool:
+        def session(lead):
+            return Session(source=TestPatternSource(64, 48, 16, 4, "red", executor=pool),
+                           encoder=FMP4Encoder(64, 48, 16), metrics=Metrics(), executor=pool, client="t",
+                           limits=SessionLimits(), lead=lead)
+
+        s = session(0.75)
+        assert s.switch_estimate_s() is None and s.can_abandon()  # nothing made yet
+        s._chunk_s = 0.3  # a chunk takes 0.3 s here: a switch is expected to take 0.6 s
+        s.generated_s = 1.0  # 1.0 s ahead of a viewer at 0 (no acks yet, no first fragment)
+        assert s.switch_estimate_s() == 0.6 and s.can_abandon()
+        s.generated_s = 0.4  # the viewer would stall for 0.2 s: keep the old chunk
+        assert not s.can_abandon()
+        s._switch_s = 0.35  # switches measured faster than the estimate
+        assert s.can_abandon()
+        assert session(None).can_abandon()  # unpaced

@@ -216,8 +216,10 @@ class SessionHandle:
             await asyncio.get_running_loop().run_in_executor(None, item.ready.synchronize)
         return item.frames.numpy()
 
-    def set_prompt(self, prompt: str) -> None:
-        self._engine._command("prompt", self.sid, prompt)
+    def set_prompt(self, prompt: str, *, abandon: bool = True) -> None:
+        """From the next chunk on. ``abandon`` (with ``interrupt_on_prompt``): the old prompt's chunk
+        in progress may be dropped; False lets it finish (its viewer needs it to bridge the wait)."""
+        self._engine._command("prompt", self.sid, prompt, interrupt=abandon)
 
     def pause(self) -> None:
         self._engine._command("pause", self.sid)
@@ -442,9 +444,11 @@ class Engine:
             except RuntimeError:  # the loop is closed
                 pass
 
-    def _command(self, kind: str, sid: int, arg: Any = None) -> None:
-        if kind == "prompt":
+    def _command(self, kind: str, sid: int, arg: Any = None, *, interrupt: bool = True) -> None:
+        if kind == "prompt" and interrupt:
             self._new_prompt[sid] = arg  # before the command: the busy thread removes it when applying it
+        elif kind == "prompt":
+            self._new_prompt.pop(sid, None)  # the latest prompt asks to keep the chunk in progress
         elif kind == "cancel":
             self._cancelling.add(sid)  # its chunk in progress is abandoned at the next forward
         self._cmds.put((kind, sid, arg))

@@ -66,7 +66,7 @@ class RaySource(FrameSource):
     def lag_s(self) -> float | None:
         return self._lag
 
-    def set_prompt(self, prompt: str) -> None:
+    def set_prompt(self, prompt: str, *, abandon: bool = True) -> None:  # the worker's engine always abandons
         self._pool.control(self.sid, "prompt", prompt)
 
     def pause(self) -> None:

@@ -271,6 +271,8 @@ class Session:
         self.generated_frames = 0
         self.generated_s = 0.0  # media seconds produced
         self._unpublished_s = 0.0  # media seconds made but still being encoded (they count for the pace)
+        self._chunk_s: float | None = None  # recent wall seconds a chunk took (asked -> in the log), EMA
+        self._switch_s: float | None = None  # recent prompt change -> its first fragment in the log, EMA
         self._encoding: asyncio.Future | None = None  # the encode in the encoder pool (aclose waits for it)
         self.gen_time = 0.0  # wall seconds spent in source + encoder
         self.gen_fps = 0.0  # recent generation speed (frames per wall second, EMA)
@@ -304,7 +306,7 @@ class Session:
         self.producer = asyncio.create_task(self._produce(), name=f"producer-{self.id}")
 
     def set_prompt(self, prompt: str) -> None:
-        self.source.set_prompt(prompt)
+        self.source.set_prompt(prompt, abandon=self.can_abandon())
         self._prompt_pending = True
         self._t_prompt = time.monotonic()
         self._pace.notify()  # the chunk under the new prompt is not held to the pace (_wait_for_pace)
@@ -458,6 +460,21 @@ class Session:
             return 0.0
         return time.monotonic() - self._t_first
 
+    def switch_estimate_s(self) -> float | None:
+        """How long a prompt change takes to its first fragment here: the mean of this session's
+        last ones, else twice a chunk (the re-cache costs about a chunk); None before any chunk."""
+        if self._switch_s is not None:
+            return self._switch_s
+        return None if self._chunk_s is None else 2 * self._chunk_s
+
+    def can_abandon(self) -> bool:
+        """Whether a prompt change may drop the old prompt's chunk in progress (the new prompt's
+        first chunk then comes sooner): only if what the viewer has ahead (``lead_s``: sent,
+        in flight, being encoded) outlasts the wait for the new one, so that skipping the old chunk
+        costs no stall. Unpaced, or before any chunk: always."""
+        est = self.switch_estimate_s()
+        return self.lead is None or est is None or self.lead_s() >= est
+
     def lead_s(self) -> float:
         return self.generated_s + self._unpublished_s - self.viewer_position()
 
@@ -554,6 +571,9 @@ class Session:
         if switched:
             self.prompt_seq = frag.seq
             m.observe("prompt_switch_seconds", now - self._t_prompt)
+            took = now - self._t_prompt
+            self._switch_s = took if self._switch_s is None else 0.5 * self._switch_s + 0.5 * took
+        self._chunk_s = t2 - t0 if self._chunk_s is None else 0.7 * self._chunk_s + 0.3 * (t2 - t0)
         for sub in self.subscribers:
             sub.wake()
         if self._t_first is None:

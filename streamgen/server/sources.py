@@ -74,8 +74,10 @@ class FrameSource(ABC):
         """The next chunk: uint8 (T, H, W, 3) RGB, contiguous, owned by the caller."""
 
     @abstractmethod
-    def set_prompt(self, prompt: str) -> None:
-        """Switch the prompt from the next chunk on."""
+    def set_prompt(self, prompt: str, *, abandon: bool = True) -> None:
+        """Switch the prompt from the next chunk on. ``abandon``: a chunk of the old prompt still in
+        progress may be dropped so the new prompt's comes sooner (False: the viewer's buffer would
+        run dry before it; a source without the notion ignores it)."""
 
     def pause(self) -> None:  # noqa: B027 - optional hook
         """The viewer paused: make no chunks beyond the one in progress (the caller also stops
@@ -161,7 +163,7 @@ class TestPatternSource(FrameSource):
         cell = width // _CODE_BITS
         self._cell_of_x = np.minimum(np.arange(width) // cell, _CODE_BITS)  # (W,), _CODE_BITS = pad
 
-    def set_prompt(self, prompt: str) -> None:
+    def set_prompt(self, prompt: str, *, abandon: bool = True) -> None:
         self._prompt = prompt
 
     def _render(self, start: int, count: int, prompt: str) -> np.ndarray:
@@ -261,8 +263,8 @@ class EngineSource(FrameSource):
         """Seconds the engine is behind real time on this session (status ``lag_s``)."""
         return self._h.lag_s
 
-    def set_prompt(self, prompt: str) -> None:
-        self._h.set_prompt(prompt)
+    def set_prompt(self, prompt: str, *, abandon: bool = True) -> None:
+        self._h.set_prompt(prompt, abandon=abandon)
 
     def pause(self) -> None:
         self._h.pause()
