@@ -213,7 +213,8 @@ async def check_path_plays_and_switches(path: str, ask: str | None = None):
         assert s["decodedFrames"] > 20 and s["gaps"] == 0 and s["lastError"] is None, s
         assert isinstance(s["droppedFrames"], int) and isinstance(s["stalls"], int), s
         assert len(s["stallLog"]) == min(s["stalls"], 20), s  # each stall logged with when it began
-        assert all(x["atS"] >= 0 and (x["sincePromptS"] is None or x["sincePromptS"] >= 0) for x in s["stallLog"]), s
+        assert all(x["atS"] >= 0 and (x["sincePromptS"] is None or x["sincePromptS"] >= 0) and
+                   (x["sinceSkipS"] is None or x["sinceSkipS"] >= 0) and x["forS"] >= 0 for x in s["stallLog"]), s
         # the server lead (1 s) was buffered at each switch: the player jumped to the new prompt's
         # first fragment (status.prompt_seq) instead of playing the old prompt's tail
         assert s["promptSkips"] >= 1 and 0 < s["promptSkippedS"] <= 2 * 1.25, s

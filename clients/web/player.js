@@ -77,6 +77,7 @@ export class Player {
     this.lastPlayhead = null;
     this.stalledNow = false;
     this.lastPromptAt = null; // performance.now() of the latest prompt change
+    this.lastSkipAt = null; // performance.now() of the latest jump to a new prompt's fragment
   }
 
   /** The MSE SourceBuffer (null on the WebCodecs path). */
@@ -468,6 +469,7 @@ export class Player {
       this.sink.jump(skip);
       this.stats.promptSkips += 1;
       this.stats.promptSkippedS += skip;
+      this.lastSkipAt = performance.now();
       this.sendAck(); // the server paces by the playhead: tell it at once, so the next chunk starts now
     }
   }
@@ -498,11 +500,16 @@ export class Player {
           this.stats.stalls += 1;
           // when: seconds since start, and since the latest prompt change (null: none yet)
           const now = performance.now();
+          // and since the latest jump to a new prompt's fragment (a stall right after one is the
+          // decoder starting at the new keyframe, not the buffer running dry); forS: how long
+          const since = (at) => (at === null ? null : +((now - at) / 1000).toFixed(2));
           this.stats.stallLog.push({ atS: +((now - this.t0) / 1000).toFixed(2),
-            sincePromptS: this.lastPromptAt === null ? null : +((now - this.lastPromptAt) / 1000).toFixed(2) });
+            sincePromptS: since(this.lastPromptAt), sinceSkipS: since(this.lastSkipAt), forS: 0 });
           if (this.stats.stallLog.length > 20) this.stats.stallLog.shift();
         }
         this.stats.stallS += TICK_MS / 1000;
+        const last = this.stats.stallLog[this.stats.stallLog.length - 1];
+        if (last) last.forS = +(last.forS + TICK_MS / 1000).toFixed(3);
       }
       this.stalledNow = stalled;
       this.lastPlayhead = playing ? t : null;
@@ -587,7 +594,7 @@ export class Player {
     if (this.sink) this.sink.destroy();
     Object.assign(this, { sink: null, sinkReady: null, session: null, initSegment: null, lastSeq: -1, appendedSeq: -1,
       arrivals: [], marks: [], skipTo: null, provisional: null, lastPlayhead: null, stalledNow: false,
-      lastPromptAt: null });
+      lastPromptAt: null, lastSkipAt: null });
   }
 }
 
