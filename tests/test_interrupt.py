@@ -119,40 +119,35 @@ async def test_a_prompt_change_abandons_the_chunk_being_denoised(tiny, monkeypat
     assert torch.equal(ref[-1].frames, got[-1].frames)
 
 
-async def test_no_interrupt_when_turned_off(tiny, monkeypatch):
-    d = _Driver(tiny, interrupt_on_prompt=False)
+def _prompt_during_second_chunk(tiny, monkeypatch, prompt: str, *, abandon: bool = True, **settings):
+    """One session ("a city at night"): a chunk, then ``prompt`` sent while the second is made."""
+    d = _Driver(tiny, **settings)
     b = d.open(GenRequest("a city at night", 64, 64, seed=4))
     d.step(b)
     model = tiny[0]
     real = model.forward_chunk
 
     def forward_chunk(*args, **kw):
-        d.eng._handles[b].set_prompt("rain")
+        d.eng._handles[b].set_prompt(prompt, abandon=abandon)
         return real(*args, **kw)
 
     monkeypatch.setattr(model, "forward_chunk", forward_chunk)
     d.step(b)
     monkeypatch.undo()
+    return d, b
+
+
+async def test_no_interrupt_when_turned_off(tiny, monkeypatch):
+    d, _ = _prompt_during_second_chunk(tiny, monkeypatch, "rain", interrupt_on_prompt=False)
     assert d.eng.stats["interrupted"] == 0 and d.eng.stats["chunks"] == 2
 
 
 async def test_the_same_prompt_again_does_not_interrupt(tiny, monkeypatch):
-    d = _Driver(tiny)
-    b = d.open(GenRequest("a city at night", 64, 64, seed=4))
-    d.step(b)
-    model = tiny[0]
-    real = model.forward_chunk
-
-    def forward_chunk(*args, **kw):
-        d.eng._handles[b].set_prompt("a city at night")  # what it already streams
-        return real(*args, **kw)
-
-    monkeypatch.setattr(model, "forward_chunk", forward_chunk)
-    d.step(b)
-    monkeypatch.undo()
+    d, _ = _prompt_during_second_chunk(tiny, monkeypatch, "a city at night")  # what it already streams
     assert d.eng.stats["interrupted"] == 0 and d.eng.stats["chunks"] == 2
     _drain(d)
     assert not d.eng._new_prompt
+
 
 
 async def test_a_cancelled_session_abandons_its_chunk_at_once(tiny, monkeypatch):
@@ -185,19 +180,7 @@ async def test_a_cancelled_session_abandons_its_chunk_at_once(tiny, monkeypatch)
 async def test_a_prompt_that_asks_to_keep_the_chunk_does_not_interrupt(tiny, monkeypatch):
     """``set_prompt(abandon=False)`` (the server's choice when its viewer's buffer would run dry
     first): the old prompt's chunk finishes, the new prompt starts at the next one."""
-    d = _Driver(tiny)
-    b = d.open(GenRequest("a city at night", 64, 64, seed=4))
-    d.step(b)
-    model = tiny[0]
-    real = model.forward_chunk
-
-    def forward_chunk(*args, **kw):
-        d.eng._handles[b].set_prompt("rain", abandon=False)
-        return real(*args, **kw)
-
-    monkeypatch.setattr(model, "forward_chunk", forward_chunk)
-    d.step(b)
-    monkeypatch.undo()
+    d, b = _prompt_during_second_chunk(tiny, monkeypatch, "rain", abandon=False)
     assert d.eng.stats["interrupted"] == 0 and d.eng.stats["chunks"] == 2
     _drain(d)
     d.step(b)

@@ -64,11 +64,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_ranks(worker, world: int = 2) -> list:
+    """Spawn ``world`` gloo processes of ``worker(rank, world, port, out_dir)``; each saves its
+    results to ``out_dir/rank{r}.pt``; returns them in rank order."""
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(worker, args=(world, _free_port(), d), nprocs=world, join=True)
+        return [torch.load(os.path.join(d, f"rank{r}.pt")) for r in range(world)]
+
+
 @pytest.fixture(scope="module")
 def ranks():
-    with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_worker, args=(2, _free_port(), d), nprocs=2, join=True)
-        yield [torch.load(os.path.join(d, f"rank{r}.pt")) for r in range(2)]
+    return run_ranks(_worker)
 
 
 @pytest.fixture(scope="module")

@@ -11,17 +11,16 @@ Measured on the 2-core CPU: 2.4e-7 relative at worst (printed by the test with -
 from __future__ import annotations
 
 import os
-import tempfile
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from streamgen.models.wan import WanConfig, WanModel
 from streamgen.parallel.sequence import SequenceParallelWan, _stream
 
-from test_parallel import _free_port  # noqa: E402
+from test_parallel import run_ranks  # noqa: E402
+from test_recache import _Counter  # noqa: E402
 
 CHUNKS, SWITCH_AT, SIZE = 5, 3, 64  # 64x64 px: 8x8 latent, 16 tokens a frame (8 a rank), 48 a chunk
 REL = 1e-5
@@ -37,16 +36,6 @@ def _per_frame_inputs():
     ctx = torch.randn(1, 5, 32, generator=g)
     x = torch.randn(1, 16, 3, 8, 8, generator=g)  # 3 frames: ragged for Ulysses over 2 ranks, fine for ring
     return ctx, x, torch.tensor([[500.0, 250.0, 125.0]])
-
-
-class _Counter:
-    def __init__(self, m):
-        self.inner, self.calls = m.forward_chunk, []
-        m.forward_chunk = self
-
-    def __call__(self, x, t, cache, **kw):
-        self.calls.append((x.shape[2], kw.get("blocks")))
-        return self.inner(x, t, cache, **kw)
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
@@ -81,9 +70,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def ranks():
-    with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_worker, args=(2, _free_port(), d), nprocs=2, join=True)
-        yield [torch.load(os.path.join(d, f"rank{r}.pt")) for r in range(2)]
+    return run_ranks(_worker)
 
 
 @pytest.fixture(scope="module")

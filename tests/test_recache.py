@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import copy
 import os
-import tempfile
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from streamgen.engine.batch import run_programs
 from streamgen.models.wan import WanConfig, WanModel
@@ -24,7 +22,7 @@ from streamgen.ops.kvcache import kv_cache
 from streamgen.ops.offload import offload
 from streamgen.sampling.stream import SessionState, StreamConfig
 
-from test_parallel import _free_port  # noqa: E402
+from test_parallel import run_ranks  # noqa: E402
 
 SIZE = 64  # 8x8 latent, 16 tokens a frame (48: 6x6 latent, 9 tokens a frame, see below)
 # max |one forward - sequential| / max |sequential|. Measured on the 2-core CPU: 0 at 64x64 (every
@@ -300,9 +298,7 @@ def _sp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 
 def test_sequence_parallel_recache_in_one_forward():
-    with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_sp_worker, args=(2, _free_port(), d), nprocs=2, join=True)
-        ranks = [torch.load(os.path.join(d, f"rank{r}.pt")) for r in range(2)]
+    ranks = run_ranks(_sp_worker)
     torch.set_num_threads(1)
     try:
         m = _tiny(num_heads=4)

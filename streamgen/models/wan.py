@@ -595,15 +595,20 @@ class WanCache:
             mask = torch.cat([mask, torch.ones(n_chunk, dtype=torch.bool, device=self.device)])
         return mask.view(1, 1, 1, -1)
 
-    @torch.compiler.disable  # cache writes + the attention kernel stay eager under a compiled block
-    def _attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _ChunkPlan, mask,
-                attn: AttnFn = sdpa):
+    def _write(self, layer: int, k: torch.Tensor, v: torch.Tensor, plan: _ChunkPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """This call's K/V written into the layer's buffers (and its store); returns the buffers."""
         kb, vb = (self.k[layer], self.v[layer]) if self._kv is None else self._kv.load(layer)  # (B, capacity*T, H, D)
         for dst, src, n in plan.write:
             kb[:, dst : dst + n] = k[:, src : src + n]
             vb[:, dst : dst + n] = v[:, src : src + n]
         if self._kv is not None:
             self._kv.store(layer, plan, kb, vb)
+        return kb, vb
+
+    @torch.compiler.disable  # cache writes + the attention kernel stay eager under a compiled block
+    def _attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _ChunkPlan, mask,
+                attn: AttnFn = sdpa):
+        kb, vb = self._write(layer, k, v, plan)
         if plan.blocks:
             reread = getattr(self._kv, "reread", None)  # a lossy store: later blocks see what it keeps
             outs = []

@@ -229,12 +229,7 @@ class SequenceParallelWan(nn.Module):
 
     def _ring_self_attn(self, layer: int, q, k, v, *, cache: WanCache, plan, mask):
         """``WanCache._attend`` with the keys of all ranks: the same writes and store, then the ring."""
-        kb, vb = (cache.k[layer], cache.v[layer]) if cache._kv is None else cache._kv.load(layer)
-        for dst, src, n in plan.write:
-            kb[:, dst : dst + n] = k[:, src : src + n]
-            vb[:, dst : dst + n] = v[:, src : src + n]
-        if cache._kv is not None:
-            cache._kv.store(layer, plan, kb, vb)
+        kb, vb = cache._write(layer, k, v, plan)
         if plan.blocks:
             reread = getattr(cache._kv, "reread", None)
             if reread is None:  # one ring pass; block j's queries see each rank's first n_j keys
