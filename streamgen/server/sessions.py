@@ -528,15 +528,17 @@ class Session:
                         self._prompt_pending = False
                     media_s = frames.shape[0] / float(self.encoder.fps)
                     self._unpublished_s += media_s  # counts for the pace from now (lead_s)
-                    if publishing is not None:
-                        await publishing  # in order; raises its encode's error
+                    if publishing is not None:  # in order; raises its encode's error
+                        prev, publishing = publishing, None
+                        await prev
                     publishing = asyncio.ensure_future(self._publish(frames, switched, media_s, t0, t1))
                     del frames
                     seq += 1
             except EOFError:  # the source made its last chunk
                 pass
             if publishing is not None:
-                await publishing
+                prev, publishing = publishing, None
+                await prev
             self._finish("done")
         except Exception as e:
             if not isinstance(e, GenerationError):  # those the engine logged (once, with this session's id)
@@ -551,6 +553,10 @@ class Session:
         finally:
             if publishing is not None and not publishing.done():
                 publishing.cancel()  # aclose waits for an encode already in its thread (_encoding)
+            elif publishing is not None and not publishing.cancelled() and publishing.exception() is not None:
+                # (never awaited) it failed while the producer was being stopped: the stream ends
+                # (stopped / closed) and the encode's error is logged, not left unretrieved
+                log.warning("session %s: the last fragment's encode failed: %s", self.id, publishing.exception())
 
     async def _publish(self, frames: Any, switched: bool, media_s: float, t0: float, t1: float) -> None:
         """Encode one chunk (in the encoder pool) and append its fragment to the log."""
