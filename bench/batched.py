@@ -41,8 +41,9 @@ VARIANTS = ("taehv-bf16", "wan-bf16", "taehv-fp8", "wan-fp8")
 
 
 def build(variant: str, dev: torch.device, model_name: str, smoke: bool) -> tuple[Pipeline, int, int]:
-    """The pipeline of a variant, and the frame size to run it at."""
-    decoder, prec = variant.split("-")
+    """The pipeline of a variant (``DECODER-PREC[+compile]``), and the frame size to run it at."""
+    base, *opts = variant.split("+")
+    decoder, prec = base.split("-")
     if model_name == "toy":
         from streamgen.pipeline import MODELS
         from streamgen.pipeline import build as build_pipeline
@@ -68,6 +69,10 @@ def build(variant: str, dev: torch.device, model_name: str, smoke: bool) -> tupl
 
         model = quantize(model, "fp8")
     model = use_backend(model)
+    if "compile" in opts:  # as `serve --compile`: each block's forward compiled, static shapes (one per batch size)
+        from streamgen.ops.compile import compile_blocks
+
+        compile_blocks(model)
     if decoder == "wan":
         dec = WanVAE(WanVAEConfig.preset("tiny" if smoke else "wan2.1")).to(dev, ht).eval().requires_grad_(False)
     else:
@@ -164,7 +169,7 @@ async def run_variant(variant: str, args, dev: torch.device, out: dict, save) ->
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}, each optionally +compile")
     ap.add_argument("--sessions", default="1,2,4,8", help="comma list of N")
     ap.add_argument("--max-batch", default="8,1", help="comma list: 8 = batched, 1 = one session per step")
     ap.add_argument("--unbatched", default="4", help="N values also run with max_batch=1")
@@ -186,9 +191,10 @@ def main() -> int:
         ap.error("--sessions, --max-batch and --unbatched take comma lists of integers")
     variants = args.variants.split(",")
     args.unbatched_variants = args.unbatched_variants.split(",") if args.unbatched_variants else variants[:1]
-    bad = [v for v in variants + args.unbatched_variants if v not in VARIANTS]
+    bad = [v for v in variants + args.unbatched_variants
+           if v.split("+")[0] not in VARIANTS or not set(v.split("+")[1:]) <= {"compile"}]
     if bad:
-        ap.error(f"--variants: unknown {bad}; choose from {', '.join(VARIANTS)}")
+        ap.error(f"--variants: unknown {bad}; choose from {', '.join(VARIANTS)}, each optionally +compile")
     if not 1 <= args.warmup < args.chunks:
         ap.error("--warmup must be >= 1 and below --chunks")
     dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -101,7 +101,9 @@ def serve_child(decoder: str, port: int, smoke: bool) -> int:
 
     dev = torch.device("cpu" if smoke else "cuda")
     t1 = time.monotonic()
-    pipe = build(decoder, False, dev, smoke, bf16_decoder=True)  # the decoder in the model dtype, as serve loads it
+    name, *opts = decoder.split("+")  # the decoder in the model dtype, as serve loads it
+    pipe = build(name, "compile" in opts, dev, smoke, bf16_decoder=True, graphs="graphs" in opts,
+                 quant="fp8" if "fp8" in opts else None)
     use_backend(pipe.model)  # as streamgen.pipeline.build does
     if dev.type == "cuda":
         torch.cuda.synchronize()
@@ -596,8 +598,9 @@ async def amain(args) -> int:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--decoder", action="append", default=None, metavar="wan|taehv",
-                    help="decoder(s), repeatable or a comma list; each in its own server process (default wan,taehv)")
+    ap.add_argument("--decoder", action="append", default=None, metavar="wan|taehv[+compile][+graphs][+fp8]",
+                    help="decoder(s), repeatable or a comma list; each in its own server process (default wan,taehv); "
+                         "+compile / +graphs / +fp8: the DiT as `serve --compile` / `--cuda-graphs` / `--quant fp8`")
     ap.add_argument("--sessions", type=int, default=None, help="warm sessions after the cold one (default 4; smoke 2)")
     ap.add_argument("--switches", type=int, default=None, help="prompt changes per session (default 3; smoke 2)")
     ap.add_argument("--switch-gap", type=float, default=1.0,
@@ -624,9 +627,10 @@ def main(argv=None) -> int:
     if args._serve:
         return serve_child(args._serve, args.port, args.smoke)
     args.decoders = [d.strip() for item in (args.decoder or ["wan,taehv"]) for d in item.split(",") if d.strip()]
-    bad = [d for d in args.decoders if d not in ("wan", "taehv")]
+    bad = [d for d in args.decoders if d.split("+")[0] not in ("wan", "taehv")
+           or not set(d.split("+")[1:]) <= {"compile", "graphs", "fp8"}]
     if bad:
-        ap.error(f"--decoder {bad[0]}: allowed: wan, taehv")
+        ap.error(f"--decoder {bad[0]}: allowed: wan or taehv, each with +compile, +graphs, +fp8")
     for key, full, smoke in (("sessions", 4, 2), ("switches", 3, 2), ("seconds", 60.0, 6.0)):
         if getattr(args, key) is None:
             setattr(args, key, smoke if args.smoke else full)

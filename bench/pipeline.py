@@ -49,17 +49,28 @@ from streamgen.sampling.stream import SessionState  # noqa: E402
 
 
 def build(decoder: str, compile_dit: bool, dev: torch.device, smoke: bool = False, ref: bool = False,
-          bf16_decoder: bool = False):
+          bf16_decoder: bool = False, graphs: bool = False, quant: str | None = None):
     """smoke: tiny configs in float32, to check the script on a CPU; ref: the Wan VAE's reference decode path;
-    bf16_decoder: the decoder in bf16 (as `streamgen serve` loads it: the model dtype) instead of fp16."""
+    bf16_decoder: the decoder in bf16 (as `streamgen serve` loads it: the model dtype) instead of fp16;
+    graphs: each session's chunk step replayed as CUDA graphs (``serve --cuda-graphs``); quant: "fp8" or
+    "int8-weight" linears (``serve --quant``), applied before compiling, as streamgen.pipeline.build does."""
     torch.manual_seed(0)
     dt, ht = (torch.float32, torch.float32) if smoke else (torch.bfloat16, torch.float16)
     if smoke:
         model = WanModel(WanConfig.preset("tiny")).to(dev, dt).eval().requires_grad_(False)
     else:  # random weights made in place on the GPU (no fp32 host copy of 1.3B parameters)
         model = random_wan("wan2.1-t2v-1.3b", dev, dt).requires_grad_(False)
+    if quant is not None:
+        from streamgen.ops.quant import quantize
+
+        model = quantize(model, quant)
     if compile_dit:
         compile_blocks(model)
+    chunk_graphs = None
+    if graphs:
+        from streamgen.ops.graphs import ChunkGraphs
+
+        chunk_graphs = ChunkGraphs(model)
     if decoder == "wan":
         dec_dt = torch.bfloat16 if bf16_decoder and not smoke else ht
         dec = WanVAE(WanVAEConfig.preset("tiny" if smoke else "wan2.1")).to(dev, dec_dt).eval().requires_grad_(False)
@@ -70,7 +81,14 @@ def build(decoder: str, compile_dit: bool, dev: torch.device, smoke: bool = Fals
     rife = IFNet(RIFEConfig.preset("tiny" if smoke else "v4.26")).to(dev, ht).eval().requires_grad_(False)
     rife = rife.to(memory_format=torch.channels_last)
     text = load_text_encoder(None, dim=model.cfg.text_dim, device=dev, dtype=dt)
-    return Pipeline(model=model, text_encoder=text, decoder=dec, rife=rife, device=dev, dtype=dt)
+    return Pipeline(model=model, text_encoder=text, decoder=dec, rife=rife, device=dev, dtype=dt, graphs=chunk_graphs)
+
+
+def build_variant(variant: str, dev: torch.device, smoke: bool = False):
+    """``DECODER[+compile][+graphs][+fp8][+ref][+bf16]`` -> (pipeline, the options)."""
+    decoder, *opts = variant.split("+")
+    return build(decoder, "compile" in opts, dev, smoke, ref="ref" in opts, bf16_decoder="bf16" in opts,
+                 graphs="graphs" in opts, quant="fp8" if "fp8" in opts else None), opts
 
 
 async def run_stream(pipeline: Pipeline, args) -> dict:
@@ -245,7 +263,8 @@ async def run_latency(pipeline: Pipeline, width: int, height: int, samples: int)
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variants", default="wan,taehv",
-                    help="comma list of DECODER[+compile][+bench][+ref][+bf16][+seqrecache], DECODER in wan|taehv (bench: "
+                    help="comma list of DECODER[+compile][+graphs][+fp8][+bench][+ref][+bf16][+seqrecache], DECODER in wan|taehv "
+                         "(graphs: the chunk step as CUDA graphs; fp8: fp8 linears; bench: "
                          "cudnn.benchmark; ref: the Wan VAE's reference decode path instead of the fast one; bf16: the "
                          "decoder in bf16, as served, instead of fp16; seqrecache, with --latency: the prompt switch's "
                          "KV re-cache one forward per chunk instead of one forward)")
@@ -267,13 +286,13 @@ def main(argv=None) -> int:
     if args.latency:
         rows = []
         for v in args.variants.split(","):
-            decoder, *opts = v.split("+")
+            opts = v.split("+")[1:]
             torch.backends.cudnn.benchmark = "bench" in opts
             # +seqrecache: the prompt switch re-caches chunk by chunk (one forward per chunk), not in one forward
             SessionState.one_forward_recache = "seqrecache" not in opts
             try:
-                r = asyncio.run(run_latency(build(decoder, "compile" in opts, dev, args.smoke), args.width,
-                                            args.height, args.latency))
+                r = asyncio.run(run_latency(build_variant(v, dev, args.smoke)[0], args.width, args.height,
+                                            args.latency))
             finally:
                 SessionState.one_forward_recache = True
             r["variant"] = v
@@ -288,13 +307,13 @@ def main(argv=None) -> int:
         return 0
     rows = []
     for v in args.variants.split(","):
-        decoder, *opts = v.split("+")
+        opts = v.split("+")[1:]
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         torch.backends.cudnn.benchmark = "bench" in opts  # every variant sets it: no order dependence
         pipe = None
         try:
-            pipe = build(decoder, "compile" in opts, dev, args.smoke, ref="ref" in opts, bf16_decoder="bf16" in opts)
+            pipe = build_variant(v, dev, args.smoke)[0]
             r = asyncio.run(run_stream(pipe, args))
         except Exception as e:  # noqa: BLE001 - report and go on with the next variant
             r = {"error": f"{type(e).__name__}: {e}"[:300]}

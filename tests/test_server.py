@@ -503,6 +503,31 @@ async def test_a_new_prompt_is_made_at_once_past_the_lead(server):
     await c.close()
 
 
+async def test_the_pace_keeps_a_slow_chunks_time_plus_a_margin_ahead_of_the_viewer(server):
+    """A chunk that takes 0.2 s to make against a 0.25 s lead: a real-time viewer paced at the lead
+    alone would get each fragment as its buffer runs dry. The pace keeps the chunk's time plus
+    ``pace_margin_s`` (0.25 s) ahead instead, so every fragment lands with that much still buffered."""
+    srv = await server(max_lead_s=0.25, delay_s=0.2)  # chunks are 0.25 s of media, made in ~0.2 s
+    c = await Raw.open(srv.url)
+    await c.send(P.Start(prompt="slow"))
+    first = await c.until(P.Fragment)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()  # the viewer plays from the first fragment's arrival at real time
+    (session,) = srv.state.registry.sessions.values()
+    ahead = []  # media the viewer still had when each fragment arrived
+    end_s = first.pts + first.duration
+    while len(ahead) < 12:
+        frag = await c.until(P.Fragment)
+        playhead = loop.time() - t0
+        ahead.append(end_s - playhead)
+        end_s = frag.pts + frag.duration
+        await c.send(P.Ack(seq=frag.seq, playhead=playhead))
+    steady = ahead[4:]  # after the first lead's burst
+    assert min(steady) >= 0.12, [round(a, 3) for a in ahead]  # at the 0.25 s lead alone: ~0.05 s, or a stall
+    assert session.pace_lead_s() > 0.25 + 0.15, session.pace_lead_s()  # ~ 0.2 s + 0.25 s margin
+    await c.close()
+
+
 async def test_a_fragment_is_serialised_once_for_all_its_viewers(server, monkeypatch):
     """Three viewers of one session get the same bytes for each fragment, encoded once (not per viewer)."""
     import streamgen.protocol as proto

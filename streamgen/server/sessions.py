@@ -23,7 +23,10 @@ messages are coalesced.
 
 Pacing: the producer generates ahead of the viewer by at most ``lead`` seconds of video (the
 start's ``lead``, else ``max_lead_s``: by default 0.75 s, about one chunk, so a prompt change
-shows at the next chunk; None disables pacing). The viewer position is the furthest ``playhead``
+shows at the next chunk; None disables pacing). Where a chunk takes longer to make and encode than
+that lead leaves the viewer (``lead`` minus ``pace_margin_s``, 0.25 s), the pace keeps the chunk's
+time plus that margin instead (``pace_lead_s``): at the default lead a fragment would otherwise
+land just as the viewer's buffer runs dry, a stall at the smallest hiccup. The viewer position is the furthest ``playhead``
 acked (seconds of media time), moved on at real time since that ack (a viewer that stops acking,
 e.g. after a reconnect at the live edge, is assumed to play on), and never beyond the end of what
 was sent to a current viewer (an ack of a far-future playhead buys nothing). An acked playhead is
@@ -247,6 +250,9 @@ class SessionLimits:
     log_bytes: int = 64 << 20
     max_lead_s: float | None = 0.75  # default lead (about one chunk); None = generate as fast as possible
     lead_cap_s: float = 10.0  # the largest lead a start may ask for
+    # the pace never lets the viewer's buffer at a chunk's request fall below what that chunk takes to
+    # arrive (the recent generate + encode time) plus this much: else every fragment lands at the last moment
+    pace_margin_s: float = 0.25
     grace_s: float = 10.0  # how long a session waits for `attach` after its last subscriber left
     status_interval_s: float = 1.0
 
@@ -494,10 +500,20 @@ class Session:
             sub.push_control(self.status_message(queue=sub.depth, dropped=sub.dropped))
         self._last_status = time.monotonic()
 
+    def pace_lead_s(self) -> float | None:
+        """The lead the producer keeps: the session's ``lead``, raised where a chunk takes longer
+        to make and encode than that lead minus ``pace_margin_s`` (a slow model, a busy machine),
+        so that the next fragment arrives before the viewer's buffer runs dry. None: unpaced."""
+        if self.lead is None:
+            return None
+        if self._chunk_s is None:
+            return self.lead
+        return max(self.lead, self._chunk_s + self.limits.pace_margin_s)
+
     async def _wait_for_pace(self) -> None:
-        lead = self.lead
         while True:
             await self._resume.wait()
+            lead = self.pace_lead_s()
             if lead is None or self.lead_s() < lead:
                 return
             # a new prompt's first chunk is made at once, up to one chunk past the lead: the viewer
