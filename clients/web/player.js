@@ -113,6 +113,13 @@ export class Player {
     return true;
   }
 
+  /** The first time of each step of a start, in s since Start: socket open, ready, init, first
+   * fragment received, first frame shown (stats.startLog: where the first frame's wait goes). */
+  markStart(key, wallMs = performance.now()) {
+    const log = this.stats.startLog;
+    if (log && log[key] === undefined) log[key] = +((wallMs - this.t0) / 1000).toFixed(3);
+  }
+
   refuse(text, toError = true) {
     this.stats.lastError = text;
     this.stats.errors += 1;
@@ -182,6 +189,7 @@ export class Player {
     this.conn = new ClientConnection();
     let opened = false;
     ws.onopen = () => {
+      this.markStart('openS');
       if (ws !== this.ws) return;
       opened = true;
       this.reconnects = 0;
@@ -278,6 +286,7 @@ export class Player {
       return;
     }
     this.session = msg.session;
+    this.markStart('readyS');
     Object.assign(this.stats, { session: msg.session, width: msg.width, height: msg.height, fps: msg.fps,
       mime: msg.mime });
     this.setState('starting');
@@ -331,6 +340,7 @@ export class Player {
   onInit(msg) {
     if (this.initSegment && equalBytes(this.initSegment, msg.data)) return; // same stream after attach
     this.initSegment = msg.data;
+    this.markStart('initS');
     const sink = this.sink;
     if (!sink) return;
     if (sink.kind === 'mse') {
@@ -353,6 +363,7 @@ export class Player {
   }
 
   onFragment(msg) {
+    this.markStart('fragmentS');
     if (this.lastSeq >= 0 && msg.seq > this.lastSeq + 1) {
       this.stats.gaps += msg.seq - this.lastSeq - 1;
     }
@@ -431,7 +442,10 @@ export class Player {
   onShown(mediaTime, wallMs) {
     const s = this.stats;
     s.shownFrames += 1;
-    if (s.firstFrameS === null) s.firstFrameS = (wallMs - this.t0) / 1000;
+    if (s.firstFrameS === null) {
+      s.firstFrameS = (wallMs - this.t0) / 1000;
+      this.markStart('shownS', wallMs);
+    }
     for (const m of this.marks) {
       if (m.shownAt !== undefined) continue;
       const a = this.arrivals.find((x) => x.seq >= m.fromSeq);
@@ -604,7 +618,7 @@ function freshStats() {
   return { state: 'idle', path: null, session: null, fragments: 0, appended: 0, bytes: 0, gaps: 0, dropped: 0,
     errors: 0, lastError: null, genFps: 0, leadS: 0, serverState: null, latencyS: null, bufferedS: 0,
     currentTime: 0, decodedFrames: 0, droppedFrames: 0, shownFrames: 0, stalls: 0, stallS: 0, liveJumps: 0,
-    gapJumps: 0, quotaDrops: 0, promptSwitches: 0, stallLog: [], promptSkips: 0, promptSkippedS: 0, firstFrameS: null, promptLatencyS: null, promptLatencies: [],
+    gapJumps: 0, quotaDrops: 0, promptSwitches: 0, stallLog: [], promptSkips: 0, promptSkippedS: 0, firstFrameS: null, startLog: {}, promptLatencyS: null, promptLatencies: [],
     promptLatencyMethod: null, endReason: null, mediaError: null, live: null };
 }
 

@@ -38,6 +38,7 @@ from streamgen.server.state import ServerConfig, ServerState
 log = logging.getLogger(__name__)
 
 STATE = web.AppKey("state", ServerState)
+ENCODER_WARMUP = web.AppKey("encoder_warmup", asyncio.Future)  # the start-up encode (see on_startup)
 _STATIC_TYPES = {".js": "text/javascript", ".mjs": "text/javascript", ".css": "text/css",
                  ".html": "text/html", ".ico": "image/x-icon", ".svg": "image/svg+xml"}
 
@@ -64,6 +65,12 @@ def build_app(cfg: ServerConfig, factory: SourceFactory, *, executor: Executor |
     app.router.add_get("/v1/stream", h.stream)
     app.router.add_get(r"/{name:[A-Za-z0-9_.-]+\.(?:js|mjs|css|html|ico|svg)}", h.static)
 
+    async def on_startup(app):
+        # the first H.264 encoder of a process costs ~50 ms (x264's one-time set-up): pay it here,
+        # not in the first viewer's start (in the background: the server listens meanwhile)
+        app[ENCODER_WARMUP] = asyncio.get_running_loop().run_in_executor(executor, _warm_encoder, factory,
+                                                                            cfg.preset)
+
     async def on_shutdown(app):
         senders = []
         for s in list(registry.sessions.values()):
@@ -84,9 +91,24 @@ def build_app(cfg: ServerConfig, factory: SourceFactory, *, executor: Executor |
         response.headers["Server"] = "streamgen"  # not the Python / aiohttp versions
 
     app.on_response_prepare.append(on_prepare)
+    app.on_startup.append(on_startup)
     app.on_shutdown.append(on_shutdown)
     app.on_cleanup.append(on_cleanup)
     return app
+
+
+def _warm_encoder(factory: SourceFactory, preset: str) -> None:
+    """Encode one chunk of black frames at the factory's default size (no session sees it)."""
+    import numpy as np
+
+    from streamgen.media.encode import FMP4Encoder
+
+    w, h = getattr(factory, "width", None) or 64, getattr(factory, "height", None) or 64
+    fps = getattr(factory, "fps", None) or 16
+    try:
+        FMP4Encoder(w, h, fps, preset=preset).encode_chunk(np.zeros((4, h, w, 3), np.uint8))
+    except Exception as e:  # noqa: BLE001 - a session's own encoder reports a real problem
+        log.warning("encoder warm-up at %dx%d failed: %s", w, h, e)
 
 
 class _Handlers:
