@@ -316,6 +316,12 @@ class PlayerClient(StreamClient):
         except Exception as e:  # noqa: BLE001 - a lost connection is the receive loop's
             logging.debug("ack %d not sent: %s", seq, e)
 
+    def ack_soon(self, seq: int) -> None:
+        """An ack with the playhead now (after a jump), without waiting for the next interval."""
+        task = asyncio.ensure_future(self._send_ack(seq))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def ack_every(self, interval: float) -> None:
         while True:
             await asyncio.sleep(interval)
@@ -452,6 +458,8 @@ async def _play(c, k, args, fields, out, sw, decodes, pb, pool, loop, first, t0,
             s.seq, s.received_s = frag.seq, now - s.sent  # the first fragment of the new prompt
             if not args.no_skip:
                 s.skipped_s = pb.jump_to(frag.pts, now)
+                if s.skipped_s:  # as the player: the server paces by the playhead, so tell it at once
+                    c.ack_soon(frag.seq)
             pb.when_shown(frag.pts, lambda t, s=s: setattr(s, "shown_s", t - s.sent))
             fut = loop.run_in_executor(pool, decode, c.init_segment, frag.data)
             fut.add_done_callback(lambda f, s=s: setattr(s, "decoded_s", f.result()[0] - s.sent)

@@ -189,8 +189,8 @@ async def test_a_prompt_that_asks_to_keep_the_chunk_does_not_interrupt(tiny, mon
 
 def test_the_server_abandons_the_old_chunk_only_when_the_viewer_can_wait():
     """Session.can_abandon: a prompt change drops the old prompt's chunk in progress only if what
-    the viewer has ahead outlasts the expected wait for the new prompt's first fragment (else that
-    chunk bridges the wait: no stall); unpaced or before any chunk, always."""
+    the viewer has ahead outlasts the expected wait for the new prompt's first fragment by the pace
+    margin (else that chunk bridges the wait: no stall); unpaced or before any chunk, always."""
     from concurrent.futures import ThreadPoolExecutor
 
     from streamgen.media.encode import FMP4Encoder
@@ -211,6 +211,8 @@ def test_the_server_abandons_the_old_chunk_only_when_the_viewer_can_wait():
         assert s.switch_estimate_s() == 0.6 and s.can_abandon()
         s.generated_s = 0.4  # the viewer would stall for 0.2 s: keep the old chunk
         assert not s.can_abandon()
-        s._switch_s = 0.35  # switches measured faster than the estimate
+        s.generated_s = 0.7  # just over the expected wait, within the margin (0.25 s): keep it too
+        assert not s.can_abandon()
+        s._switch_s = 0.35  # switches measured faster than the estimate: 0.7 s outlasts 0.35 + 0.25
         assert s.can_abandon()
         assert session(None).can_abandon()  # unpaced

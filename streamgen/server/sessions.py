@@ -476,10 +476,11 @@ class Session:
     def can_abandon(self) -> bool:
         """Whether a prompt change may drop the old prompt's chunk in progress (the new prompt's
         first chunk then comes sooner): only if what the viewer has ahead (``lead_s``: sent,
-        in flight, being encoded) outlasts the wait for the new one, so that skipping the old chunk
-        costs no stall. Unpaced, or before any chunk: always."""
+        in flight, being encoded) outlasts the wait for the new one by ``pace_margin_s``, so that
+        skipping the old chunk costs no stall (without the margin, a buffer just as long as the
+        expected wait runs dry at the smallest delay). Unpaced, or before any chunk: always."""
         est = self.switch_estimate_s()
-        return self.lead is None or est is None or self.lead_s() >= est
+        return self.lead is None or est is None or self.lead_s() >= est + self.limits.pace_margin_s
 
     def lead_s(self) -> float:
         return self.generated_s + self._unpublished_s - self.viewer_position()
