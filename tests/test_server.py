@@ -528,6 +528,41 @@ async def test_the_pace_keeps_a_slow_chunks_time_plus_a_margin_ahead_of_the_view
     await c.close()
 
 
+async def test_a_player_that_jumps_to_the_new_prompt_is_paced_from_there(server):
+    """A player skips the old prompt's buffered tail to the first fragment of a new prompt (its
+    ``prompt_seq``): its playhead then runs ahead of real time since its first fragment by what it
+    skipped. The server takes that playhead as the viewer's position (not clamped back to real
+    time), so it goes on making chunks for it instead of waiting for a viewer it thinks is behind."""
+    srv = await server(max_lead_s=1.0)  # chunks are 0.25 s: about 1 s of the old prompt is buffered
+    c = await Raw.open(srv.url)
+    await c.send(P.Start(prompt="old"))
+    first = await c.until(P.Fragment)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    (session,) = srv.state.registry.sessions.values()
+    while session.lead_s() < 0.9:  # real-time playback until the lead is full
+        await c.send(P.Ack(seq=first.seq, playhead=loop.time() - t0))
+        await asyncio.sleep(0.03)
+    await c.send(P.Prompt(prompt="new"))
+    new_seq, got = None, -1
+    while new_seq is None or got < new_seq:  # until the new prompt's first fragment is here
+        msg = await c.recv()
+        if isinstance(msg, P.Status) and msg.extra.get("prompt_seq") is not None:
+            new_seq = msg.extra["prompt_seq"]
+        elif isinstance(msg, P.Fragment):
+            got = msg.seq
+    jump_to = session.log.get(new_seq).fragment.pts
+    playhead = loop.time() - t0
+    assert jump_to - playhead > 0.5, (jump_to, playhead)  # the old tail it skips
+    await c.send(P.Ack(seq=got, playhead=jump_to))
+    await asyncio.sleep(0.05)
+    assert session.viewer_position() >= jump_to - 0.01, (session.viewer_position(), jump_to)
+    # ... and it is paced from there: within ~ the lead, the server has made that much past the jump
+    await asyncio.sleep(0.5)
+    assert session.generated_s >= jump_to + 0.5 + 0.75, (session.generated_s, jump_to)
+    await c.close()
+
+
 async def test_a_fragment_is_serialised_once_for_all_its_viewers(server, monkeypatch):
     """Three viewers of one session get the same bytes for each fragment, encoded once (not per viewer)."""
     import streamgen.protocol as proto

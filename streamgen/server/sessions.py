@@ -68,6 +68,7 @@ class LogEntry:
     seq: int
     fragment: Fragment
     message: P.Fragment  # the wire message
+    new_prompt: bool = False  # the first fragment made under a new prompt (a player may jump to it)
     _wire: dict = field(default_factory=dict, compare=False, repr=False)
 
     def wire(self, limits: P.Limits) -> bytes:
@@ -219,8 +220,13 @@ class Subscriber:
                     self.blocked_since = time.monotonic()
                     n = await self._send(entry.message, entry)
                     self.blocked_since = None
+                    now = time.monotonic()
                     if self.first_sent is None:
-                        self.first_sent = (time.monotonic(), entry.fragment.pts)
+                        self.first_sent = (now, entry.fragment.pts)
+                    elif entry.new_prompt and entry.fragment.pts > self.first_sent[1] + now - self.first_sent[0]:
+                        # the player skips the old prompt's tail to this fragment: from here its playhead
+                        # may run that far ahead of real time since its first fragment (ack's clamp)
+                        self.first_sent = (now, entry.fragment.pts)
                     self.sent_end_s = entry.end_s
                     self.cursor += 1
                     self.sent_fragments += 1
@@ -589,7 +595,7 @@ class Session:
         del frames
         self.log.append(LogEntry(frag.seq, frag, P.Fragment(
             seq=frag.seq, data=frag.data, pts=frag.pts, duration=frag.duration, frames=frag.frames,
-            keyframe=frag.keyframe)))
+            keyframe=frag.keyframe), new_prompt=switched))
         now = time.monotonic()
         if switched:
             self.prompt_seq = frag.seq
