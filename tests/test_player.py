@@ -216,8 +216,9 @@ async def check_path_plays_and_switches(path: str, ask: str | None = None):
         assert all(x["atS"] >= 0 and (x["sincePromptS"] is None or x["sincePromptS"] >= 0) and
                    (x["sinceSkipS"] is None or x["sinceSkipS"] >= 0) and x["forS"] >= 0 for x in s["stallLog"]), s
         # the server lead (1 s) was buffered at each switch: the player jumped to the new prompt's
-        # first fragment (status.prompt_seq) instead of playing the old prompt's tail
-        assert s["promptSkips"] >= 1 and 0 < s["promptSkippedS"] <= 2 * 1.25, s
+        # first fragment (status.prompt_seq) instead of playing the old prompt's tail, which is at
+        # most the lead, the chunk made past it for the new prompt and the one in progress (0.25 s each)
+        assert s["promptSkips"] >= 1 and 0 < s["promptSkippedS"] <= 2 * 1.5, s
         print(f"\n{path}: first frame {s['firstFrameS']:.2f} s, prompt->frame "
               f"{', '.join(f'{x:.2f}' for x in s['promptLatencies'])} s, dropped {s['droppedFrames']}, "
               f"stalls {s['stalls']}, buffered {s['bufferedS']:.2f} s")
