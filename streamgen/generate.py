@@ -60,6 +60,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--interpolate", type=int, choices=(1, 2, 4), default=1,
                    help="RIFE frame interpolation between the decoder and the file: N times the frames, "
                         "written at N times --fps (default: 1, off)")
+    g.add_argument("--parallel", choices=("ulysses", "ring", "pipeline"), default=None,
+                   help="split the DiT of this one stream over the ranks of a torchrun launch (every rank runs this "
+                        "command; rank 0 writes --out): ulysses / ring (sequence parallel), pipeline (blocks)")
     g.add_argument("--out", required=True, help="output .mp4 path")
     g.add_argument("-q", "--quiet", action="store_true", help="print only the final line (no progress)")
 
@@ -172,7 +175,6 @@ def _check_memory(args, preset, settings, cfg, width, height) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from streamgen.media.encode import Mp4Writer
     from streamgen.pipeline import build_pipeline, check_options, engine_settings
 
     preset = check_options(args)
@@ -187,12 +189,53 @@ def _run(args: argparse.Namespace) -> int:
         except ImageError as e:
             raise UsageError(f"--image {args.image}: {e}") from None
     settings = engine_settings(args, preset, max_ahead=2)
+    rank = _join_launch(args, preset)
     cfg = _preset_config(preset)
     if cfg is not None:  # refuse before reading any weights
         _check_memory(args, preset, settings, cfg, width, height)
     pipe = build_pipeline(args, rife_required=args.interpolate > 1)
     if cfg is None:
         _check_memory(args, preset, settings, pipe.model.cfg, width, height)
+    if args.parallel is not None:
+        from streamgen.parallel.launch import wrap
+
+        try:
+            pipe.model = wrap(pipe.model, args.parallel)
+        except ValueError as e:
+            raise UsageError(f"--parallel {args.parallel}: {e}") from None
+    try:
+        return _generate(args, preset, pipe, settings, width, height, switches, image, rank)
+    finally:
+        if args.parallel is not None:
+            from streamgen.parallel.launch import finish
+
+            finish()
+
+
+def _join_launch(args: argparse.Namespace, preset) -> int:
+    """``--parallel``: checks, then this process's rank of the torchrun launch (0 without one)."""
+    if args.parallel is None:
+        return 0
+    from streamgen.parallel.launch import in_launch, init
+
+    if not in_launch():
+        raise UsageError(f"--parallel {args.parallel}: run under torchrun, one process per rank (e.g. torchrun "
+                         "--nproc-per-node 2 -m streamgen generate ...); RANK / WORLD_SIZE / MASTER_ADDR are unset")
+    if preset.mode == "full":
+        raise UsageError(f"--parallel needs a streaming model; {args.model} samples the whole clip at once")
+    for flag, on in (("--compile", args.compile), ("--cuda-graphs", args.cuda_graphs),
+                     ("--offload", args.offload is not None)):
+        if on:
+            raise UsageError(f"--parallel and {flag} cannot be combined (the split model runs its blocks its own way)")
+    rank, _, args.device = init(args.device)
+    if rank != 0:
+        args.quiet = True
+    return rank
+
+
+def _generate(args, preset, pipe, settings, width, height, switches, image, rank: int) -> int:
+    from streamgen.media.encode import Mp4Writer
+
     fps = args.fps * args.interpolate
     say = (lambda *a, **k: None) if args.quiet else print
     say(f"streamgen generate: {args.model} {width}x{height} {args.chunks} chunks, sampler {settings.sampler} "
@@ -200,16 +243,34 @@ def _run(args: argparse.Namespace) -> int:
           + f", {pipe.device} {str(pipe.dtype).replace('torch.', '')}"
           + (f", RIFE {args.interpolate}x" if args.interpolate > 1 else ""), file=sys.stderr)
     t_start = time.perf_counter()
-    with Mp4Writer(args.out, width, height, fps, crf=args.crf) as writer, _Progress(args) as progress:
+    writer_cm = Mp4Writer(args.out, width, height, fps, crf=args.crf) if rank == 0 else _Discard()
+    with writer_cm as writer, _Progress(args) as progress:
         if preset.mode == "full":
             _run_full(args, pipe, settings, writer, width, height, progress)
         else:
             asyncio.run(_run_stream(args, pipe, settings, writer, width, height, switches, image, progress))
         total = writer.frames
     elapsed = time.perf_counter() - t_start
+    if rank != 0:
+        return 0
     print(f"wrote {args.out}: {total} frames {width}x{height} at {fps:g} fps "
           f"({total / fps:.2f} s of video) in {elapsed:.1f} s ({total / elapsed:.1f} frames/s)", file=sys.stderr)
     return 0
+
+
+class _Discard:
+    """The writer of a rank other than 0 under ``--parallel``: counts the frames, keeps none."""
+
+    frames = 0
+
+    def write(self, frames) -> None:
+        self.frames += len(frames)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
 
 
 class _Progress:
