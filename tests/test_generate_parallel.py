@@ -3,6 +3,7 @@ file rank 0 writes holds the frames of the same command run in one process, a pr
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -59,3 +60,13 @@ def test_parallel_without_torchrun_is_one_line(tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "--parallel ulysses: run under torchrun" in lines[0], r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("flag", [["--compile"], ["--cuda-graphs"], ["--offload", "1"]])
+def test_parallel_refuses_what_the_split_model_cannot_run(tmp_path, flag):
+    env = dict(os.environ, RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_port()))
+    r = subprocess.run([sys.executable, "-m", "streamgen", "generate", *ARGS, "--parallel", "pipeline", *flag,
+                        "--out", str(tmp_path / "x.mp4")], timeout=120, capture_output=True, text=True, env=env)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"--parallel and {flag[0]} cannot be combined" in lines[0], r.stderr
