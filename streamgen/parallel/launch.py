@@ -33,6 +33,8 @@ def init(device_name: str) -> tuple[int, int, str]:
         local = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local)
         device_name = f"cuda:{local}"
+    elif device_name == "auto":
+        device_name = "cpu"
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
     return dist.get_rank(), dist.get_world_size(), device_name

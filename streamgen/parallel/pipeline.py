@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -324,14 +323,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=64, help="frame size in pixels (square, multiple of 16)")
     ap.add_argument("--sessions", type=int, default=2, help="sessions batched by run_programs (micro-batches)")
     args = ap.parse_args(argv)
-    if "RANK" not in os.environ:
+    from streamgen.parallel.launch import in_launch, init
+
+    if not in_launch():
         ap.error("run under torchrun (RANK, WORLD_SIZE, MASTER_ADDR unset)")
-    cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(dev)
+    rank, world, name = init("auto")  # NCCL on CUDA (this rank's GPU), else gloo
+    dev = torch.device(name)
     torch.manual_seed(0)
     model = WanModel(WanConfig.preset("tiny", num_layers=max(3, world))).to(dev).eval()
     pp = PipelineParallelWan(model)

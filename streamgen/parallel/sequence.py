@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 from dataclasses import replace
 
 import torch
@@ -343,14 +342,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=64, help="frame size in pixels (square, multiple of 16)")
     ap.add_argument("--mode", choices=MODES, default="ulysses", help="how attention is split (default: ulysses)")
     args = ap.parse_args(argv)
-    if "RANK" not in os.environ:
+    from streamgen.parallel.launch import in_launch, init
+
+    if not in_launch():
         ap.error("run under torchrun (RANK, WORLD_SIZE, MASTER_ADDR unset)")
-    cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo")
-    rank = dist.get_rank()
-    dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(dev)
+    rank, _, name = init("auto")  # NCCL on CUDA (this rank's GPU), else gloo
+    dev = torch.device(name)
     torch.manual_seed(0)
     # Ulysses needs heads divisible by the ranks; ring takes any count (3 here)
     heads = 2 * dist.get_world_size() if args.mode == "ulysses" else 3
