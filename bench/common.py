@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from streamgen.models.wan import WanConfig, WanModel
 
 
 def random_wan(preset: str, device: torch.device, dtype: torch.dtype, seed: int = 0) -> WanModel:
+    """``random_model`` of a named config (``WanConfig.preset``)."""
+    return random_model(WanConfig.preset(preset), device, dtype, seed)
+
+
+def random_model(cfg: WanConfig, device: torch.device, dtype: torch.dtype, seed: int = 0) -> WanModel:
     """Random weights made in place on ``device`` (no fp32 or host copy of the model): matrices
     N(0, 1/fan_in), biases N(0, 0.02), norm weights N(1, 0.1). Speed does not depend on the values."""
     with torch.device("meta"):
-        model = WanModel(WanConfig.preset(preset))
+        model = WanModel(cfg)
     model = model.to(dtype).to_empty(device=device).eval()
     g = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
@@ -23,6 +30,27 @@ def random_wan(preset: str, device: torch.device, dtype: torch.dtype, seed: int 
             else:  # norm weights
                 p.normal_(1.0, 0.1, generator=g)
     return model
+
+
+class Clock:
+    """CUDA events on CUDA, host time (after a sync) elsewhere."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def mark(self):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def ms(self, a, b) -> float:
+        return a.elapsed_time(b) if self.cuda else (b - a) * 1e3
 
 
 def sync_free(model, x, t, cache, start) -> bool | str:

@@ -60,6 +60,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import Clock, random_model  # noqa: E402
 from streamgen.models.wan import WanConfig, WanModel  # noqa: E402
 from streamgen.ops.attention import BACKENDS, use_backend  # noqa: E402
 from streamgen.parallel.pipeline import PipelineParallelWan  # noqa: E402
@@ -82,24 +83,6 @@ def model_config(name: str, world: int) -> WanConfig:
         return WanConfig.preset(name)
     heads = 2 * world if name == "tiny" else 3
     return WanConfig.preset("tiny", num_heads=heads, dim=32 * heads, num_layers=max(3, world))
-
-
-def random_model(cfg: WanConfig, device: torch.device, dtype: torch.dtype, seed: int = 0) -> WanModel:
-    """Random weights made in place on ``device``, the fill of bench/common.py's ``random_wan`` for any config:
-    matrices N(0, 1/fan_in), biases N(0, 0.02), norm weights N(1, 0.1)."""
-    with torch.device("meta"):
-        model = WanModel(cfg)
-    model = model.to(dtype).to_empty(device=device).eval()
-    g = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim >= 2:
-                p.normal_(0.0, p[0].numel() ** -0.5, generator=g)
-            elif name.endswith("bias"):
-                p.normal_(0.0, 0.02, generator=g)
-            else:
-                p.normal_(1.0, 0.1, generator=g)
-    return model
 
 
 @torch.no_grad()
@@ -138,27 +121,6 @@ def wrap(model: WanModel, mode: str):
     if mode == "pipeline":
         return PipelineParallelWan(model)
     return SequenceParallelWan(model, mode=mode)
-
-
-class Clock:
-    """CUDA events on CUDA, host time (no sync needed) on the CPU."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-
-    def mark(self):
-        if self.cuda:
-            e = torch.cuda.Event(enable_timing=True)
-            e.record()
-            return e
-        return time.perf_counter()
-
-    def ms(self, a, b) -> float:
-        return a.elapsed_time(b) if self.cuda else (b - a) * 1e3
 
 
 def peak_bytes(clock: Clock) -> int:

@@ -37,34 +37,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import random_wan  # noqa: E402
+from bench.common import Clock, random_wan  # noqa: E402
 from streamgen.ops.attention import use_backend  # noqa: E402
 from streamgen.ops.compile import compile_blocks, uncompile_blocks  # noqa: E402
 from streamgen.ops.graphs import ChunkGraphs, EmulatedGraph  # noqa: E402
 from streamgen.sampling.stream import SessionState, StreamConfig  # noqa: E402
 
 T0 = time.perf_counter()
-
-
-class Clock:
-    """CUDA events on CUDA, host time (after a sync) elsewhere."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def sync(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-
-    def mark(self):
-        if self.cuda:
-            e = torch.cuda.Event(enable_timing=True)
-            e.record()
-            return e
-        return time.perf_counter()
-
-    def ms(self, a, b) -> float:
-        return a.elapsed_time(b) if self.cuda else (b - a) * 1e3
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
