@@ -563,6 +563,38 @@ async def test_a_player_that_jumps_to_the_new_prompt_is_paced_from_there(server)
     await c.close()
 
 
+async def test_a_client_that_jumps_at_every_prompt_is_held_to_twice_real_time(server):
+    """Changing the prompt at every chunk and jumping to each new prompt's first fragment does not
+    run a session unpaced: the viewer's position stays within twice real time since its first fragment
+    (plus one jump's worth: the lead and a chunk)."""
+    srv = await server(max_lead_s=0.5)  # chunks are 0.25 s
+    c = await Raw.open(srv.url)
+    await c.send(P.Start(prompt="p0"))
+    first = await c.until(P.Fragment)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    (session,) = srv.state.registry.sessions.values()
+    k, new_seq, got = 0, None, first.seq
+    while loop.time() - t0 < 2.0:
+        k += 1
+        await c.send(P.Prompt(prompt=f"p{k}"))
+        new_seq = None
+        async with asyncio.timeout(5):  # (unpaced, the reader falls behind a flood of fragments)
+            while new_seq is None or got < new_seq:  # the new prompt's first fragment, then jump to it
+                msg = await c.recv()
+                if isinstance(msg, P.Status) and msg.extra.get("prompt_seq", -1) > (got if new_seq is None else -1):
+                    new_seq = msg.extra["prompt_seq"]
+                elif isinstance(msg, P.Fragment):
+                    got = msg.seq
+        await c.send(P.Ack(seq=got, playhead=session.log.get(new_seq).fragment.pts))
+    elapsed = loop.time() - t0
+    assert k >= 4, k  # it did switch and jump, again and again
+    jump = 0.5 + 0.25  # one jump's worth: the lead and a chunk
+    assert session.viewer_position() <= 2 * elapsed + jump + 0.25 + 0.3, (session.viewer_position(), elapsed)
+    assert session.generated_s <= 2 * elapsed + 2 * jump + 0.25 + 0.5, (session.generated_s, elapsed)
+    await c.close()
+
+
 async def test_a_fragment_is_serialised_once_for_all_its_viewers(server, monkeypatch):
     """Three viewers of one session get the same bytes for each fragment, encoded once (not per viewer)."""
     import streamgen.protocol as proto

@@ -169,6 +169,8 @@ class Subscriber:
         self.sent_end_s = 0.0  # media end of the last fragment sent to this subscriber
         self.t_ack = 0.0  # monotonic time of the ack that set ``playhead``
         self.first_sent: tuple[float, float] | None = None  # (monotonic time, pts) of its first fragment
+        # (time, pts) its playhead may run at real time from: the first fragment, or a new prompt's first one
+        self.real_time_from: tuple[float, float] | None = None
         self.replay_end = from_seq  # fragments below this were logged before it subscribed: never window-dropped
         self.blocked_since: float | None = None  # a send in progress since (monotonic), for "stuck" in /metrics
         self.finished = False  # `end` was sent
@@ -222,11 +224,11 @@ class Subscriber:
                     self.blocked_since = None
                     now = time.monotonic()
                     if self.first_sent is None:
-                        self.first_sent = (now, entry.fragment.pts)
-                    elif entry.new_prompt and entry.fragment.pts > self.first_sent[1] + now - self.first_sent[0]:
+                        self.first_sent = self.real_time_from = (now, entry.fragment.pts)
+                    elif entry.new_prompt and entry.fragment.pts > self.real_time_from[1] + (now - self.real_time_from[0]):
                         # the player skips the old prompt's tail to this fragment: from here its playhead
                         # may run that far ahead of real time since its first fragment (ack's clamp)
-                        self.first_sent = (now, entry.fragment.pts)
+                        self.real_time_from = (now, entry.fragment.pts)
                     self.sent_end_s = entry.end_s
                     self.cursor += 1
                     self.sent_fragments += 1
@@ -447,10 +449,16 @@ class Session:
             self._acked_end_s = max(self._acked_end_s or 0.0, entry.end_s)
         if playhead is not None:
             # a viewer cannot play what it was not sent, nor faster than real time since its first fragment
+            # or since the first fragment of a new prompt (a player jumps to it); and however often the
+            # prompt changes, not more than twice real time since its first fragment plus one jump (the
+            # lead and a chunk): a client that switched prompts to jump ahead again and again would
+            # otherwise run its session unpaced
             playhead = min(playhead, sub.sent_end_s)
             if sub.first_sent is not None:
-                t0, pts0 = sub.first_sent
-                playhead = min(playhead, pts0 + time.monotonic() - t0 + 0.25)
+                now = time.monotonic()
+                (t0, pts0), (t1, pts1) = sub.first_sent, sub.real_time_from
+                jump = (self.pace_lead_s() or 0.0) + (entry.fragment.duration if entry is not None else 0.0)
+                playhead = min(playhead, pts1 + now - t1 + 0.25, pts0 + 2 * (now - t0) + jump + 0.25)
             sub.playhead, sub.t_ack = playhead, time.monotonic()
             self._playhead, self._t_ack = playhead, sub.t_ack  # the latest ack, for a viewer that reconnects
         self._pace.notify()
