@@ -64,8 +64,7 @@ def build(decoder: str, compile_dit: bool, dev: torch.device, smoke: bool = Fals
         from streamgen.ops.quant import quantize
 
         model = quantize(model, quant)
-    if compile_dit:
-        compile_blocks(model)
+    compiled = compile_blocks(model) if compile_dit else False
     chunk_graphs = None
     if graphs:
         from streamgen.ops.graphs import ChunkGraphs
@@ -81,7 +80,8 @@ def build(decoder: str, compile_dit: bool, dev: torch.device, smoke: bool = Fals
     rife = IFNet(RIFEConfig.preset("tiny" if smoke else "v4.26")).to(dev, ht).eval().requires_grad_(False)
     rife = rife.to(memory_format=torch.channels_last)
     text = load_text_encoder(None, dim=model.cfg.text_dim, device=dev, dtype=dt)
-    return Pipeline(model=model, text_encoder=text, decoder=dec, rife=rife, device=dev, dtype=dt, graphs=chunk_graphs)
+    return Pipeline(model=model, text_encoder=text, decoder=dec, rife=rife, device=dev, dtype=dt, graphs=chunk_graphs,
+                    compiled=compiled)
 
 
 def build_variant(variant: str, dev: torch.device, smoke: bool = False):

@@ -535,10 +535,11 @@ def build(preset: ModelPreset | str, *, device=None, dtype=None, decoder: str | 
         model = model.to(dtype=dtype)
         offload_blocks(model, device=device, prefetch=offload)  # the handle lives on in the blocks' hooks
     model = use_backend(model.eval().requires_grad_(False))
+    compiled = False
     if compile:
         from streamgen.ops.compile import compile_blocks
 
-        compile_blocks(model)
+        compiled = compile_blocks(model)
     graphs = None
     if cuda_graphs:
         from streamgen.ops.graphs import ChunkGraphs
@@ -549,7 +550,7 @@ def build(preset: ModelPreset | str, *, device=None, dtype=None, decoder: str | 
     log.info("pipeline: %s on %s %s, decoder %s, RIFE %s", preset.wan, device, str(dtype).replace("torch.", ""),
              decoder, "on" if rife_model is not None else "off")
     return Pipeline(model=model, text_encoder=text, decoder=dec, vae=vae_model, rife=rife_model, fps=preset.fps,
-                    device=device, dtype=dtype, preset=preset, graphs=graphs)
+                    device=device, dtype=dtype, preset=preset, graphs=graphs, compiled=compiled)
 
 
 def _require_modules(flag: str, modules: tuple[str, ...], what: str) -> None:

@@ -68,6 +68,7 @@ from streamgen.protocol import DEFAULT_LIMITS, INTERPOLATE_FACTORS, Limits
 log = logging.getLogger(__name__)
 
 
+
 class EngineError(RuntimeError):
     """Generation of one session failed or was refused. ``code`` is a protocol error code;
     ``retry_after``: seconds after which a refused start may be tried again (``overloaded``)."""
@@ -99,6 +100,7 @@ class Pipeline:
     dtype: torch.dtype = torch.float32
     preset: Any = None
     graphs: Any = None  # streamgen.ops.graphs.ChunkGraphs: each session's chunk step replayed as CUDA graphs
+    compiled: bool = False  # the DiT's blocks run compiled (one graph per input shape: the warm-up covers batch sizes)
 
 
 @dataclass
@@ -143,6 +145,9 @@ class EngineSettings:
     limits: Limits = DEFAULT_LIMITS
     warmup: GenRequest | tuple[GenRequest, ...] | None = None  # throwaway sessions run once when the busy loop starts
     warmup_switch: bool | None = None  # the warm-up also fills the window and switches prompt (None: on CUDA)
+    # with compiled blocks (one graph per batch size), the warm-up also runs one batched chunk at every
+    # batch size 2..warmup_batch (None: max_batch; 0 or 1: none)
+    warmup_batch: int | None = None
     # batching and admission (see the module docstring)
     max_batch: int = 8  # sessions in one step's batch
     cache_memory: int | None = None  # bytes of the KV cache pool; None: unbounded on the CPU, on CUDA
@@ -575,6 +580,40 @@ class Engine:
             return
         log.info("engine warm-up: %d chunks%s at %dx%d in %.1f s", chunks, " and a prompt switch" if switch else "",
                  req.width, req.height, time.perf_counter() - t0)
+        if self.pipeline.compiled:
+            self._warmup_batches(req)
+
+    def _warmup_batches(self, req: GenRequest) -> None:
+        """One chunk of B warm-up sessions batched, at every batch size B = 2..warmup_batch: compiled
+        blocks make one graph per batch size, and without this the first viewer to join a batch,
+        and every viewer already in it (they share that step), waits for its compile (5-6 s at 832x480
+        on an H200). The sessions' caches come from the pool; where it holds no more, it stops there."""
+        s = self.settings
+        top = min(s.max_batch, s.max_batch if s.warmup_batch is None else s.warmup_batch)
+        t0, done = time.perf_counter(), 1
+        for b in range(2, top + 1):
+            need = self.cache_bytes(req)
+            held = [r for r in (self.pool.reserve(need, "warm-up") for _ in range(b)) if r is not None]
+            try:
+                if len(held) < b:
+                    log.info("engine warm-up: batches up to %d (the cache pool holds no %d sessions of %dx%d)",
+                             done, b, req.width, req.height)
+                    break
+                sessions = [self._make_session(req, r) for r in held]
+                out = run_programs(self.pipeline.model, {i: self._program(es) for i, es in enumerate(sessions)})
+                err = next((o for o in out.values() if isinstance(o, BaseException)), None)
+                if err is not None:
+                    raise err
+                done = b
+            except Exception:  # noqa: BLE001 - as a failed warm-up: the viewers then pay the compile
+                log.exception("engine warm-up of batch size %d failed", b)
+                break
+            finally:
+                for r in held:
+                    self.pool.release(r)
+        if done > 1:
+            log.info("engine warm-up: batch sizes 2..%d at %dx%d in %.1f s", done, req.width, req.height,
+                     time.perf_counter() - t0)
 
     def _interpolator(self, factor: int):
         from streamgen.media.interpolate import Interpolator

@@ -220,7 +220,8 @@ def build_engine(args: argparse.Namespace, limits, sizes: list[tuple[int, int]],
     try:
         memory = None if args.cache_memory is None else int(args.cache_memory * 2**30)
         engine = Engine(pipe, engine_settings(args, MODELS[args.model], limits=limits, warmup=warmup,
-                                              cache_memory=memory))
+                                              cache_memory=memory,
+                                              warmup_batch=getattr(args, "max_sessions", None)))  # batches it can hold
         # the defaults must be servable: the same check a client's start gets
         check = GenRequest("check", w, h, chunks=None if engine.settings.local_frames else 1)
         engine.validate(check)
