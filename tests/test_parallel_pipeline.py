@@ -82,6 +82,11 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         c = pp.new_cache(1, (8, 8), local_frames=7, sink_frames=1)
         res["cache_k"], res["cache_cross"], res["cache_bytes"] = tuple(c.k.shape), tuple(c.cross_k.shape), c.nbytes
         res["numel"] = pp.cache_numel(1, (8, 8), 7)
+        # what the engine reserves in its pool for a session on the split model: this rank's shard
+        from streamgen.engine.core import Engine, EngineSettings, GenRequest, Pipeline
+
+        engine = Engine(Pipeline(model=pp, text_encoder=None, decoder=None), EngineSettings(local_frames=7))
+        res["reserved"] = engine.cache_bytes(GenRequest("x", 64, 64))
         ctx, x, t = _per_frame_inputs()
         pp.set_prompt(c, ctx)
         res["per_frame"] = pp.forward_chunk(x, t, c, start_frame=0, update_cache=True)
@@ -176,6 +181,7 @@ def test_each_rank_caches_its_own_blocks_only(ranks, alone):
         assert r["cache_k"] == (owned[rank], 1, cap * t, heads, d)
         assert r["cache_cross"] == (owned[rank], 1, text_len, heads, d)
         assert r["numel"] * 4 == r["cache_bytes"]
+        assert r["reserved"] == r["cache_bytes"]  # the engine's pool reserves the shard, not the full cache
         # its layers hold what one rank's cache holds in those layers, after a committed per-frame chunk
         for got, ref in zip(r["kv"], alone["kv"]):
             assert torch.equal(got, ref[lo:hi])

@@ -354,7 +354,7 @@ class Engine:
         frames = s.local_frames or (req.chunks or 1) * fpc + (req.image is not None)
         caches = 2 if s.guidance != 1.0 else 1
         size = torch.empty((), dtype=p.dtype).element_size()
-        return caches * SessionState.cache_numel(p.model.cfg, 1, (req.height // 8, req.width // 8), frames) * size
+        return caches * SessionState.model_cache_numel(p.model, 1, (req.height // 8, req.width // 8), frames) * size
 
     @property
     def queue_length(self) -> int:

@@ -273,11 +273,20 @@ class SessionState:
     def _new_cache(self):
         storage = None
         if self.cache_storage is not None:
-            storage = self.cache_storage(self.cache_numel(self.model.cfg, self.batch, self.latent_hw, self.max_frames),
-                                         self.dtype)
+            numel = self.model_cache_numel(self.model, self.batch, self.latent_hw, self.max_frames)
+            storage = self.cache_storage(numel, self.dtype)
         return self.model.new_cache(self.batch, latent_hw=self.latent_hw, max_frames=self.max_frames,
                                     local_frames=self.local_frames, sink_frames=self.sink_frames,
                                     dtype=self.dtype, device=self.device, storage=storage)
+
+    @staticmethod
+    def model_cache_numel(model, batch: int, latent_hw: tuple[int, int], max_frames: int) -> int:
+        """Elements of one of a session's caches on ``model``: a model split over ranks
+        (streamgen.parallel) says its own shard's size, any other the full ``cache_numel``."""
+        sized = getattr(model, "cache_numel", None)
+        if sized is not None:
+            return sized(batch, latent_hw, max_frames)
+        return SessionState.cache_numel(model.cfg, batch, latent_hw, max_frames)
 
     @staticmethod
     def cache_numel(mcfg, batch: int, latent_hw: tuple[int, int], max_frames: int) -> int:
