@@ -23,13 +23,19 @@ def random_model(cfg: WanConfig, device: torch.device, dtype: torch.dtype, seed:
     g = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.ndim >= 2:
-                p.normal_(0.0, p[0].numel() ** -0.5, generator=g)
-            elif name.endswith("bias"):
-                p.normal_(0.0, 0.02, generator=g)
-            else:  # norm weights
-                p.normal_(1.0, 0.1, generator=g)
+            fill_random_(name, p, g)
     return model
+
+
+def fill_random_(name: str, p: torch.Tensor, g: torch.Generator) -> None:
+    """The benches' random fill of parameter ``name``, in place: matrices N(0, 1/fan_in), biases
+    N(0, 0.02), norm weights N(1, 0.1)."""
+    if p.ndim >= 2:
+        p.normal_(0.0, p[0].numel() ** -0.5, generator=g)
+    elif name.endswith("bias"):
+        p.normal_(0.0, 0.02, generator=g)
+    else:  # norm weights
+        p.normal_(1.0, 0.1, generator=g)
 
 
 class Clock:

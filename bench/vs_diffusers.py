@@ -91,7 +91,7 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import Clock  # noqa: E402
+from bench.common import Clock, fill_random_  # noqa: E402
 from streamgen.models.checkpoints import diffusers_to_native  # noqa: E402
 from streamgen.models.wan import WanCache, WanConfig, WanModel  # noqa: E402
 from streamgen.ops.compile import compile_blocks, uncompile_blocks  # noqa: E402
@@ -118,15 +118,6 @@ def diffusers_kwargs(cfg: WanConfig) -> dict:
                 qk_norm="rms_norm_across_heads" if cfg.qk_norm else None, eps=cfg.eps)
 
 
-def _fill(name: str, p: torch.Tensor, g: torch.Generator) -> None:
-    if p.ndim >= 2:
-        p.normal_(0.0, p[0].numel() ** -0.5, generator=g)
-    elif name.endswith("bias"):
-        p.normal_(0.0, 0.02, generator=g)
-    else:  # norm weights
-        p.normal_(1.0, 0.1, generator=g)
-
-
 def build_diffusers(cfg: WanConfig, device: torch.device, dtype: torch.dtype, seed: int = 0) -> nn.Module:
     """diffusers' Wan DiT with random weights made in place on ``device`` (see the module docstring)."""
     from diffusers import WanTransformer3DModel
@@ -144,7 +135,7 @@ def build_diffusers(cfg: WanConfig, device: torch.device, dtype: torch.dtype, se
                 full = f"{mod_name}.{pname}" if mod_name else pname
                 dt = torch.float32 if any(k in full.split(".") for k in keep) else dtype
                 new = torch.empty(p.shape, dtype=dt, device=device)
-                _fill(full, new, g)
+                fill_random_(full, new, g)
                 mod._parameters[pname] = nn.Parameter(new, requires_grad=False)
         rope = model.rope
         with torch.device(device):

@@ -5,26 +5,17 @@ need no ranks: the fit rules, the comparison and what fails a run."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench_scripts import ROOT, load_bench
+
 FP32_TOL = 1e-5
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_parallel", ROOT / "bench" / "parallel.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(spec.name, mod)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +85,7 @@ def test_smoke_skip_is_one_line_and_table_is_printed(smoke):
 
 
 def test_misfit_rules():
-    b = load_bench()
+    b = load_bench("parallel")
     from streamgen.models.wan import WanConfig
 
     c13, c14 = WanConfig.preset("wan2.1-t2v-1.3b"), WanConfig.preset("wan2.1-t2v-14b")
@@ -110,7 +101,7 @@ def test_misfit_rules():
 
 
 def test_compare_and_failures():
-    b = load_bench()
+    b = load_bench("parallel")
     ref = [torch.ones(1, 16, 3, 4, 4), torch.full((1, 16, 3, 4, 4), 2.0)]
     same = b.compare([x.clone() for x in ref], ref)
     assert same["equal"] and same["max_abs"] == 0.0 and same["rel"] == 0.0
@@ -124,7 +115,7 @@ def test_compare_and_failures():
 
 
 def test_needs_torchrun(monkeypatch, capsys):
-    b = load_bench()
+    b = load_bench("parallel")
     monkeypatch.delenv("RANK", raising=False)
     with pytest.raises(SystemExit) as exc:
         b.parse(["--smoke"])

@@ -4,28 +4,19 @@ fields; and that the comparison would catch a wrong weight map, and what fails a
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench_scripts import ROOT, load_bench
+
 FP32_TOL = 1e-4
 FULL_FIELDS = ("ms", "ms_all", "first_s", "weights_gib", "rel_vs_diffusers", "max_abs_vs_diffusers", "rel_vs_fp32",
                "max_abs_vs_fp32", "finite", "status", "tokens", "dtype")
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_vs_diffusers", ROOT / "bench" / "vs_diffusers.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(spec.name, mod)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +83,7 @@ def test_a_wrong_weight_map_would_be_caught():
     from streamgen.models.checkpoints import diffusers_to_native
     from streamgen.models.wan import WanConfig, WanModel
 
-    bench = load_bench()
+    bench = load_bench("vs_diffusers")
     cfg = WanConfig.preset("tiny")
     torch.set_grad_enabled(False)
     try:
@@ -115,7 +106,7 @@ def test_a_wrong_weight_map_would_be_caught():
 
 
 def test_what_fails_a_run():
-    bench = load_bench()
+    bench = load_bench("vs_diffusers")
     ok = {"row": "ours", "kind": "full", "status": "ok", "check": True}
     rows = [ok, {"row": "diffusers", "kind": "full", "status": "ok"},
             {"row": "ours+fp8", "kind": "full", "status": "skipped", "why": "no fp8"}]
