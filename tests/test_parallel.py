@@ -25,10 +25,26 @@ def _tiny() -> WanModel:
     return WanModel(WanConfig.preset("tiny", num_heads=4)).eval()  # 4 heads x 32
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def join_gloo(rank: int, world: int, port: int) -> None:
+    """A spawned rank (of ``run_ranks``) joins the gloo group on ``port``, one thread each."""
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def per_frame_chunk(model, frames: int, cache=None):
+    """One committed chunk of ``frames`` latent frames, each at its own t (500, 250, 125), on a fresh
+    7-frame cache with a 1-frame sink (or ``cache``), same inputs every call: (its flow, the cache)."""
+    g = torch.Generator().manual_seed(7)
+    ctx, x = torch.randn(1, 5, 32, generator=g), torch.randn(1, 16, frames, 8, 8, generator=g)
+    c = model.new_cache(1, (8, 8), local_frames=7, sink_frames=1) if cache is None else cache
+    model.set_prompt(c, ctx)
+    t = torch.tensor([[500.0, 250.0, 125.0][:frames]])
+    return model.forward_chunk(x, t, c, start_frame=0, update_cache=True), c
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    join_gloo(rank, world, port)
     try:
         model = _tiny()
         sp = SequenceParallelWan(model)
@@ -39,12 +55,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         res["cache_bytes"] = c.nbytes
         # a per-frame t (each rank 1.5 frames would be ragged: 3 frames of 16 tokens over 2 ranks
         # -> 24 tokens a rank, not whole frames) is refused; 2 frames (16 tokens a rank) run
-        g = torch.Generator().manual_seed(7)
-        ctx = torch.randn(1, 5, 32, generator=g)
-        x = torch.randn(1, 16, 2, 8, 8, generator=g)
-        t = torch.tensor([[500.0, 250.0]])
-        sp.set_prompt(c, ctx)
-        res["per_frame"] = sp.forward_chunk(x, t, c, start_frame=0, update_cache=True)
+        res["per_frame"] = per_frame_chunk(sp, 2, c)[0]
         try:
             sp.forward_chunk(torch.randn(1, 16, 3, 8, 8), torch.tensor([[1.0, 2.0, 3.0]]), c)
         except ValueError as e:
@@ -83,11 +94,7 @@ def alone():
     try:
         model = _tiny()
         stream = _stream(model, CHUNKS, SWITCH_AT, SIZE)
-        c = model.new_cache(1, (8, 8), local_frames=7, sink_frames=1)
-        g = torch.Generator().manual_seed(7)
-        ctx, x = torch.randn(1, 5, 32, generator=g), torch.randn(1, 16, 2, 8, 8, generator=g)
-        model.set_prompt(c, ctx)
-        per_frame = model.forward_chunk(x, torch.tensor([[500.0, 250.0]]), c, start_frame=0, update_cache=True)
+        per_frame, c = per_frame_chunk(model, 2)
         return {"stream": stream, "per_frame": per_frame, "cache_bytes": c.nbytes}
     finally:
         torch.set_num_threads(2)

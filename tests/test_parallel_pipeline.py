@@ -17,7 +17,7 @@ from streamgen.models.wan import WanConfig, WanModel
 from streamgen.parallel.pipeline import PipelineParallelWan, _sessions, stage_layers
 from streamgen.parallel.sequence import _stream
 
-from test_parallel import run_ranks  # noqa: E402
+from test_parallel import join_gloo, per_frame_chunk, run_ranks  # noqa: E402
 from test_recache import _Counter  # noqa: E402
 
 CHUNKS, SWITCH_AT, SIZE = 5, 3, 64  # 64x64 px: 8x8 latent, 16 tokens a frame, 48 a chunk
@@ -30,12 +30,6 @@ def _tiny() -> WanModel:
     torch.manual_seed(0)
     return WanModel(WanConfig.preset("tiny")).eval()  # 3 blocks, 2 heads x 64
 
-
-def _per_frame_inputs():
-    g = torch.Generator().manual_seed(7)
-    ctx = torch.randn(1, 5, 32, generator=g)
-    x = torch.randn(1, 16, 3, 8, 8, generator=g)
-    return ctx, x, torch.tensor([[500.0, 250.0, 125.0]])
 
 
 def _rows_inputs():
@@ -68,9 +62,7 @@ def _overlap(rank: int) -> dict:
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    join_gloo(rank, world, port)
     try:
         model = _tiny()
         pp = PipelineParallelWan(model)
@@ -87,9 +79,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
         engine = Engine(Pipeline(model=pp, text_encoder=None, decoder=None), EngineSettings(local_frames=7))
         res["reserved"] = engine.cache_bytes(GenRequest("x", 64, 64))
-        ctx, x, t = _per_frame_inputs()
-        pp.set_prompt(c, ctx)
-        res["per_frame"] = pp.forward_chunk(x, t, c, start_frame=0, update_cache=True)
+        res["per_frame"] = per_frame_chunk(pp, 3, c)[0]
         res["kv"] = (c.k.clone(), c.v.clone(), c.cross_k.clone(), c.cross_v.clone())
         # two sessions batched (forward_rows: one micro-batch each)
         inner, n_caches = pp.forward_rows, []
@@ -102,7 +92,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         res["rows"], res["rows_calls"] = _sessions(pp, 2, ROW_CHUNKS, ROW_SWITCH, SIZE), n_caches
         del pp.forward_rows
         try:
-            pp.forward_chunk(x, t, model.new_cache(1, (8, 8), local_frames=7, sink_frames=1))
+            pp.forward_chunk(torch.randn(1, 16, 3, 8, 8), torch.tensor([[500.0, 250.0, 125.0]]),
+                             model.new_cache(1, (8, 8), local_frames=7, sink_frames=1))
         except ValueError as e:
             res["full_cache_error"] = str(e)
         try:
@@ -128,9 +119,7 @@ def alone():
         res = {"stream": _stream(model, CHUNKS, SWITCH_AT, SIZE),
                "rows": _sessions(model, 2, ROW_CHUNKS, ROW_SWITCH, SIZE)}
         c = model.new_cache(1, (8, 8), local_frames=7, sink_frames=1)
-        ctx, x, t = _per_frame_inputs()
-        model.set_prompt(c, ctx)
-        res["per_frame"] = model.forward_chunk(x, t, c, start_frame=0, update_cache=True)
+        res["per_frame"] = per_frame_chunk(model, 3, c)[0]
         res["kv"] = (c.k, c.v, c.cross_k, c.cross_v)
         res["cache_k"], res["cache_bytes"] = tuple(c.k.shape), c.nbytes
         return res

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from streamgen.models.wan import WanConfig, WanModel
 from streamgen.parallel.sequence import SequenceParallelWan, _stream
 
-from test_parallel import run_ranks  # noqa: E402
+from test_parallel import join_gloo, per_frame_chunk, run_ranks  # noqa: E402
 from test_recache import _Counter  # noqa: E402
 
 CHUNKS, SWITCH_AT, SIZE = 5, 3, 64  # 64x64 px: 8x8 latent, 16 tokens a frame (8 a rank), 48 a chunk
@@ -31,17 +31,9 @@ def _tiny(heads: int = 4) -> WanModel:
     return WanModel(WanConfig.preset("tiny", num_heads=heads, dim=32 * heads)).eval()  # heads x 32
 
 
-def _per_frame_inputs():
-    g = torch.Generator().manual_seed(7)
-    ctx = torch.randn(1, 5, 32, generator=g)
-    x = torch.randn(1, 16, 3, 8, 8, generator=g)  # 3 frames: ragged for Ulysses over 2 ranks, fine for ring
-    return ctx, x, torch.tensor([[500.0, 250.0, 125.0]])
-
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    join_gloo(rank, world, port)
     try:
         sp = SequenceParallelWan(_tiny(4), mode="ring")
         counter = _Counter(sp)
@@ -49,9 +41,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         c = sp.new_cache(1, (8, 8), local_frames=7, sink_frames=1)
         res["cache_k"], res["cache_bytes"] = tuple(c.k.shape), c.nbytes
         res["numel"] = sp.cache_numel(1, (8, 8), 7)
-        ctx, x, t = _per_frame_inputs()
-        sp.set_prompt(c, ctx)
-        res["per_frame"] = sp.forward_chunk(x, t, c, start_frame=0, update_cache=True)
+        res["per_frame"] = per_frame_chunk(sp, 3, c)[0]
         # 3 heads: not divisible by 2 ranks; ring runs it, Ulysses refuses
         m3 = _tiny(3)
         res["stream3"] = _stream(SequenceParallelWan(m3, mode="ring"), CHUNKS, SWITCH_AT, SIZE)
@@ -80,9 +70,7 @@ def alone():
         model = _tiny(4)
         res = {"stream": _stream(model, CHUNKS, SWITCH_AT, SIZE), "stream3": _stream(_tiny(3), CHUNKS, SWITCH_AT, SIZE)}
         c = model.new_cache(1, (8, 8), local_frames=7, sink_frames=1)
-        ctx, x, t = _per_frame_inputs()
-        model.set_prompt(c, ctx)
-        res["per_frame"] = model.forward_chunk(x, t, c, start_frame=0, update_cache=True)
+        res["per_frame"] = per_frame_chunk(model, 3, c)[0]
         res["cache_k"], res["cache_bytes"] = tuple(c.k.shape), c.nbytes
         return res
     finally:
