@@ -23,6 +23,8 @@ import time
 
 from streamgen.pipeline import UsageError, add_model_arguments, check_output, positive, positive_float, size16
 
+PARALLEL_MODES = ("ulysses", "ring", "pipeline")  # streamgen.parallel.launch.wrap (imported only when used)
+
 
 def seed(text: str) -> int:
     """argparse type of --seed: the range a stream's start.seed has (protocol.Limits.max_seed)."""
@@ -60,7 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--interpolate", type=int, choices=(1, 2, 4), default=1,
                    help="RIFE frame interpolation between the decoder and the file: N times the frames, "
                         "written at N times --fps (default: 1, off)")
-    g.add_argument("--parallel", choices=("ulysses", "ring", "pipeline"), default=None,
+    g.add_argument("--parallel", choices=PARALLEL_MODES, default=None,
                    help="split the DiT of this one stream over the ranks of a torchrun launch (every rank runs this "
                         "command; rank 0 writes --out): ulysses / ring (sequence parallel), pipeline (blocks)")
     g.add_argument("--out", required=True, help="output .mp4 path")
@@ -227,7 +229,11 @@ def _join_launch(args: argparse.Namespace, preset) -> int:
                      ("--offload", args.offload is not None)):
         if on:
             raise UsageError(f"--parallel and {flag} cannot be combined (the split model runs its blocks its own way)")
-    rank, _, args.device = init(args.device)
+    try:
+        rank, _, args.device = init(args.device)
+    except (RuntimeError, ValueError) as e:  # a rendezvous or backend that cannot start
+        raise UsageError(f"--parallel {args.parallel}: could not join the torchrun launch: "
+                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     if rank != 0:
         args.quiet = True
     return rank

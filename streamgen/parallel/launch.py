@@ -14,9 +14,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-MODES = ("ulysses", "ring", "pipeline")
-
-
 def in_launch() -> bool:
     """Whether this process is one rank of a torchrun launch (its environment says so)."""
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
