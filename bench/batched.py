@@ -10,7 +10,8 @@ back (unpaced: what the engine can make; ``max_ahead=1``, as ``generate`` runs).
 block-causal DiT with random weights (bf16, or its block linears in fp8 rowwise, ``ops.quant``), 4
 Self-Forcing steps + cache pass per chunk of 3 latent frames, window 12 frames with 3 sinks, the Wan
 VAE (fp16) or TAEHV (fp16) decoder, no RIFE; CPU (``--model toy``): the built-in default model at
-its native size, float32, with its own decoder (the variant's decoder and precision do not apply).
+its native size, float32, with its own decoder in the dtype `serve` picks (``--decoder-dtype``; the variant's
+decoder and precision do not apply).
 
 Reported per N: "1st chunk" = open -> first chunk on the host, the slowest of the N sessions (they
 all start together); per-session generated fps = decoded frames / s after the first ``--warmup``
@@ -35,12 +36,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from streamgen.engine.core import Engine, EngineSettings, GenRequest, Pipeline  # noqa: E402
+from streamgen.engine.core import Engine, EngineSettings, GenRequest, Pipeline, engine_threads  # noqa: E402
 
 VARIANTS = ("taehv-bf16", "wan-bf16", "taehv-fp8", "wan-fp8")
 
 
-def build(variant: str, dev: torch.device, model_name: str, smoke: bool) -> tuple[Pipeline, int, int]:
+def build(variant: str, dev: torch.device, model_name: str, smoke: bool,
+          decoder_dtype: str = "auto") -> tuple[Pipeline, int, int]:
     """The pipeline of a variant (``DECODER-PREC[+compile]``), and the frame size to run it at."""
     base, *opts = variant.split("+")
     decoder, prec = base.split("-")
@@ -49,7 +51,8 @@ def build(variant: str, dev: torch.device, model_name: str, smoke: bool) -> tupl
         from streamgen.pipeline import build as build_pipeline
 
         preset = MODELS["toy"]
-        return build_pipeline(preset, device=dev), preset.width, preset.height
+        dec_dtype = "auto" if decoder_dtype == "auto" else getattr(torch, decoder_dtype)
+        return build_pipeline(preset, device=dev, decoder_dtype=dec_dtype), preset.width, preset.height
     from bench.common import random_wan
     from streamgen.models.taehv import TAEHV, TAEHVConfig
     from streamgen.models.text import load_text_encoder
@@ -123,16 +126,30 @@ async def run_n(engine: Engine, n: int, width: int, height: int, chunks: int, wa
             "pool_gib_per_session": engine.cache_bytes(GenRequest("x", width, height)) / 2**30}
 
 
+def summary(variant: str, max_batch: int, runs: list[dict]) -> None:
+    """Median over rounds per N, and the aggregate against N=1's median."""
+    by_n: dict[int, list[dict]] = {}
+    for r in runs:
+        by_n.setdefault(r["n"], []).append(r)
+    base = statistics.median(r["gen_fps_aggregate"] for r in by_n[min(by_n)])
+    for n, rs in sorted(by_n.items()):
+        agg = [r["gen_fps_aggregate"] for r in rs]
+        per = statistics.median(r["gen_fps_per_session_median"] for r in rs)
+        print(f"{variant} max_batch={max_batch} N={n}, median of {len(rs)} rounds: per-session {per:.1f} fps, aggregate "
+              f"{statistics.median(agg):.1f} fps ({min(agg):.1f}..{max(agg):.1f}), {statistics.median(agg) / base:.2f}x "
+              f"N={min(by_n)}", flush=True)
+
+
 async def run_variant(variant: str, args, dev: torch.device, out: dict, save) -> None:
     t0 = time.perf_counter()
-    pipe, width, height = build(variant, dev, args.model, args.smoke)
+    pipe, width, height = build(variant, dev, args.model, args.smoke, args.decoder_dtype)
     rows = out.setdefault(variant, {"width": width, "height": height, "runs": []})["runs"]
     per_session = None
     for max_batch in args.max_batch:
         if max_batch == 1 and variant not in args.unbatched_variants:
             continue
         settings = EngineSettings(local_frames=12, sink_frames=3, max_ahead=1, max_batch=max_batch,
-                                  warmup=GenRequest("warm-up", width, height, seed=99))
+                                  warmup=GenRequest("warm-up", width, height, seed=99), threads=args.threads)
         if args.model == "toy":  # the built-in model's own window and schedule
             from streamgen.pipeline import MODELS
 
@@ -144,23 +161,26 @@ async def run_variant(variant: str, args, dev: torch.device, out: dict, save) ->
         # the pool holds exactly the largest N's caches, so the peak shows what N sessions need
         settings.cache_memory = max(args.sessions) * (per_session + 4096)
         engine = Engine(pipe, settings).start()
+        ns = [n for n in args.sessions if max_batch > 1 or n in args.unbatched]
         try:
-            for k, n in enumerate(args.sessions):
-                if max_batch == 1 and n not in args.unbatched:
-                    continue
+            for rnd in range(args.rounds):  # the N values in turn, round after round (drift hits every N alike)
                 if time.perf_counter() - args.t_start > args.budget_s:
-                    print(f"{variant}: time budget spent, N={n} skipped", flush=True)
+                    print(f"{variant}: time budget spent, round {rnd + 1} skipped", flush=True)
                     break
-                r = await run_n(engine, n, width, height, args.chunks, args.warmup, tag=k)
-                rows.append(r)
-                print(f"{variant} max_batch={max_batch} N={n}: per-session {r['gen_fps_per_session_median']:.1f} fps "
-                      f"(min {r['gen_fps_per_session_min']:.1f}), aggregate {r['gen_fps_aggregate']:.1f} fps, "
-                      f"1st chunk {r['first_chunk_s_max']:.2f} s, rows/forward {r['rows_per_forward']:.2f}, "
-                      f"peak {r['peak_gib']:.1f} GiB", flush=True)
-                save()
+                for k, n in enumerate(ns):
+                    r = await run_n(engine, n, width, height, args.chunks, args.warmup, tag=rnd * len(ns) + k)
+                    r["round"] = rnd
+                    rows.append(r)
+                    print(f"{variant} max_batch={max_batch} N={n} round {rnd + 1}: per-session "
+                          f"{r['gen_fps_per_session_median']:.1f} fps (min {r['gen_fps_per_session_min']:.1f}), "
+                          f"aggregate {r['gen_fps_aggregate']:.1f} fps, 1st chunk {r['first_chunk_s_max']:.2f} s, "
+                          f"rows/forward {r['rows_per_forward']:.2f}, peak {r['peak_gib']:.1f} GiB", flush=True)
+                    save()
         finally:
             engine.close()
             del engine
+        if args.rounds > 1:
+            summary(variant, max_batch, [r for r in rows if r["max_batch"] == max_batch])
     out[variant]["build_and_run_s"] = time.perf_counter() - t0
     del pipe
     if dev.type == "cuda":
@@ -177,6 +197,9 @@ def main() -> int:
                     help="comma list of the variants that get the max_batch=1 runs (default: the first)")
     ap.add_argument("--chunks", type=int, default=5, help="chunks per session")
     ap.add_argument("--warmup", type=int, default=1, help="chunks per session not timed for the steady rate")
+    ap.add_argument("--decoder-dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                    help="--model toy: its decoder's dtype (auto: as `serve`, bfloat16 on a CPU with native bfloat16)")
+    ap.add_argument("--rounds", type=int, default=1, help="run the N values this many times in turn; print medians")
     ap.add_argument("--model", choices=("wan1.3b", "toy"), default="wan1.3b")
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     ap.add_argument("--smoke", action="store_true", help="tiny configs in float32: check the script on a CPU")
@@ -195,6 +218,8 @@ def main() -> int:
            if v.split("+")[0] not in VARIANTS or not set(v.split("+")[1:]) <= {"compile"}]
     if bad:
         ap.error(f"--variants: unknown {bad}; choose from {', '.join(VARIANTS)}, each optionally +compile")
+    if args.rounds < 1:
+        ap.error("--rounds must be >= 1")
     if not 1 <= args.warmup < args.chunks:
         ap.error("--warmup must be >= 1 and below --chunks")
     dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -213,7 +238,8 @@ def main() -> int:
         if time.perf_counter() - args.t_start > args.budget_s:
             break
         try:
-            asyncio.run(run_variant(v, args, dev, out, save))
+            with engine_threads(dev) as args.threads:  # as `serve`: the busy thread takes the CPU's threads
+                asyncio.run(run_variant(v, args, dev, out, save))
         except Exception as e:  # noqa: BLE001 - e.g. fp8 unsupported here: say so, go on with the others
             print(f"{v}: failed: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}", flush=True)
             out.setdefault(v, {})["error"] = f"{type(e).__name__}: {e}"[:500]

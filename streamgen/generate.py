@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import sys
 import time
@@ -177,10 +178,19 @@ def _check_memory(args, preset, settings, cfg, width, height) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from streamgen.pipeline import build_pipeline, check_options, engine_settings
+    from streamgen.engine.core import engine_threads
+    from streamgen.pipeline import check_options, pick_device
 
     preset = check_options(args)
     switches = _check(args, preset)
+    # a stream runs on the engine's busy thread, which then gets the CPU's intra-op threads
+    with engine_threads(pick_device(args.device)) if preset.mode != "full" else contextlib.nullcontext() as threads:
+        return _run_with(args, preset, switches, threads)
+
+
+def _run_with(args: argparse.Namespace, preset, switches: dict[int, str], threads: int | None) -> int:
+    from streamgen.pipeline import build_pipeline, engine_settings
+
     width, height = args.width or preset.width, args.height or preset.height
     image = None
     if args.image is not None:
@@ -190,7 +200,7 @@ def _run(args: argparse.Namespace) -> int:
             image = read_image(args.image, width, height)
         except ImageError as e:
             raise UsageError(f"--image {args.image}: {e}") from None
-    settings = engine_settings(args, preset, max_ahead=2)
+    settings = engine_settings(args, preset, max_ahead=2, threads=threads)
     rank = _join_launch(args, preset)
     cfg = _preset_config(preset)
     if cfg is not None:  # refuse before reading any weights

@@ -53,6 +53,8 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,6 +79,30 @@ class EngineError(RuntimeError):
                  retry_after: float | None = None):
         super().__init__(message)
         self.code, self.field, self.retry_after = code, field, retry_after
+
+
+@contextmanager
+def engine_threads(device: torch.device | str) -> Iterator[int | None]:
+    """For a process whose heavy torch work runs on one engine's busy thread (`serve`, `generate`):
+    on the CPU, the calling thread keeps one intra-op thread while the block runs, and the block gets
+    torch's thread count for ``EngineSettings.threads`` (the busy thread takes them); elsewhere None.
+    Enter it before this thread runs any parallel torch op (building the pipeline included).
+
+    Why: torch's OpenMP runtime (libgomp) gives every thread that runs a parallel op its own team
+    of workers, and once the process holds more of them than there are cores it stops letting
+    idle workers spin between parallel regions. A chunk is thousands of small parallel ops, and each
+    then waits for a sleeping worker to wake. On the 2-core CI machine the toy's chunk took 265-305 ms
+    on the busy thread after the main thread had built the pipeline with two threads, and 177-210 ms
+    when the main thread never had a team (tests/test_engine_threads.py checks the threads)."""
+    if torch.device(device).type != "cpu":
+        yield None
+        return
+    n = torch.get_num_threads()  # also fixes this thread's OpenMP setting before it is changed below
+    torch.set_num_threads(1)
+    try:
+        yield n
+    finally:
+        torch.set_num_threads(n)
 
 
 @dataclass
@@ -158,6 +184,9 @@ class EngineSettings:
     # a prompt change abandons the old prompt's chunk still being denoised (nothing of it is
     # committed yet), so the new prompt's first chunk starts at the next forward, not after it
     interrupt_on_prompt: bool = True
+    # intra-op CPU threads of the busy thread (torch.set_num_threads there); None: leave torch's setting
+    # (see ``engine_threads``, which `serve` and `generate` use on the CPU)
+    threads: int | None = None
 
 
 @dataclass
@@ -462,6 +491,9 @@ class Engine:
 
     def _run(self) -> None:
         torch.set_grad_enabled(False)
+        if self.settings.threads:
+            torch.set_num_threads(self.settings.threads)
+            log.info("engine: the busy thread runs %d intra-op CPU threads", torch.get_num_threads())
         warm = self.settings.warmup
         for req in (warm,) if isinstance(warm, GenRequest) else (warm or ()):
             self._warmup(req)  # one per frame size: kernel choice and autotuning are per shape

@@ -12,6 +12,7 @@ same value: a server that starts can serve its own defaults.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import logging
 import os
@@ -90,9 +91,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, pipeline=None) -> int:
     """Serve until interrupted. ``pipeline``: a prebuilt engine Pipeline to serve instead of the one the
-    model options name (bench/client_latency.py: random weights), every other setting from ``args``."""
+    model options name (bench/client_latency.py: random weights), every other setting from ``args``.
+    On the CPU the engine's busy thread gets the intra-op threads (engine.core.engine_threads)."""
+    from streamgen.engine.core import engine_threads
+    from streamgen.pipeline import pick_device
+
     try:
-        cfg, factory, executor = _build(args, pipeline)
+        device = pipeline.device if pipeline is not None else pick_device(args.device)
+    except UsageError as e:
+        print(f"streamgen serve: error: {e}", file=sys.stderr)
+        return 2
+    # the Ray workers are other processes: their engines keep torch's setting
+    with engine_threads(device) if args.ray is None else contextlib.nullcontext() as threads:
+        return _serve(args, pipeline, threads)
+
+
+def _serve(args: argparse.Namespace, pipeline, threads: int | None) -> int:
+    try:
+        cfg, factory, executor = _build(args, pipeline, threads)
     except UsageError as e:
         print(f"streamgen serve: error: {e}", file=sys.stderr)
         return 2
@@ -114,7 +130,7 @@ def run(args: argparse.Namespace, pipeline=None) -> int:
     return 0
 
 
-def _build(args: argparse.Namespace, pipeline=None):
+def _build(args: argparse.Namespace, pipeline=None, threads: int | None = None):
     """Check every setting, then build the frame-source factory (and the engine behind it); ``pipeline``:
     see ``run`` (then ``--model`` names only the preset whose settings apply, and no weights are read)."""
     from concurrent.futures import ThreadPoolExecutor
@@ -201,16 +217,18 @@ def _build(args: argparse.Namespace, pipeline=None):
             sizes.append(size)
     if args.ray is not None:
         return cfg, _ray_factory(args, limits, sizes, w, h, executor), executor
-    engine = build_engine(args, limits, sizes, w, h, pipeline)
+    engine = build_engine(args, limits, sizes, w, h, pipeline, threads=threads)
     from streamgen.server.sources import EngineFactory
 
     return cfg, EngineFactory(args.model, engine, width=w, height=h, executor=executor), executor
 
 
-def build_engine(args: argparse.Namespace, limits, sizes: list[tuple[int, int]], w: int, h: int, pipeline=None):
+def build_engine(args: argparse.Namespace, limits, sizes: list[tuple[int, int]], w: int, h: int, pipeline=None,
+                 threads: int | None = None):
     """The (not started) engine of the checked model options in ``args`` (or of ``pipeline``), warmed up
     at ``sizes``; the default ``w`` x ``h`` must be servable (the check a client's start gets), else
-    UsageError. Each `serve --ray` worker runs this too."""
+    UsageError. ``threads``: the busy thread's intra-op threads (EngineSettings.threads). Each
+    `serve --ray` worker runs this too."""
     from streamgen.engine.core import Engine, EngineError, GenRequest
     from streamgen.pipeline import MODELS, build_pipeline, engine_settings
 
@@ -220,7 +238,7 @@ def build_engine(args: argparse.Namespace, limits, sizes: list[tuple[int, int]],
     try:
         memory = None if args.cache_memory is None else int(args.cache_memory * 2**30)
         engine = Engine(pipe, engine_settings(args, MODELS[args.model], limits=limits, warmup=warmup,
-                                              cache_memory=memory,
+                                              cache_memory=memory, threads=threads,
                                               warmup_batch=getattr(args, "max_sessions", None)))  # batches it can hold
         # the defaults must be servable: the same check a client's start gets
         check = GenRequest("check", w, h, chunks=None if engine.settings.local_frames else 1)
