@@ -115,7 +115,8 @@ async def run(args) -> dict:
                     "methods": sorted(set(flat("method"))),
                     "colour_visible_s_median": med(flat("colour_visible_s")),
                     "colour_visible_s": [None if x is None else round(x, 2) for x in flat("colour_visible_s")],
-                    "stalls": [r["stalls"] for r in rows], "gaps": [r["gaps"] for r in rows]}
+                    "stalls": [r["stalls"] for r in rows], "stall_logs": [r["stall_log"] for r in rows],
+                    "gaps": [r["gaps"] for r in rows]}
     return {"serve": f"python -m streamgen serve --port P {args.serve_args}".strip(), "health": json.loads(health),
             "results": results}
 

@@ -77,3 +77,14 @@ def test_build_follows_the_rule():
     pipe = build("toy")
     assert pipe.dtype == torch.float32 and next(pipe.decoder.parameters()).dtype == want
     assert next(build("toy", decoder_dtype=torch.float32).decoder.parameters()).dtype == torch.float32
+
+
+def test_serve_shortens_libgomp_spin_unless_the_user_set_it_or_torch_is_loaded():
+    from streamgen.cli import SERVE_ENV, command_env
+
+    assert command_env(["serve", "--port", "8765"], {}, False) == SERVE_ENV == {"GOMP_SPINCOUNT": "10000"}
+    assert command_env(["-v", "serve"], {"PATH": "/bin"}, False) == SERVE_ENV
+    assert command_env(["serve"], {"GOMP_SPINCOUNT": "300000"}, False) == {}  # the user's setting wins
+    assert command_env(["serve"], {}, True) == {}  # too late: libgomp read its settings when torch loaded
+    assert command_env(["generate", "--prompt", "serve"], {}, False) == {}
+    assert command_env([], {}, False) == {}
