@@ -93,7 +93,7 @@ def engine_threads(device: torch.device | str) -> Iterator[int | None]:
     idle workers spin between parallel regions. A chunk is thousands of small parallel ops, and each
     then waits for a sleeping worker to wake. On the 2-core CI machine the toy's chunk took 265-305 ms
     on the busy thread after the main thread had built the pipeline with two threads, and 177-210 ms
-    when the main thread never had a team (tests/test_engine_threads.py checks the threads)."""
+    when the main thread never had a team (tests/test_cpu_paths.py checks who holds the threads)."""
     if torch.device(device).type != "cpu":
         yield None
         return
