@@ -94,6 +94,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import Clock, fill_random_  # noqa: E402
 from streamgen.models.checkpoints import diffusers_to_native  # noqa: E402
 from streamgen.models.wan import WanCache, WanConfig, WanModel  # noqa: E402
+from streamgen.ops.attention import use_backend  # noqa: E402
 from streamgen.ops.compile import compile_blocks, uncompile_blocks  # noqa: E402
 from streamgen.ops.quant import fp8_support, quantize, weight_bytes  # noqa: E402
 
@@ -240,6 +241,46 @@ def compiled_state(model: WanModel, wrapped: bool) -> tuple[bool, str]:
     return True, ""
 
 
+ATTN_KEYS = ("flash", "fmha", "attn", "attention", "sdpa")
+GEMM_KEYS = ("gemm", "nvjet", "cutlass", "xmma", "cublas", "matmul", "scaled_mm")
+
+
+def kernel_kind(name: str) -> str:
+    """"attention", "gemm" or "other" for a CUDA kernel's name (see ``kernel_shares``)."""
+    low = name.lower()
+    if any(k in low for k in ATTN_KEYS) and not low.startswith("triton_"):
+        return "attention"
+    return "gemm" if any(k in low for k in GEMM_KEYS) else "other"
+
+
+def kernel_shares(fn: Callable[[], torch.Tensor]) -> dict:
+    """GPU kernel time of one ``fn()`` call by kind (torch.profiler): attention, GEMM, other (pointwise, norms,
+    copies, Triton kernels), in ms, and the five longest kernels. A kernel is attention when its name has one
+    of ``ATTN_KEYS`` (cuDNN's, SDPA's and flash-attn's do) and it is not an Inductor-made Triton kernel (those take
+    the names of the ops they fuse, attention's neighbours too), else a GEMM when it has one of ``GEMM_KEYS``."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    kinds = {"attention": 0.0, "gemm": 0.0, "other": 0.0}
+    per_name: dict[str, float] = {}
+    for e in prof.events():
+        if e.device_type != DeviceType.CUDA:
+            continue
+        us = e.time_range.elapsed_us()
+        kinds[kernel_kind(e.name)] += us / 1e3
+        per_name[e.name] = per_name.get(e.name, 0.0) + us / 1e3
+    total = sum(kinds.values())
+    out = {f"{k}_ms": round(v, 1) for k, v in kinds.items()}
+    out["kernel_ms"] = round(total, 1)
+    out.update({f"{k}_share": round(v / total, 3) if total else None for k, v in kinds.items()})
+    out["top"] = [[n[:90], round(v, 1)] for n, v in sorted(per_name.items(), key=lambda kv: -kv[1])[:5]]
+    return out
+
+
 class Chunk:
     """One streaming chunk at the end of the clip, on a cache primed once by eager ours (see the docstring)."""
 
@@ -300,6 +341,12 @@ class Runner:
             self.emit({**row, "status": "error", "error": f"{type(exc).__name__}: {exc}"[:400]})
             return None
         out = res["out"]
+        if name in self.args.profile_rows and self.clock.cuda:
+            try:
+                res["profile"] = kernel_shares(fn)
+                print(f"profile {name}: " + json.dumps(res["profile"]), flush=True)
+            except Exception as exc:  # noqa: BLE001 - informative only
+                print(f"profile {name}: failed ({type(exc).__name__}: {exc})", flush=True)
         rel_d, max_d = compare(out, self.ref)
         rel_32, max_32 = compare(out, self.ref32)
         row.update(res)
@@ -374,6 +421,8 @@ def run(args, device: torch.device, dtype: torch.dtype, info: dict) -> list[dict
     t_build = time.perf_counter()
     dm = build_diffusers(cfg, device, dtype, seed=0)
     ours = ours_from_diffusers(dm, cfg)
+    if args.attn == "fa4":
+        use_backend(ours, "flash")
     info["build_s"] = round(time.perf_counter() - t_build, 2)
     info["params_b"] = round(sum(p.numel() for p in ours.parameters()) / 1e9, 4)
     info["rope_dtype"] = str(dm.rope.freqs_cos.dtype)
@@ -514,7 +563,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma list of " + ", ".join(VARIANTS))
     p.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default bf16 on CUDA, fp32 on the CPU")
     p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default cuda where there is one")
-    p.add_argument("--attn", choices=("sdpa", "cudnn"), default="sdpa", help="cudnn: SDPA's cuDNN kernel first, both")
+    p.add_argument("--attn", choices=("sdpa", "cudnn", "fa4"), default="sdpa",
+                   help="cudnn: SDPA's cuDNN kernel first, both; fa4: ours on flash-attn-4, diffusers on its default")
+    p.add_argument("--profile", default="", help="comma list of rows to profile one full call of (kernel shares)")
     p.add_argument("--compile-backend", default=None,
                    help="torch.compile backend (default inductor; --smoke aot_eager)")
     p.add_argument("--fp32-ref", choices=("auto", "on", "off"), default="auto", help="auto: where it fits")
@@ -540,6 +591,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     for v in args.variant_list:
         if v not in VARIANTS:
             p.error(f"--variants: {v!r} is not one of {', '.join(VARIANTS)}")
+    args.profile_rows = [v for v in args.profile.split(",") if v]
+    for v in args.profile_rows:
+        if v not in ("diffusers", *VARIANTS):
+            p.error(f"--profile: {v!r} is not one of diffusers, {', '.join(VARIANTS)}")
     try:
         cfg = WanConfig.preset(args.preset)
     except ValueError as exc:
@@ -579,6 +634,15 @@ def main(argv: list[str] | None = None) -> int:
         info["diffusers_attn_backend"] = str(_AttentionBackendRegistry.get_active_backend()[0])
     except Exception:  # noqa: BLE001 - a private API: informative only
         info["diffusers_attn_backend"] = "unknown"
+    if args.attn == "fa4":
+        from streamgen.ops.attention import detect
+
+        found = detect()
+        if not (found.flash_attn or "").startswith("flash_attn.cute"):
+            print(f"--attn fa4: flash-attn-4 (flash_attn.cute) is not importable here (found: {found.flash_attn})",
+                  file=sys.stderr)
+            return 2
+        info["ours_attn"] = f"{found.flash_attn} {found.flash_attn_version}"
     if args.attn == "cudnn":
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
