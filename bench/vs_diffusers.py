@@ -1,7 +1,7 @@
 """Our Wan DiT against diffusers' ``WanTransformer3DModel`` in one process: one bidirectional forward (issue 12).
 
-On one H200, one device call (14B, 832x480, 21 latent = 81 video frames = 32760 tokens; estimated 5-8 min, not yet
-run there): carry only ``.wheels/diffusers-0.42.1-py3-none-any.whl``, timeout 600 s, command:
+On one H200, one device call (14B, 832x480, 21 latent = 81 video frames = 32760 tokens; 199 s there on 2026-12-01,
+the 1.3B 74 s; results in bench/BENCHMARKS.md): carry only ``.wheels/diffusers-0.42.1-py3-none-any.whl``, command:
 
     set -o pipefail; python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site \\
         --find-links .wheels diffusers==0.42.1 && PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 \\
@@ -27,7 +27,10 @@ weights) are built afresh on the device, as its ``__init__`` makes them. No host
 SAME tensors through the project's key map (``checkpoints.diffusers_to_native`` + ``load_state_dict(strict=True,
 assign=True)``): both models share one copy of the weights (14B bf16: 28.6 GB), so they compute the same function.
 diffusers runs with its default attention processor (``WanAttnProcessor``, dispatch backend "native": PyTorch SDPA),
-ours with its default (PyTorch SDPA); ``--attn cudnn`` puts SDPA's cuDNN kernel first for both.
+ours with its default (PyTorch SDPA); ``--attn cudnn`` puts SDPA's cuDNN kernel first for both; ``--attn fa4`` runs
+ours on flash-attn-4 (``ops.attention.use_backend(model, "flash")``; exit 2 where ``flash_attn.cute`` does not import)
+and leaves diffusers on its default. ``--profile ROWS`` adds one profiled call to those full rows: GPU kernel time by
+kind (``kernel_kind``: attention, GEMM, other) and the five longest kernels, in the row's ``profile``.
 
 Inputs: random latents (1, 16, F, H/8, W/8) in ``--dtype``, t = 757, a random 512-token context of ``text_dim``
 (512 = text_len: no padding difference). What is timed, per row: one full ``forward`` under ``torch.no_grad``: a
