@@ -93,6 +93,39 @@ class Bench:
         self.sync()
         return time.perf_counter() - t0, lat
 
+    def profile(self, chunks: int) -> dict:
+        """GPU kernel time of ``chunks`` steady DiT chunks (after the warm-up) by kind, and the 15 longest kernels."""
+        from torch.autograd import DeviceType
+        from torch.profiler import ProfilerActivity, profile
+
+        from bench.vs_diffusers import kernel_kind
+
+        sess = self.session()
+        for _ in range(self.args.warmup):
+            sess.next_chunk()
+        self.sync()
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+        t0 = time.perf_counter()
+        with profile(activities=acts) as prof:
+            for _ in range(chunks):
+                sess.next_chunk()
+            self.sync()
+        wall = time.perf_counter() - t0
+        kinds: dict[str, float] = {"attention": 0.0, "gemm": 0.0, "other": 0.0}
+        per: dict[str, list] = {}
+        for e in prof.events():
+            if e.device_type != DeviceType.CUDA:
+                continue
+            ms = e.time_range.elapsed_us() / 1e3
+            kinds[kernel_kind(e.name)] += ms / chunks
+            slot = per.setdefault(e.name, [0.0, 0])
+            slot[0] += ms / chunks
+            slot[1] += 1
+        top = sorted(per.items(), key=lambda kv: -kv[1][0])[:15]
+        return {"chunks": chunks, "wall_ms_per_chunk": round(wall * 1e3 / chunks, 1),
+                **{f"{k}_ms_per_chunk": round(v, 1) for k, v in kinds.items()},
+                "top": [[n[:100], round(v[0], 2), v[1] // chunks] for n, v in top]}
+
     def decode(self, dec, lat: list[torch.Tensor]) -> float:
         st = dec.new_state()
         for x in lat[:1]:
@@ -155,6 +188,8 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--width", type=int, default=832)
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="also profile N steady DiT chunks: kernel time a chunk by kind, the 15 longest kernels")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -193,14 +228,21 @@ def main(argv=None) -> int:
                "same_bytes": same, "serial_all": [round(v, 4) for v in ser], "overlap_all": [round(v, 4) for v in ovl]}
         rows.append(row)
         print(json.dumps(row), flush=True)
+    prof = b.profile(args.profile) if args.profile else None
     if args.json:
-        Path(args.json).write_text(json.dumps({"info": info, "rows": rows}, indent=1))
+        Path(args.json).write_text(json.dumps({"info": info, "rows": rows, "profile": prof}, indent=1))
     print(f"\n{info['device']}, DiT {args.dit}, decoder {ddt}, {args.chunks} chunks x 12 frames, median of {args.reps}")
     print("| decoder | DiT alone fps | decode alone fps | serial fps | overlap fps | gain | ideal | same bytes |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for r in rows:
         print(f"| {r['decoder']} | {r['dit_fps']} | {r['decode_fps']} | {r['serial_fps']} | {r['overlap_fps']} | "
               f"{r['gain']:.3f}x | {r['ideal']:.3f}x | {r['same_bytes']} |")
+    if prof:
+        print(f"\nDiT profile, {prof['chunks']} steady chunks: wall {prof['wall_ms_per_chunk']} ms a chunk under the "
+              f"profiler; kernels a chunk: attention {prof['attention_ms_per_chunk']} ms, GEMMs {prof['gemm_ms_per_chunk']}, "
+              f"other {prof['other_ms_per_chunk']}")
+        for name, ms, calls in prof["top"]:
+            print(f"  {ms:8.2f} ms  x{calls:<4d} {name}")
     return 0 if all(r["same_bytes"] for r in rows) else 1
 
 

@@ -70,8 +70,13 @@ def test_overlap_smoke(tmp_path):
     bench = load_bench("overlap")
     out = tmp_path / "overlap.json"
     torch.manual_seed(0)
-    assert bench.main(["--smoke", "--json", str(out)]) == 0
-    rows = json.loads(out.read_text())["rows"]
+    assert bench.main(["--smoke", "--profile", "1", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    rows = data["rows"]
+    prof = data["profile"]  # on the CPU no CUDA kernels: the kinds are there, at zero
+    assert prof["chunks"] == 1 and prof["wall_ms_per_chunk"] > 0
+    assert {k: prof[f"{k}_ms_per_chunk"] for k in ("attention", "gemm", "other")} == {"attention": 0.0, "gemm": 0.0,
+                                                                                      "other": 0.0}
     assert [r["decoder"] for r in rows] == ["wan", "taehv"]
     for r in rows:
         assert r["same_bytes"] is True and min(r[f"{k}_fps"] for k in ("dit", "decode", "serial", "overlap")) > 0
