@@ -95,10 +95,53 @@ def _peak_gib(dev: torch.device) -> float:
     return torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else 0.0
 
 
-async def run_n(engine: Engine, n: int, width: int, height: int, chunks: int, warmup: int, tag: int) -> dict:
+class Breakdown:
+    """``--breakdown``: host time spent in the DiT's forwards and the decoder's chunks, wrapped around the pipeline's
+    ``forward_chunk`` / ``forward_rows`` / ``decode_chunk`` (instance attributes, so only this pipeline). On the CPU
+    that is their compute time; on CUDA it would be launch time, so the bench takes it on the CPU only."""
+
+    def __init__(self, pipe: Pipeline):
+        self.t = {"forward": 0.0, "decode": 0.0}
+        self.calls = {"forward": 0, "rows": 0, "decode": 0}
+        model = pipe.model
+        for name in ("forward_chunk", "forward_rows"):
+            self._wrap(model, name, "forward")
+        self._wrap(pipe.decoder, "decode_chunk", "decode")
+
+    def _wrap(self, obj, name: str, key: str) -> None:
+        fn = getattr(obj, name)
+
+        def timed(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                self.t[key] += time.perf_counter() - t0
+                self.calls[key] += 1
+                if key == "forward":  # forward_rows(x, t, caches, ...): a row per cache batch entry
+                    caches = k.get("caches", a[2] if len(a) > 2 else []) if name == "forward_rows" else None
+                    self.calls["rows"] += sum(c.batch for c in caches) if caches is not None else a[0].shape[0]
+
+        setattr(obj, name, timed)
+
+    def reset(self) -> None:
+        self.t = dict.fromkeys(self.t, 0.0)
+        self.calls = dict.fromkeys(self.calls, 0)
+
+    def result(self) -> dict:
+        c, t = self.calls, self.t
+        return {"forward_ms": 1e3 * t["forward"] / max(c["forward"], 1),
+                "forward_ms_per_row": 1e3 * t["forward"] / max(c["rows"], 1),
+                "decode_ms_per_chunk": 1e3 * t["decode"] / max(c["decode"], 1)}
+
+
+async def run_n(engine: Engine, n: int, width: int, height: int, chunks: int, warmup: int, tag: int,
+                breakdown: Breakdown | None = None) -> dict:
     """N sessions opened together, each taking ``chunks`` chunks as fast as it can."""
     dev = torch.device(engine.pipeline.device)
     _peak_reset(dev)
+    if breakdown is not None:
+        breakdown.reset()
     before = dict(engine.stats)
     t_open = time.perf_counter()
     handles = await asyncio.gather(*(engine.open(GenRequest(f"a red fox running through snow {tag}.{i}", width, height,
@@ -119,7 +162,8 @@ async def run_n(engine: Engine, n: int, width: int, height: int, chunks: int, wa
     # aggregate: every session's steady frames over the span from the first steady start to the last chunk
     agg = sum(sum(f[warmup:]) for _, f in got) / (max(s[-1] for s, _ in got) - min(s[warmup - 1] for s, _ in got))
     fw = engine.stats["forwards"] - before["forwards"]
-    return {"n": n, "max_batch": engine.settings.max_batch, "first_chunk_s_max": max(firsts),
+    extra = breakdown.result() if breakdown is not None else {}
+    return {**extra, "n": n, "max_batch": engine.settings.max_batch, "first_chunk_s_max": max(firsts),
             "first_chunk_s_median": statistics.median(firsts), "gen_fps_per_session_median": statistics.median(per),
             "gen_fps_per_session_min": min(per), "gen_fps_aggregate": agg,
             "rows_per_forward": (engine.stats["rows"] - before["rows"]) / max(fw, 1), "peak_gib": _peak_gib(dev),
@@ -143,6 +187,7 @@ def summary(variant: str, max_batch: int, runs: list[dict]) -> None:
 async def run_variant(variant: str, args, dev: torch.device, out: dict, save) -> None:
     t0 = time.perf_counter()
     pipe, width, height = build(variant, dev, args.model, args.smoke, args.decoder_dtype)
+    breakdown = Breakdown(pipe) if args.breakdown else None
     rows = out.setdefault(variant, {"width": width, "height": height, "runs": []})["runs"]
     per_session = None
     for max_batch in args.max_batch:
@@ -160,21 +205,28 @@ async def run_variant(variant: str, args, dev: torch.device, out: dict, save) ->
             per_session = Engine(pipe, settings).cache_bytes(GenRequest("x", width, height))
         # the pool holds exactly the largest N's caches, so the peak shows what N sessions need
         settings.cache_memory = max(args.sessions) * (per_session + 4096)
-        engine = Engine(pipe, settings).start()
         ns = [n for n in args.sessions if max_batch > 1 or n in args.unbatched]
+        if not ns:  # e.g. max_batch=1 with --unbatched ""
+            continue
+        engine = Engine(pipe, settings).start()
         try:
             for rnd in range(args.rounds):  # the N values in turn, round after round (drift hits every N alike)
                 if time.perf_counter() - args.t_start > args.budget_s:
                     print(f"{variant}: time budget spent, round {rnd + 1} skipped", flush=True)
                     break
                 for k, n in enumerate(ns):
-                    r = await run_n(engine, n, width, height, args.chunks, args.warmup, tag=rnd * len(ns) + k)
+                    r = await run_n(engine, n, width, height, args.chunks, args.warmup, tag=rnd * len(ns) + k,
+                                    breakdown=breakdown)
                     r["round"] = rnd
                     rows.append(r)
                     print(f"{variant} max_batch={max_batch} N={n} round {rnd + 1}: per-session "
                           f"{r['gen_fps_per_session_median']:.1f} fps (min {r['gen_fps_per_session_min']:.1f}), "
                           f"aggregate {r['gen_fps_aggregate']:.1f} fps, 1st chunk {r['first_chunk_s_max']:.2f} s, "
                           f"rows/forward {r['rows_per_forward']:.2f}, peak {r['peak_gib']:.1f} GiB", flush=True)
+                    if breakdown is not None:
+                        print(f"  breakdown (whole run, warm-up chunks included): DiT {r['forward_ms']:.1f} ms a "
+                              f"forward = {r['forward_ms_per_row']:.1f} ms a row; decoder {r['decode_ms_per_chunk']:.1f} "
+                              f"ms a session's chunk", flush=True)
                     save()
         finally:
             engine.close()
@@ -199,6 +251,8 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=1, help="chunks per session not timed for the steady rate")
     ap.add_argument("--decoder-dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                     help="--model toy: its decoder's dtype (auto: as `serve`, bfloat16 on a CPU with native bfloat16)")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="CPU only: host time a DiT forward / a row of it / a session's decode (see Breakdown)")
     ap.add_argument("--rounds", type=int, default=1, help="run the N values this many times in turn; print medians")
     ap.add_argument("--model", choices=("wan1.3b", "toy"), default="wan1.3b")
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -225,6 +279,8 @@ def main() -> int:
     dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cpu" and args.model != "toy" and not args.smoke:
         ap.error("the 1.3B model needs a GPU; on a CPU use --model toy (or --smoke)")
+    if args.breakdown and dev.type != "cpu":
+        ap.error("--breakdown times the host: it means compute time on the CPU only (use --device cpu)")
     args.t_start = time.perf_counter()
     out: dict = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
                  "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "model": args.model,
