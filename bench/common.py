@@ -70,3 +70,34 @@ def sync_free(model, x, t, cache, start) -> bool | str:
         return f"no: {exc}"[:200]
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+ATTN_KEYS = ("flash", "fmha", "attn", "attention", "sdpa")
+GEMM_KEYS = ("gemm", "nvjet", "cutlass", "xmma", "cublas", "matmul", "scaled_mm")
+
+
+def kernel_kind(name: str) -> str:
+    """"attention", "gemm" or "other" for a CUDA kernel's name. Attention: the name has one of ``ATTN_KEYS``
+    (cuDNN's, SDPA's and flash-attn's do) and it is not an Inductor-made Triton kernel (those take the names of
+    the ops they fuse, attention's neighbours too); else a GEMM when it has one of ``GEMM_KEYS``."""
+    low = name.lower()
+    if any(k in low for k in ATTN_KEYS) and not low.startswith("triton_"):
+        return "attention"
+    return "gemm" if any(k in low for k in GEMM_KEYS) else "other"
+
+
+def kernel_times(prof) -> tuple[dict[str, float], dict[str, list]]:
+    """The CUDA kernels of a finished ``torch.profiler.profile``: ms by ``kernel_kind``, and {name: [ms, calls]}."""
+    from torch.autograd import DeviceType
+
+    kinds = {"attention": 0.0, "gemm": 0.0, "other": 0.0}
+    per_name: dict[str, list] = {}
+    for e in prof.events():
+        if e.device_type != DeviceType.CUDA:
+            continue
+        ms = e.time_range.elapsed_us() / 1e3
+        kinds[kernel_kind(e.name)] += ms
+        slot = per_name.setdefault(e.name, [0.0, 0])
+        slot[0] += ms
+        slot[1] += 1
+    return kinds, per_name

@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import random_wan  # noqa: E402
+from bench.common import kernel_times, random_wan  # noqa: E402
 from streamgen.models.taehv import TAEHV, TAEHVConfig  # noqa: E402
 from streamgen.models.wan import WanConfig, WanModel  # noqa: E402
 from streamgen.models.wan_vae import WanVAE, WanVAEConfig  # noqa: E402
@@ -95,10 +95,7 @@ class Bench:
 
     def profile(self, chunks: int) -> dict:
         """GPU kernel time of ``chunks`` steady DiT chunks (after the warm-up) by kind, and the 15 longest kernels."""
-        from torch.autograd import DeviceType
         from torch.profiler import ProfilerActivity, profile
-
-        from bench.vs_diffusers import kernel_kind
 
         sess = self.session()
         for _ in range(self.args.warmup):
@@ -111,16 +108,9 @@ class Bench:
                 sess.next_chunk()
             self.sync()
         wall = time.perf_counter() - t0
-        kinds: dict[str, float] = {"attention": 0.0, "gemm": 0.0, "other": 0.0}
-        per: dict[str, list] = {}
-        for e in prof.events():
-            if e.device_type != DeviceType.CUDA:
-                continue
-            ms = e.time_range.elapsed_us() / 1e3
-            kinds[kernel_kind(e.name)] += ms / chunks
-            slot = per.setdefault(e.name, [0.0, 0])
-            slot[0] += ms / chunks
-            slot[1] += 1
+        kinds, per = kernel_times(prof)
+        kinds = {k: v / chunks for k, v in kinds.items()}
+        per = {n: [ms / chunks, calls] for n, (ms, calls) in per.items()}
         top = sorted(per.items(), key=lambda kv: -kv[1][0])[:15]
         return {"chunks": chunks, "wall_ms_per_chunk": round(wall * 1e3 / chunks, 1),
                 **{f"{k}_ms_per_chunk": round(v, 1) for k, v in kinds.items()},
@@ -182,7 +172,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--decoders", default="wan,taehv")
     p.add_argument("--decoder-dtype", choices=tuple(DTYPES), default=None, help="default bf16 on CUDA, fp32 on the CPU")
-    p.add_argument("--dit", default="compile+graphs", help="eager | compile | compile+graphs")
+    p.add_argument("--dit", choices=("eager", "compile", "compile+graphs"), default="compile+graphs")
     p.add_argument("--chunks", type=int, default=8)
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--reps", type=int, default=3)

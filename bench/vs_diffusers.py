@@ -30,7 +30,7 @@ diffusers runs with its default attention processor (``WanAttnProcessor``, dispa
 ours with its default (PyTorch SDPA); ``--attn cudnn`` puts SDPA's cuDNN kernel first for both; ``--attn fa4`` runs
 ours on flash-attn-4 (``ops.attention.use_backend(model, "flash")``; exit 2 where ``flash_attn.cute`` does not import)
 and leaves diffusers on its default. ``--profile ROWS`` adds one profiled call to those full rows: GPU kernel time by
-kind (``kernel_kind``: attention, GEMM, other) and the five longest kernels, in the row's ``profile``.
+kind (``bench.common.kernel_kind``: attention, GEMM, other) and the five longest kernels, in the row's ``profile``.
 
 Inputs: random latents (1, 16, F, H/8, W/8) in ``--dtype``, t = 757, a random 512-token context of ``text_dim``
 (512 = text_len: no padding difference). What is timed, per row: one full ``forward`` under ``torch.no_grad``: a
@@ -94,7 +94,7 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import Clock, fill_random_  # noqa: E402
+from bench.common import Clock, fill_random_, kernel_times  # noqa: E402
 from streamgen.models.checkpoints import diffusers_to_native  # noqa: E402
 from streamgen.models.wan import WanCache, WanConfig, WanModel  # noqa: E402
 from streamgen.ops.attention import use_backend  # noqa: E402
@@ -244,43 +244,21 @@ def compiled_state(model: WanModel, wrapped: bool) -> tuple[bool, str]:
     return True, ""
 
 
-ATTN_KEYS = ("flash", "fmha", "attn", "attention", "sdpa")
-GEMM_KEYS = ("gemm", "nvjet", "cutlass", "xmma", "cublas", "matmul", "scaled_mm")
-
-
-def kernel_kind(name: str) -> str:
-    """"attention", "gemm" or "other" for a CUDA kernel's name (see ``kernel_shares``)."""
-    low = name.lower()
-    if any(k in low for k in ATTN_KEYS) and not low.startswith("triton_"):
-        return "attention"
-    return "gemm" if any(k in low for k in GEMM_KEYS) else "other"
-
-
 def kernel_shares(fn: Callable[[], torch.Tensor]) -> dict:
-    """GPU kernel time of one ``fn()`` call by kind (torch.profiler): attention, GEMM, other (pointwise, norms,
-    copies, Triton kernels), in ms, and the five longest kernels. A kernel is attention when its name has one
-    of ``ATTN_KEYS`` (cuDNN's, SDPA's and flash-attn's do) and it is not an Inductor-made Triton kernel (those take
-    the names of the ops they fuse, attention's neighbours too), else a GEMM when it has one of ``GEMM_KEYS``."""
-    from torch.autograd import DeviceType
+    """GPU kernel time of one ``fn()`` call by kind (torch.profiler; ``bench.common.kernel_kind``): attention, GEMM,
+    other (pointwise, norms, copies, Triton kernels), in ms, and the five longest kernels."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    kinds = {"attention": 0.0, "gemm": 0.0, "other": 0.0}
-    per_name: dict[str, float] = {}
-    for e in prof.events():
-        if e.device_type != DeviceType.CUDA:
-            continue
-        us = e.time_range.elapsed_us()
-        kinds[kernel_kind(e.name)] += us / 1e3
-        per_name[e.name] = per_name.get(e.name, 0.0) + us / 1e3
+    kinds, per_name = kernel_times(prof)
     total = sum(kinds.values())
     out = {f"{k}_ms": round(v, 1) for k, v in kinds.items()}
     out["kernel_ms"] = round(total, 1)
     out.update({f"{k}_share": round(v / total, 3) if total else None for k, v in kinds.items()})
-    out["top"] = [[n[:90], round(v, 1)] for n, v in sorted(per_name.items(), key=lambda kv: -kv[1])[:5]]
+    out["top"] = [[n[:90], round(v[0], 1)] for n, v in sorted(per_name.items(), key=lambda kv: -kv[1][0])[:5]]
     return out
 
 

@@ -55,7 +55,7 @@ def test_attn_kernels_bad_options_name_the_option(capsys):
 
 
 def test_kernel_kinds_of_real_kernel_names():
-    kind = load_bench("vs_diffusers").kernel_kind
+    from bench.common import kernel_kind as kind
     # names as torch.profiler reported them on the H200 (bench/BENCHMARKS.md, the 14B kernel shares)
     assert kind("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x128_4x1x1_cga1x1") == "attention"
     assert kind("kernel_cutlass_kernel_flash_attncuteflash_fwd_sm90FlashAttentionForwardSm90_object") == "attention"
