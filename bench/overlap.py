@@ -37,7 +37,9 @@ from bench.common import kernel_times, random_wan  # noqa: E402
 from streamgen.models.taehv import TAEHV, TAEHVConfig  # noqa: E402
 from streamgen.models.wan import WanConfig, WanModel  # noqa: E402
 from streamgen.models.wan_vae import WanVAE, WanVAEConfig  # noqa: E402
+from streamgen.ops.attention import use_backend  # noqa: E402
 from streamgen.ops.compile import compile_blocks  # noqa: E402
+from streamgen.ops.fused import fuse_ffn_gelu  # noqa: E402
 from streamgen.ops.graphs import ChunkGraphs  # noqa: E402
 from streamgen.sampling.stream import SessionState, StreamConfig  # noqa: E402
 
@@ -62,6 +64,9 @@ class Bench:
         else:
             self.model = random_wan("wan2.1-t2v-1.3b", dev, torch.bfloat16).requires_grad_(False)
         self.graphs = None
+        use_backend(self.model)  # flash-attn where installed, as streamgen.pipeline.build
+        if args.gelu_epilogue:
+            fuse_ffn_gelu(self.model)
         if "compile" in args.dit:
             compile_blocks(self.model)
         if "graphs" in args.dit and self.cuda:
@@ -173,6 +178,7 @@ def main(argv=None) -> int:
     p.add_argument("--decoders", default="wan,taehv")
     p.add_argument("--decoder-dtype", choices=tuple(DTYPES), default=None, help="default bf16 on CUDA, fp32 on the CPU")
     p.add_argument("--dit", choices=("eager", "compile", "compile+graphs"), default="compile+graphs")
+    p.add_argument("--gelu-epilogue", action="store_true", help="the FFN GELU in its GEMM's epilogue (ops.fused)")
     p.add_argument("--chunks", type=int, default=8)
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--reps", type=int, default=3)

@@ -44,16 +44,20 @@ from streamgen.models.taehv import TAEHV, TAEHVConfig  # noqa: E402
 from streamgen.models.text import load_text_encoder  # noqa: E402
 from streamgen.models.wan import WanConfig, WanModel  # noqa: E402
 from streamgen.models.wan_vae import WanVAE, WanVAEConfig  # noqa: E402
+from streamgen.ops.attention import use_backend  # noqa: E402
 from streamgen.ops.compile import compile_blocks  # noqa: E402
+from streamgen.ops.fused import fuse_ffn_gelu  # noqa: E402
 from streamgen.sampling.stream import SessionState  # noqa: E402
 
 
 def build(decoder: str, compile_dit: bool, dev: torch.device, smoke: bool = False, ref: bool = False,
-          bf16_decoder: bool = False, graphs: bool = False, quant: str | None = None):
+          bf16_decoder: bool = False, graphs: bool = False, quant: str | None = None, gelu: bool = False):
     """smoke: tiny configs in float32, to check the script on a CPU; ref: the Wan VAE's reference decode path;
     bf16_decoder: the decoder in bf16 (as `streamgen serve` loads it: the model dtype) instead of fp16;
     graphs: each session's chunk step replayed as CUDA graphs (``serve --cuda-graphs``); quant: "fp8" or
-    "int8-weight" linears (``serve --quant``), applied before compiling, as streamgen.pipeline.build does."""
+    "int8-weight" linears (``serve --quant``), applied before compiling, as streamgen.pipeline.build does;
+    gelu: the FFN's GELU in its first GEMM's epilogue (streamgen.ops.fused). Attention: flash-attn where
+    installed, else SDPA (``use_backend``, as streamgen.pipeline.build)."""
     torch.manual_seed(0)
     dt, ht = (torch.float32, torch.float32) if smoke else (torch.bfloat16, torch.float16)
     if smoke:
@@ -64,6 +68,9 @@ def build(decoder: str, compile_dit: bool, dev: torch.device, smoke: bool = Fals
         from streamgen.ops.quant import quantize
 
         model = quantize(model, quant)
+    model = use_backend(model)
+    if gelu:
+        fuse_ffn_gelu(model)
     compiled = compile_blocks(model) if compile_dit else False
     chunk_graphs = None
     if graphs:
@@ -85,10 +92,10 @@ def build(decoder: str, compile_dit: bool, dev: torch.device, smoke: bool = Fals
 
 
 def build_variant(variant: str, dev: torch.device, smoke: bool = False):
-    """``DECODER[+compile][+graphs][+fp8][+ref][+bf16]`` -> (pipeline, the options)."""
+    """``DECODER[+compile][+graphs][+fp8][+ref][+bf16][+gelu]`` -> (pipeline, the options)."""
     decoder, *opts = variant.split("+")
     return build(decoder, "compile" in opts, dev, smoke, ref="ref" in opts, bf16_decoder="bf16" in opts,
-                 graphs="graphs" in opts, quant="fp8" if "fp8" in opts else None), opts
+                 graphs="graphs" in opts, quant="fp8" if "fp8" in opts else None, gelu="gelu" in opts), opts
 
 
 async def run_stream(pipeline: Pipeline, args) -> dict:

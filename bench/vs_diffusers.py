@@ -99,6 +99,7 @@ from streamgen.models.checkpoints import diffusers_to_native  # noqa: E402
 from streamgen.models.wan import WanCache, WanConfig, WanModel  # noqa: E402
 from streamgen.ops.attention import use_backend  # noqa: E402
 from streamgen.ops.compile import compile_blocks, uncompile_blocks  # noqa: E402
+from streamgen.ops.fused import fuse_ffn_gelu  # noqa: E402
 from streamgen.ops.quant import fp8_support, quantize, weight_bytes  # noqa: E402
 
 T0 = time.perf_counter()
@@ -404,6 +405,8 @@ def run(args, device: torch.device, dtype: torch.dtype, info: dict) -> list[dict
     ours = ours_from_diffusers(dm, cfg)
     if args.attn == "fa4":
         use_backend(ours, "flash")
+    if args.gelu_epilogue:
+        info["gelu_epilogue_blocks"] = fuse_ffn_gelu(ours)
     info["build_s"] = round(time.perf_counter() - t_build, 2)
     info["params_b"] = round(sum(p.numel() for p in ours.parameters()) / 1e9, 4)
     info["rope_dtype"] = str(dm.rope.freqs_cos.dtype)
@@ -546,6 +549,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default cuda where there is one")
     p.add_argument("--attn", choices=("sdpa", "cudnn", "fa4"), default="sdpa",
                    help="cudnn: SDPA's cuDNN kernel first, both; fa4: ours on flash-attn-4, diffusers on its default")
+    p.add_argument("--gelu-epilogue", action="store_true",
+                   help="ours with the FFN GELU in its first GEMM's epilogue (streamgen.ops.fused; bf16 rows)")
     p.add_argument("--profile", default="", help="comma list of rows to profile one full call of (kernel shares)")
     p.add_argument("--compile-backend", default=None,
                    help="torch.compile backend (default inductor; --smoke aot_eager)")
