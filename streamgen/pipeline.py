@@ -571,6 +571,10 @@ def build(preset: ModelPreset | str, *, device=None, dtype=None, decoder: str | 
         model = model.to(dtype=dtype)
         offload_blocks(model, device=device, prefetch=offload)  # the handle lives on in the blocks' hooks
     model = use_backend(model.eval().requires_grad_(False))
+    if device.type == "cuda":  # the FFN's GELU in its first GEMM's epilogue, where the probe passes (ops.fused)
+        from streamgen.ops.fused import fuse_ffn_gelu
+
+        fuse_ffn_gelu(model)
     compiled = False
     if compile:
         from streamgen.ops.compile import compile_blocks

@@ -22,6 +22,11 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "sdpa", "flash")
 
+# ``auto`` takes flash-attn only from this many keys on. Measured on an H200 (bench/BENCHMARKS.md, attention
+# kernels per call shape): flash-attn-4 is 1.09-1.20x SDPA's cuDNN kernel over 18720-32760 keys, level at 4680
+# keys (0.323 vs 0.312 ms), and 1.4-1.7x slower on the 512-key cross-attention.
+FLASH_MIN_KEYS = 8192
+
 
 @dataclass(frozen=True)
 class Detected:
@@ -82,6 +87,13 @@ def _log_once(msg: str) -> None:
     log.info(msg)
 
 
+def wants_flash(backend: str, is_cuda: bool, dtype: torch.dtype, n_keys: int, masked: bool) -> bool:
+    """Whether :func:`attention` tries flash-attn for a call (it still falls back where none is installed)."""
+    if backend == "sdpa" or masked or not is_cuda or dtype not in (torch.float16, torch.bfloat16):
+        return False
+    return backend == "flash" or n_keys >= FLASH_MIN_KEYS
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -92,11 +104,12 @@ def attention(
 ) -> torch.Tensor:
     """Scaled dot-product attention on ``(B, L, H, D)`` tensors; returns ``(B, Lq, H, D)``.
 
-    ``attn_mask`` (bool, True = attend, broadcastable to ``(B, H, Lq, Lk)``) forces SDPA.
+    ``attn_mask`` (bool, True = attend, broadcastable to ``(B, H, Lq, Lk)``) forces SDPA. ``auto`` uses
+    flash-attn where installed and there are at least ``FLASH_MIN_KEYS`` keys; ``flash`` at any length.
     """
     if backend not in BACKENDS:
         raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
-    if backend != "sdpa" and attn_mask is None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+    if wants_flash(backend, q.is_cuda, q.dtype, k.shape[1], attn_mask is not None):
         fn, path, _ = _flash_fn()
         if fn is not None:
             out = fn(q, k, v)
