@@ -9,6 +9,8 @@ Backends (each where it runs; a failing one is a row that says why):
   flash      SDPA restricted to ``SDPBackend.FLASH_ATTENTION`` (FlashAttention-2 inside PyTorch)
   efficient  SDPA restricted to ``SDPBackend.EFFICIENT_ATTENTION``
   fa4        flash-attn-4 (``flash_attn.cute.flash_attn_func``), only where it imports
+  fp8        streamgen.ops.fp8_attention (Triton, fp8 Q·Kᵀ and P·V, the quantization included in the time);
+             ``fp8@BMxBNwWsS`` a tile config (e.g. fp8@128x64w4s3); numerics tolerance 5e-2 instead of 2e-2
 
 Shapes: the attention calls of one streaming chunk and of one full bidirectional forward at 832x480
 (1560 tokens a latent frame), 1.3B (12 heads) and 14B (40 heads), head dim 128:
@@ -55,7 +57,7 @@ SHAPES = {  # name: (batch, q tokens, k tokens, heads, head dim)
     "14b-full": (1, 21 * FRAME, 21 * FRAME, 40, 128),
 }
 TINY = {"tiny-self": (1, 96, 96, 2, 16), "tiny-cross": (1, 96, 32, 2, 16)}
-BACKENDS = ("sdpa", "cudnn", "flash", "efficient", "fa4")
+BACKENDS = ("sdpa", "cudnn", "flash", "efficient", "fa4", "fp8")
 
 
 def backend_fn(name: str):
@@ -75,6 +77,11 @@ def backend_fn(name: str):
             with sdpa_kernel([kind]):
                 return sdpa(q, k, v)
         return only
+    if name == "fp8" or name.startswith("fp8@"):
+        from streamgen.ops.fp8_attention import fp8_attention
+
+        config = parse_fp8_config(name[4:]) if name.startswith("fp8@") else None
+        return lambda q, k, v: fp8_attention(q, k, v, config=config)
     if name == "fa4":
         from flash_attn.cute import flash_attn_func  # ImportError: the row says so
 
@@ -83,6 +90,20 @@ def backend_fn(name: str):
             return out[0] if isinstance(out, tuple) else out
         return fa4
     raise ValueError(f"unknown backend {name!r}")
+
+
+def parse_fp8_config(text: str) -> tuple[int, int, int, int]:
+    """``128x64w4s3`` -> (BLOCK_M 128, BLOCK_N 64, 4 warps, 3 stages)."""
+    import re
+
+    m = re.fullmatch(r"(\d+)x(\d+)w(\d+)s(\d+)", text)
+    if not m:
+        raise ValueError(f"fp8 config {text!r}: expected BMxBNwWsS, e.g. 128x64w4s3")
+    return tuple(int(x) for x in m.groups())
+
+
+def is_fp8(backend: str) -> bool:
+    return backend == "fp8" or backend.startswith("fp8@")
 
 
 def reference(q, k, v) -> torch.Tensor:
@@ -174,9 +195,15 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--shapes: unknown {unknown}; choose from {', '.join(SHAPES)}, all, tiny")
         shapes = {s: SHAPES[s] for s in args.shapes.split(",")}
     backends = [b for b in args.backends.split(",") if b]
-    bad = [b for b in backends if b not in BACKENDS]
+    bad = [b for b in backends if b not in BACKENDS and not is_fp8(b)]
     if bad:
-        p.error(f"--backends: unknown {bad}; choose from {', '.join(BACKENDS)}")
+        p.error(f"--backends: unknown {bad}; choose from {', '.join(BACKENDS)}, fp8@BMxBNwWsS")
+    for b in backends:
+        if b.startswith("fp8@"):
+            try:
+                parse_fp8_config(b[4:])
+            except ValueError as e:
+                p.error(f"--backends: {e}")
     info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "dtype": str(dtype), "date": time.strftime("%Y-%m-%d %H:%M"),
             "reps": args.reps, "argv": sys.argv[1:]}
@@ -189,7 +216,10 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"{info['device']}, torch {info['torch']}, {info['dtype']}, median of {args.reps}")
     print(table(rows, backends))
-    bad_rows = [r for r in rows if r["status"] == "ok" and not r["rel_vs_fp32"] < (2e-2 if dtype != torch.float32 else 1e-4)]
+    def tol(r):
+        return 5e-2 if is_fp8(r["backend"]) else 2e-2 if dtype != torch.float32 else 1e-4
+
+    bad_rows = [r for r in rows if r["status"] == "ok" and not r["rel_vs_fp32"] < tol(r)]
     for r in bad_rows:
         print(f"numerics off: {r['shape']} {r['backend']} rel {r['rel_vs_fp32']:.2e}")
     return 1 if bad_rows else 0

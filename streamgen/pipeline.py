@@ -254,6 +254,10 @@ def add_model_arguments(p: argparse.ArgumentParser, *, models: tuple[str, ...] =
                         "graphs; +7%% on top of --compile on an H200; eager with one log line where it cannot apply)")
     g.add_argument("--quant", choices=("fp8", "int8-weight"), default=None,
                    help="quantize the DiT blocks' linear layers (fp8: 1.1x on 14B, half the weight memory)")
+    g.add_argument("--attention", choices=("auto", "sdpa", "fp8"), default="auto",
+                   help="attention kernels: auto (flash-attn-4 over long key sets where installed, else PyTorch "
+                        "SDPA), sdpa, or fp8 (the self-attention over the cache on fp8 tensor cores, streamgen.ops."
+                        "fp8_attention; CUDA with Triton, else auto with one log line)")
     g.add_argument("--offload", type=non_negative, default=None, metavar="PREFETCH",
                    help="keep the DiT blocks in pinned host memory and stream them onto the GPU PREFETCH "
                         "blocks ahead (1 is enough for 1.3B; 14B in ~16 GiB)")
@@ -505,20 +509,22 @@ def build_pipeline(args: argparse.Namespace, *, rife_required: bool = False) -> 
     decoder_dtype = pick_decoder_dtype(args.decoder_dtype, device, dtype)
     return build(preset, device=device, dtype=dtype, decoder=args.decoder, checkpoint=args.checkpoint,
                  vae=args.vae, text_encoder=args.text_encoder, offload=args.offload, quant=args.quant,
-                 compile=args.compile, rife=rife, cuda_graphs=args.cuda_graphs, decoder_dtype=decoder_dtype)
+                 compile=args.compile, rife=rife, cuda_graphs=args.cuda_graphs, decoder_dtype=decoder_dtype,
+                 attention=getattr(args, "attention", "auto"))
 
 
 def build(preset: ModelPreset | str, *, device=None, dtype=None, decoder: str | None = None,
           checkpoint: str | None = None, vae: str | None = None, text_encoder: str | None = None,
           offload: int | None = None, quant: str | None = None, compile: bool = False,
-          rife: str | None = None, cuda_graphs: bool = False, decoder_dtype="auto") -> "Pipeline":
+          rife: str | None = None, cuda_graphs: bool = False, decoder_dtype="auto",
+          attention: str = "auto") -> "Pipeline":
     """The pipeline of ``preset`` on ``device`` / ``dtype`` (defaults: CPU, float32).
 
     offload: None keeps the DiT resident; N >= 0 loads it into host memory and streams its blocks
     onto ``device`` N blocks ahead of use (streamgen.ops.offload). quant: None, "fp8" or
     "int8-weight" (streamgen.ops.quant, before any offload). rife: flownet.pkl path or None.
     decoder_dtype: a torch dtype, or "auto" (``pick_decoder_dtype``: the model's, bfloat16 for a
-    float32 model on a CPU with native bfloat16)."""
+    float32 model on a CPU with native bfloat16). attention: a backend of ``ops.attention.use_backend``."""
     import torch
 
     from streamgen.engine.core import Pipeline
@@ -570,7 +576,7 @@ def build(preset: ModelPreset | str, *, device=None, dtype=None, decoder: str | 
 
         model = model.to(dtype=dtype)
         offload_blocks(model, device=device, prefetch=offload)  # the handle lives on in the blocks' hooks
-    model = use_backend(model.eval().requires_grad_(False))
+    model = use_backend(model.eval().requires_grad_(False), attention)
     if device.type == "cuda":  # the FFN's GELU in its first GEMM's epilogue, where the probe passes (ops.fused)
         from streamgen.ops.fused import fuse_ffn_gelu
 

@@ -64,5 +64,30 @@ def test_a_chosen_flash_call_runs_the_flash_function_and_unwraps_a_tuple(monkeyp
 
 def test_a_bad_backend_names_the_allowed_ones():
     q, k, v = qkv()
-    with pytest.raises(ValueError, match=r"attention backend must be one of \('auto', 'sdpa', 'flash'\), got 'fa5'"):
+    with pytest.raises(ValueError, match=r"attention backend must be one of \('auto', 'sdpa', 'flash', 'fp8'\), got 'fa5'"):
         attention(q, k, v, backend="fa5")
+
+
+@pytest.mark.parametrize("backend, cuda, dtype, keys, masked, expected", [
+    ("fp8", True, torch.bfloat16, 18720, False, True),
+    ("fp8", True, torch.bfloat16, 512, False, False),    # cross-attention: bf16 (auto)
+    ("fp8", True, torch.bfloat16, 18720, True, False),   # masked: SDPA
+    ("fp8", False, torch.bfloat16, 18720, False, False),
+    ("fp8", True, torch.float32, 18720, False, False),
+    ("auto", True, torch.bfloat16, 18720, False, False),
+])
+def test_which_calls_take_the_fp8_kernel(backend, cuda, dtype, keys, masked, expected):
+    assert attn_ops.wants_fp8(backend, cuda, dtype, keys, masked) is expected
+
+
+def test_fp8_backend_off_cuda_falls_back_to_auto_with_one_log_line(caplog):
+    import logging
+
+    from streamgen.models.wan import WanConfig, WanModel
+
+    model = WanModel(WanConfig.preset("tiny"))
+    with caplog.at_level(logging.INFO, logger="streamgen.ops.attention"):
+        attn_ops.use_backend(model, "fp8")
+    msgs = [r.getMessage() for r in caplog.records if "fp8" in r.getMessage()]
+    assert msgs == ["the fp8 attention kernel runs on CUDA (device cpu); attention runs as --attention auto"]
+    assert model.attention.keywords == {"backend": "auto"}

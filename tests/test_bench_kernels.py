@@ -23,6 +23,8 @@ def test_attn_kernels_tiny_rows_and_fastest(tmp_path, capsys):
         assert rows[(shape, "cudnn")]["status"] == "unavailable" and rows[(shape, "cudnn")]["why"]
         fa4 = rows[(shape, "fa4")]
         assert fa4["status"] == "unavailable" and ("flash_attn" in fa4["why"] or "cuda" in fa4["why"].lower()), fa4
+        fp8 = rows[(shape, "fp8")]  # the CPU runs it only under Triton's interpreter (tests/test_fp8_attention.py)
+        assert fp8["status"] == "unavailable" and "GPU kernel" in fp8["why"], fp8
     table = capsys.readouterr().out
     fastest = min((r for r in data["rows"] if r["shape"] == "tiny-self" and r["status"] == "ok"), key=lambda r: r["ms"])
     assert f"| {fastest['backend']} |" in next(ln for ln in table.splitlines() if ln.startswith("| tiny-self"))
@@ -44,7 +46,8 @@ def test_attn_kernels_a_wrong_kernel_fails_the_run(monkeypatch, capsys):
 
 def test_attn_kernels_bad_options_name_the_option(capsys):
     bench = load_bench("attn_kernels")
-    for argv, word in ((["--shapes", "nope"], "--shapes"), (["--backends", "magic"], "--backends")):
+    for argv, word in ((["--shapes", "nope"], "--shapes"), (["--backends", "magic"], "--backends"),
+                       (["--backends", "fp8@12"], "expected BMxBNwWsS")):
         try:
             bench.main(["--device", "cpu", *argv])
         except SystemExit as exc:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "sdpa", "flash")
+BACKENDS = ("auto", "sdpa", "flash", "fp8")
 
 # ``auto`` takes flash-attn only from this many keys on. Measured on an H200 (bench/BENCHMARKS.md, attention
 # kernels per call shape): flash-attn-4 is 1.09-1.20x SDPA's cuDNN kernel over 18720-32760 keys, level at 4680
@@ -88,10 +88,19 @@ def _log_once(msg: str) -> None:
 
 
 def wants_flash(backend: str, is_cuda: bool, dtype: torch.dtype, n_keys: int, masked: bool) -> bool:
-    """Whether :func:`attention` tries flash-attn for a call (it still falls back where none is installed)."""
+    """Whether :func:`attention` tries flash-attn for a call (it still falls back where none is installed).
+    ``fp8`` calls that are not long enough for the fp8 kernel take the ``auto`` path."""
     if backend == "sdpa" or masked or not is_cuda or dtype not in (torch.float16, torch.bfloat16):
         return False
     return backend == "flash" or n_keys >= FLASH_MIN_KEYS
+
+
+def wants_fp8(backend: str, is_cuda: bool, dtype: torch.dtype, n_keys: int, masked: bool) -> bool:
+    """Whether :func:`attention` runs a call on the fp8 kernel (``ops.fp8_attention``): backend ``fp8``, CUDA,
+    fp16/bf16, no mask, at least ``FLASH_MIN_KEYS`` keys (the self-attention over the cache; the 512-key
+    cross-attention and a stream's first chunk stay in bf16)."""
+    return (backend == "fp8" and not masked and is_cuda and dtype in (torch.float16, torch.bfloat16)
+            and n_keys >= FLASH_MIN_KEYS)
 
 
 def attention(
@@ -109,6 +118,10 @@ def attention(
     """
     if backend not in BACKENDS:
         raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
+    if wants_fp8(backend, q.is_cuda, q.dtype, k.shape[1], attn_mask is not None):
+        from streamgen.ops.fp8_attention import fp8_attention
+
+        return fp8_attention(q, k, v)
     if wants_flash(backend, q.is_cuda, q.dtype, k.shape[1], attn_mask is not None):
         fn, path, _ = _flash_fn()
         if fn is not None:
@@ -125,10 +138,48 @@ def attention(
 
 def use_backend(model, backend: str = "auto"):
     """Route every attention call of a built ``WanModel`` through :func:`attention` with ``backend``
-    (``auto``: flash-attn where detected and applicable, else SDPA). Returns the model."""
+    (``auto``: flash-attn where detected and applicable, else SDPA; ``fp8``: the long self-attention calls
+    on the fp8 kernel where it runs and passes its probe on the model's device, else ``auto`` after one
+    log line). Returns the model."""
     if backend not in BACKENDS:
         raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "fp8":
+        param = next(iter(model.parameters()), None)
+        why = fp8_probe(param.device if param is not None else torch.device("cpu"))
+        if why is not None:
+            log.info("%s; attention runs as --attention auto", why)
+            backend = "auto"
+        else:
+            log.info("attention: the self-attention over >= %d keys runs on the fp8 kernel", FLASH_MIN_KEYS)
     if backend != "sdpa" and _flash_fn()[0] is None:
         _log_once("flash-attn not installed; attention runs on PyTorch SDPA")
     model.attention = functools.partial(attention, backend=backend)
     return model
+
+
+FP8_PROBE_TOL = 0.05  # relative L2 error against float32 attention (the kernel measures ~1e-2)
+
+
+@functools.lru_cache(maxsize=None)
+def fp8_probe(device: torch.device) -> str | None:
+    """None when the fp8 kernel runs on ``device`` and is within ``FP8_PROBE_TOL`` of float32 attention on a
+    random call of the Wan shape (head dim 128); else why it is not used."""
+    from streamgen.ops import fp8_attention as fp8
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        return f"the fp8 attention kernel runs on CUDA (device {device.type})"
+    why = fp8.why_unavailable("cuda", torch.cuda.get_device_capability(device))
+    if why is not None:
+        return why
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(1, n, 2, 128, device=device, generator=g).to(torch.bfloat16) for n in (300, 700, 700))
+    try:
+        out = fp8.fp8_attention(q, k, v).float()
+    except Exception as e:  # noqa: BLE001 - a kernel that cannot compile or run is "not available"
+        return f"the fp8 attention kernel failed ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
+    ref = F.scaled_dot_product_attention(*(t.float().transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+    err = ((out - ref).norm() / ref.norm()).item()
+    if not err <= FP8_PROBE_TOL:
+        return f"the fp8 attention kernel is {err:.3g} from float32 attention (allowed {FP8_PROBE_TOL})"
+    return None

@@ -1,0 +1,206 @@
+"""FP8 attention: Q·Kᵀ and P·V on fp8 (e4m3) tensor cores, as one Triton kernel (online softmax in fp32).
+
+On an H200 the bf16 attention is half of a 14B forward and of a 1.3B chunk (bench/BENCHMARKS.md), and fp8
+tensor cores run twice the bf16 rate. PyTorch's SDPA has no fp8 path, flash-attn-4 does fp8 only on SM100, and
+cuDNN's fp8 SDPA writes fp8 output on Hopper. So this module quantizes and runs its own kernel.
+
+The quantization, after the ideas of SageAttention (Zhang et al., 2024-2025), written from the math:
+
+* **Q**: one scale per block of ``BLOCK_M`` queries and head (amax / 448). The block is the kernel's tile, so the
+  scale is one scalar per program.
+* **K**: smoothed first. Its mean over the keys, per head and channel, is subtracted. ``q·(k - k̄) = q·k - q·k̄``,
+  and ``q·k̄`` is the same for every key of a query, so the softmax is unchanged. DiT keys carry a large
+  per-channel offset, and removing it gives the fp8 grid to what differs between keys. Then one scale per
+  block of ``BLOCK_N`` keys and head.
+* **V**: also smoothed: ``P(V - v̄) + v̄ = PV`` because each row of the normalised P sums to 1. Then one scale
+  per head and channel (it factors out of the sum over keys). It is stored channel-major (B, H, D, Lk), so that
+  the P·V product reads its K dimension contiguously, as Hopper's fp8 wgmma needs.
+* **P** (the unnormalised ``exp2(s - m)`` in [0, 1]) is multiplied by 448 and rounded to e4m3 for the P·V dot.
+  The row sums are accumulated from the fp32 P.
+
+Both dots accumulate in fp32. ``fp8_attention(q, k, v)`` takes and returns (B, L, H, D) tensors in
+bf16/fp16, as ``ops.attention`` does. ``available(device)`` says whether Triton can run it (a CUDA device of
+compute capability >= 8.9, or Triton's interpreter: ``TRITON_INTERPRET=1``, which the CPU tests use).
+``ops.attention.use_backend(model, "fp8")`` routes the long self-attention calls here, after a probe.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+# Tile sizes: (BLOCK_M, BLOCK_N, num_warps, num_stages). On CUDA, the default for head dim 128 (the Wan DiT's).
+# bench/attn_kernels.py --fp8-configs sweeps others.
+CUDA_CONFIG = (128, 128, 8, 3)
+INTERPRET_CONFIG = (16, 16, 1, 1)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def why_unavailable(device_type: str, capability: tuple[int, int] | None = None) -> str | None:
+    """None when the kernel can run on this device type; else why not (one line)."""
+    try:
+        import triton  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - any import failure means "not available"
+        return f"fp8 attention needs Triton ({type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''})"
+    if device_type == "cpu":
+        return None if _interpreting() else "fp8 attention is a GPU kernel (on the CPU only under TRITON_INTERPRET=1)"
+    if device_type != "cuda":
+        return f"fp8 attention runs on CUDA (device {device_type})"
+    if capability is not None and capability < (8, 9):
+        return f"fp8 attention needs fp8 tensor cores (compute capability >= 8.9, this GPU has {capability[0]}.{capability[1]})"
+    return None
+
+
+def available(device: torch.device | str) -> bool:
+    device = torch.device(device)
+    cap = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    return why_unavailable(device.type, cap) is None
+
+
+# ----------------------------------------------------------------------------- quantization (torch ops)
+
+
+def _pad_rows(x: torch.Tensor, block: int) -> torch.Tensor:
+    """(B, L, H, D) padded with zero rows to a multiple of ``block``."""
+    pad = -x.shape[1] % block
+    return F.pad(x, (0, 0, 0, 0, 0, pad)) if pad else x
+
+
+def quantize_blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L, H, D) -> fp8 (B, L, H, D) and float32 scales (B, ceil(L / block), H): one scale per block of rows
+    and head, amax / 448 (zero blocks get scale 1)."""
+    b, n, h, d = x.shape
+    xp = _pad_rows(x, block)
+    nb = xp.shape[1] // block
+    amax = xp.view(b, nb, block, h, d).abs().amax(dim=(2, 4)).float()
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    q = (xp.view(b, nb, block, h, d).float() / scale[:, :, None, :, None]).to(torch.float8_e4m3fn)
+    return q.view(b, nb * block, h, d)[:, :n], scale
+
+
+def quantize_v(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, L, H, D) -> fp8 (B, H, D, L) channel-major, float32 scales (B, H, D) and means (B, H, D)."""
+    vf = v.float()
+    mean = vf.mean(dim=1)  # (B, H, D)
+    vs = vf - mean[:, None]
+    amax = vs.abs().amax(dim=1)
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    q = (vs / scale[:, None]).to(torch.float8_e4m3fn).permute(0, 2, 3, 1).contiguous()
+    return q, scale, mean
+
+
+def smooth_k(k: torch.Tensor) -> torch.Tensor:
+    """K minus its mean over the keys (per batch row, head and channel), in float32."""
+    kf = k.float()
+    return kf - kf.mean(dim=1, keepdim=True)
+
+
+# ----------------------------------------------------------------------------- the kernel
+
+
+@functools.lru_cache(maxsize=1)
+def _kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def fwd(Q, K, Vt, QS, KS, VS, VM, O,
+            sqb, sql, sqh, skb, skl, skh, svb, svh, svd, sob, sol, soh,
+            H, Lq, Lk, nM, nN, qk_scale,
+            D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        pid_m = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, D)
+        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :], mask=offs_m[:, None] < Lq,
+                    other=0.0)
+        s_q = tl.load(QS + (b * nM + pid_m) * H + h) * qk_scale
+        m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        l_i = tl.zeros((BLOCK_M,), tl.float32)
+        acc = tl.zeros((BLOCK_M, D), tl.float32)
+        for start in tl.range(0, Lk, BLOCK_N):
+            offs_n = start + tl.arange(0, BLOCK_N)
+            valid = offs_n < Lk
+            kt = tl.load(K + b * skb + h * skh + offs_n[None, :] * skl + offs_d[:, None], mask=valid[None, :],
+                         other=0.0)  # (D, BLOCK_N): Kᵀ, its K dimension (D) contiguous
+            s_k = tl.load(KS + (b * nN + start // BLOCK_N) * H + h)
+            s = tl.dot(q, kt) * (s_q * s_k)
+            s = tl.where(valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.math.exp2(s - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
+            vt = tl.load(Vt + b * svb + h * svh + offs_d[:, None] * svd + offs_n[None, :], mask=valid[None, :],
+                         other=0.0)  # (D, BLOCK_N), keys contiguous
+            acc = tl.dot((p * 448.0).to(tl.float8e4nv), tl.trans(vt), acc)
+            m_i = m_new
+        v_s = tl.load(VS + bh * D + offs_d)
+        v_m = tl.load(VM + bh * D + offs_d)
+        o = acc * (1.0 / 448.0) / l_i[:, None] * v_s[None, :] + v_m[None, :]
+        tl.store(O + b * sob + h * soh + offs_m[:, None] * sol + offs_d[None, :], o.to(O.dtype.element_ty),
+                 mask=offs_m[:, None] < Lq)
+
+    return fwd
+
+
+def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                  config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """Softmax attention (scale 1/sqrt(D), no mask) of (B, Lq, H, D) queries over (B, Lk, H, D) keys and
+    values with fp8 products; returns (B, Lq, H, D) in q's dtype."""
+    if q.dim() != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+        raise ValueError(f"fp8_attention: q (B, Lq, H, D) and k, v (B, Lk, H, D), got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    b, lq, h, d = q.shape
+    lk = k.shape[1]
+    if d % 16 or d > 256 or d & (d - 1):
+        raise ValueError(f"fp8_attention: head dim must be a power of two from 16 to 256, got {d}")
+    cap = torch.cuda.get_device_capability(q.device) if q.device.type == "cuda" else None
+    why = why_unavailable(q.device.type, cap)
+    if why is not None:
+        raise RuntimeError(why)
+    if config is None:
+        config = INTERPRET_CONFIG if q.device.type == "cpu" else CUDA_CONFIG
+    block_m, block_n, num_warps, num_stages = config
+    q8, qs = quantize_blocks(q, block_m)
+    k8, ks = quantize_blocks(smooth_k(k), block_n)
+    vt8, vs, vm = quantize_v(v)
+    out = torch.empty_like(q)
+    grid = (triton_cdiv(lq, block_m), b * h)
+    _kernel()[grid](
+        q8, k8, vt8, qs, ks, vs, vm, out,
+        q8.stride(0), q8.stride(1), q8.stride(2), k8.stride(0), k8.stride(1), k8.stride(2),
+        vt8.stride(0), vt8.stride(1), vt8.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        h, lq, lk, qs.shape[1], ks.shape[1], (1.0 / math.sqrt(d)) * math.log2(math.e),
+        D=d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
+    return out
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The same quantization of Q, K and V in torch ops and an exact softmax over the dequantized product (P is
+    not rounded): what the kernel computes, up to P's rounding and the order of sums. (B, L, H, D) in and out."""
+    b, lq, h, d = q.shape
+    bm, bn = INTERPRET_CONFIG[:2] if q.device.type == "cpu" else CUDA_CONFIG[:2]
+    q8, qs = quantize_blocks(q, bm)
+    k8, ks = quantize_blocks(smooth_k(k), bn)
+    vt8, vs, vm = quantize_v(v)
+    qd = q8.float() * qs.repeat_interleave(bm, dim=1)[:, :lq, :, None]
+    kd = k8.float() * ks.repeat_interleave(bn, dim=1)[:, : k.shape[1], :, None]
+    vd = vt8.float().permute(0, 3, 1, 2) * vs[:, None] + vm[:, None]  # (B, Lk, H, D)
+    p = torch.einsum("bqhd,bkhd->bhqk", qd, kd).mul(1.0 / math.sqrt(d)).softmax(-1)
+    return torch.einsum("bhqk,bkhd->bqhd", p, vd).to(q.dtype)

@@ -1,0 +1,89 @@
+"""streamgen.ops.fp8_attention: the fp8 attention kernel, run by Triton's interpreter on the CPU
+(TRITON_INTERPRET=1; the same kernel source the GPU compiles), against exact attention and against the same
+quantization in torch ops. The kernel runs in a child process (tests/fp8_interp.py): the interpreter must be on
+before anything imports Triton."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from streamgen.ops import fp8_attention as fp8
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def run():
+    import triton  # noqa: F401 - the test extra installs it (pip install -e '.[test]'); without it these must fail
+
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    p = subprocess.run([sys.executable, str(ROOT / "tests" / "fp8_interp.py")], env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(p.stdout)
+
+
+def test_the_kernel_is_within_fp8_rounding_of_exact_attention(run):
+    assert run["shape_ok"]
+    assert run["err"] < 3e-2, run
+    # the same quantization without P's rounding: the kernel adds only P's e4m3 rounding to it
+    assert run["ref_err"] < 2e-2 and run["err"] < 3 * run["ref_err"] + 5e-3, run
+    # bf16 attention is ~10x closer: fp8 is a trade, not free
+    assert run["bf16_sdpa_err"] < run["err"]
+    # the check can fail: keys and values swapped are far off
+    assert run["swapped_err"] > 0.3, run
+
+
+def test_keys_with_a_large_channel_offset_keep_their_precision_through_smoothing(run):
+    assert run["offset_err"] < 3e-2 and run["offset_err"] < run["offset_unsmoothed_err"] / 2, run
+
+
+def test_one_key_and_fp16(run):
+    assert run["tiny_err"] < 3e-2, run  # one key: the output is that value
+    assert run["fp16_ok"] and run["fp16_err"] < 3e-2, run
+
+
+def test_block_quantization_round_trips_within_e4m3_steps():
+    x = torch.randn(2, 37, 3, 16) * torch.linspace(0.1, 10, 37)[None, :, None, None]
+    x[:, 16:32] = 0  # an all-zero block keeps a usable scale
+    q, scale = fp8.quantize_blocks(x, 16)
+    assert q.dtype == torch.float8_e4m3fn and q.shape == x.shape and scale.shape == (2, 3, 3)
+    assert torch.equal(scale[:, 1], torch.ones(2, 3))
+    s = scale.repeat_interleave(16, dim=1)[:, :37, :, None]
+    back = q.float() * s
+    # e4m3 has 3 mantissa bits: the error is at most half a step, 1/16 of the value's binade
+    assert ((back - x).abs() <= x.abs() / 16 + s * 2.0**-9).all()
+
+
+def test_v_is_stored_channel_major_with_its_mean_taken_out():
+    v = torch.randn(2, 9, 3, 16) + 5
+    q, scale, mean = fp8.quantize_v(v)
+    assert q.shape == (2, 3, 16, 9) and q.is_contiguous() and scale.shape == mean.shape == (2, 3, 16)
+    assert torch.allclose(mean, v.mean(1))
+    back = q.float().permute(0, 3, 1, 2) * scale[:, None] + mean[:, None]
+    assert ((back - v).abs() <= (v - mean[:, None]).abs() / 16 + scale[:, None] * 2.0**-9 + 1e-6).all()
+
+
+def test_shapes_and_head_dims_are_checked():
+    q = torch.zeros(1, 4, 2, 32, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="k, v"):
+        fp8.fp8_attention(q, q[:, :3], q)
+    q = torch.zeros(1, 4, 2, 24, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="head dim must be a power of two from 16 to 256, got 24"):
+        fp8.fp8_attention(q, q, q)
+
+
+def test_without_the_interpreter_the_cpu_is_not_a_device_for_it(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    fp8.why_unavailable.cache_clear()
+    try:
+        assert "GPU kernel" in fp8.why_unavailable("cpu")
+        assert "compute capability >= 8.9" in fp8.why_unavailable("cuda", (8, 0))
+        assert fp8.why_unavailable("cuda", (9, 0)) is None
+    finally:
+        fp8.why_unavailable.cache_clear()
