@@ -71,7 +71,7 @@ def build(variant: str, dev: torch.device, model_name: str, smoke: bool,
         from streamgen.ops.quant import quantize
 
         model = quantize(model, "fp8")
-    model = use_backend(model)
+    model = use_backend(model, "fp8" if "fp8attn" in opts else "auto")
     if "gelu" in opts:  # the FFN GELU in its first GEMM's epilogue (streamgen.ops.fused)
         from streamgen.ops.fused import fuse_ffn_gelu
 
@@ -273,9 +273,10 @@ def main() -> int:
     variants = args.variants.split(",")
     args.unbatched_variants = args.unbatched_variants.split(",") if args.unbatched_variants else variants[:1]
     bad = [v for v in variants + args.unbatched_variants
-           if v.split("+")[0] not in VARIANTS or not set(v.split("+")[1:]) <= {"compile", "gelu"}]
+           if v.split("+")[0] not in VARIANTS or not set(v.split("+")[1:]) <= {"compile", "gelu", "fp8attn"}]
     if bad:
-        ap.error(f"--variants: unknown {bad}; choose from {', '.join(VARIANTS)}, each optionally +compile, +gelu")
+        ap.error(f"--variants: unknown {bad}; choose from {', '.join(VARIANTS)}, each optionally +compile, +gelu, "
+                 "+fp8attn")
     if args.rounds < 1:
         ap.error("--rounds must be >= 1")
     if not 1 <= args.warmup < args.chunks:

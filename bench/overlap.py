@@ -64,7 +64,7 @@ class Bench:
         else:
             self.model = random_wan("wan2.1-t2v-1.3b", dev, torch.bfloat16).requires_grad_(False)
         self.graphs = None
-        use_backend(self.model)  # flash-attn where installed, as streamgen.pipeline.build
+        use_backend(self.model, args.attention)  # auto: flash-attn where installed, as streamgen.pipeline.build
         if args.gelu_epilogue:
             fuse_ffn_gelu(self.model)
         if "compile" in args.dit:
@@ -179,6 +179,7 @@ def main(argv=None) -> int:
     p.add_argument("--decoder-dtype", choices=tuple(DTYPES), default=None, help="default bf16 on CUDA, fp32 on the CPU")
     p.add_argument("--dit", choices=("eager", "compile", "compile+graphs"), default="compile+graphs")
     p.add_argument("--gelu-epilogue", action="store_true", help="the FFN GELU in its GEMM's epilogue (ops.fused)")
+    p.add_argument("--attention", choices=("auto", "sdpa", "fp8"), default="auto", help="as serve --attention")
     p.add_argument("--chunks", type=int, default=8)
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--reps", type=int, default=3)

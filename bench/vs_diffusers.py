@@ -337,7 +337,7 @@ class Runner:
         if self.diffusers_ms:
             row["vs_diffusers"] = round(res["ms"] / self.diffusers_ms, 4)
         if name != "diffusers":
-            tol = a.fp8_tol if fp8 else a.tol
+            tol = a.fp8_tol if fp8 or a.attn == "fp8" else a.tol
             row["tol"] = tol
             row["check"] = bool(row["finite"] and rel_d is not None and rel_d <= tol)
             row["goal"] = GOAL[fp8]
@@ -364,7 +364,7 @@ class Runner:
         ms = res.pop("ms")
         row.update(chunk_ms=ms, call_ms=round(ms / row["calls"], 3), video_fps=round(4 * a.chunk_frames / ms * 1e3, 2),
                    **res, status="ok", rel_vs_eager=rel, max_abs_vs_eager=mx, finite=bool(torch.isfinite(out).all()))
-        row["tol"] = a.fp8_tol if fp8 else a.tol
+        row["tol"] = a.fp8_tol if fp8 or a.attn == "fp8" else a.tol
         row["check"] = bool(row["finite"] and rel <= row["tol"])
         if name.endswith("compile"):
             row["compiled"], note = compiled_state(model, wrapped)
@@ -405,6 +405,8 @@ def run(args, device: torch.device, dtype: torch.dtype, info: dict) -> list[dict
     ours = ours_from_diffusers(dm, cfg)
     if args.attn == "fa4":
         use_backend(ours, "flash")
+    if args.attn == "fp8":
+        use_backend(ours, "fp8")
     if args.gelu_epilogue:
         info["gelu_epilogue_blocks"] = fuse_ffn_gelu(ours)
     info["build_s"] = round(time.perf_counter() - t_build, 2)
@@ -547,8 +549,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma list of " + ", ".join(VARIANTS))
     p.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default bf16 on CUDA, fp32 on the CPU")
     p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default cuda where there is one")
-    p.add_argument("--attn", choices=("sdpa", "cudnn", "fa4"), default="sdpa",
-                   help="cudnn: SDPA's cuDNN kernel first, both; fa4: ours on flash-attn-4, diffusers on its default")
+    p.add_argument("--attn", choices=("sdpa", "cudnn", "fa4", "fp8"), default="sdpa",
+                   help="cudnn: SDPA's cuDNN kernel first, both; fa4: ours on flash-attn-4, diffusers on its default; "
+                        "fp8: ours with the self-attention on streamgen.ops.fp8_attention (rows checked at --fp8-tol)")
     p.add_argument("--gelu-epilogue", action="store_true",
                    help="ours with the FFN GELU in its first GEMM's epilogue (streamgen.ops.fused; bf16 rows)")
     p.add_argument("--profile", default="", help="comma list of rows to profile one full call of (kernel shares)")
@@ -629,6 +632,14 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
         info["ours_attn"] = f"{found.flash_attn} {found.flash_attn_version}"
+    if args.attn == "fp8":
+        from streamgen.ops.attention import fp8_probe
+
+        why = fp8_probe(device)
+        if why is not None:
+            print(f"--attn fp8: {why}", file=sys.stderr)
+            return 2
+        info["ours_attn"] = "streamgen.ops.fp8_attention (self-attention), SDPA (cross)"
     if args.attn == "cudnn":
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
