@@ -26,6 +26,23 @@ def _patched(tensor, scope):
 
 interpreter._patch_lang_tensor = _patched
 
+# Its float32 -> e4m3 conversion rounds by adding the cut-off bit to the 3-bit mantissa without carrying into the
+# exponent, so 31.8 becomes 16, not 32 (the GPU's cvt.rn.satfinite rounds to nearest even). Convert as torch does.
+_orig_convert = interpreter._convert_float
+
+
+def _convert(data, input_dtype, output_dtype, rounding_mode):
+    import numpy as np
+    import triton.language as tl
+
+    if input_dtype == tl.float32 and output_dtype == tl.float8e4nv:
+        x = torch.from_numpy(np.ascontiguousarray(data).view(np.float32).copy())
+        return x.to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+    return _orig_convert(data, input_dtype, output_dtype, rounding_mode)
+
+
+interpreter._convert_float = _convert
+
 
 def exact(q, k, v):
     q, k, v = (t.double().transpose(1, 2) for t in (q, k, v))
@@ -60,7 +77,7 @@ def main() -> None:
     q, k, v = qkv(k_offset=20.0, seed=1)
     r["offset_err"] = rel(fp8.fp8_attention(q, k, v), exact(q, k, v))
     bn = fp8.INTERPRET_CONFIG[1]
-    k8, ks = fp8.quantize_blocks(k, bn)
+    k8, ks = fp8.quantize_blocks(k, bn)  # no mean taken out
     kd = k8.float() * ks.repeat_interleave(bn, dim=1)[:, : k.shape[1], :, None]
     r["offset_unsmoothed_err"] = rel(exact(q, kd, v), exact(q, k, v))
     # one query tile row, one key
@@ -71,6 +88,25 @@ def main() -> None:
     out = fp8.fp8_attention(q, k, v)
     r["fp16_ok"] = out.dtype == torch.float16
     r["fp16_err"] = rel(out, exact(q, k, v))
+    # the Triton quantization against the torch reference: the same scales; the same bytes but where a value sits
+    # on a rounding tie and the two scalings differ in the last bit of float32 (then one e4m3 step apart)
+    q, k, v = qkv(seed=4)
+    quant = []
+
+    def compare(a, b, sa, sb):
+        a, b = a.float(), b.float()
+        diff = (a - b).abs()
+        return {"scales": torch.allclose(sa, sb, rtol=1e-6, atol=0), "frac": (diff > 0).float().mean().item(),
+                "one_step": bool((diff <= a.abs() / 8 + 2.0**-9).all())}
+
+    for x, block, mean in ((q, 16, None), (k, 16, fp8.channel_mean(k)), (k[:, :33], 32, None)):
+        a, sa = fp8.quantize_blocks(x, block, mean)
+        b, sb = fp8.triton_quantize_blocks(x, block, mean)
+        quant.append(compare(a, b, sa, sb))
+    va, vsa, vma = fp8.quantize_v(v)
+    vb, vsb, vmb = fp8.triton_quantize_v(v, 16)
+    quant.append({**compare(va, vb, vsa, vsb), "means": torch.equal(vma, vmb)})
+    r["quant"] = quant
     json.dump(r, sys.stdout)
 
 

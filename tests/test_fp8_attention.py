@@ -30,9 +30,9 @@ def run():
 
 def test_the_kernel_is_within_fp8_rounding_of_exact_attention(run):
     assert run["shape_ok"]
-    assert run["err"] < 3e-2, run
+    assert run["err"] < 2e-2, run
     # the same quantization without P's rounding: the kernel adds only P's e4m3 rounding to it
-    assert run["ref_err"] < 2e-2 and run["err"] < 3 * run["ref_err"] + 5e-3, run
+    assert run["ref_err"] < 1.5e-2 and run["err"] < 2 * run["ref_err"] + 2e-3, run
     # bf16 attention is ~10x closer: fp8 is a trade, not free
     assert run["bf16_sdpa_err"] < run["err"]
     # the check can fail: keys and values swapped are far off
@@ -40,12 +40,18 @@ def test_the_kernel_is_within_fp8_rounding_of_exact_attention(run):
 
 
 def test_keys_with_a_large_channel_offset_keep_their_precision_through_smoothing(run):
-    assert run["offset_err"] < 3e-2 and run["offset_err"] < run["offset_unsmoothed_err"] / 2, run
+    assert run["offset_err"] < 2e-2 and run["offset_err"] < run["offset_unsmoothed_err"] / 2, run
 
 
 def test_one_key_and_fp16(run):
     assert run["tiny_err"] < 3e-2, run  # one key: the output is that value
-    assert run["fp16_ok"] and run["fp16_err"] < 3e-2, run
+    assert run["fp16_ok"] and run["fp16_err"] < 2e-2, run
+
+
+def test_the_triton_quantization_matches_the_torch_reference(run):
+    assert len(run["quant"]) == 4, run
+    for c in run["quant"]:  # Q; K minus its mean; K without; V (channel-major)
+        assert c["scales"] and c["one_step"] and c["frac"] < 0.01 and c.get("means", True), run["quant"]
 
 
 def test_block_quantization_round_trips_within_e4m3_steps():

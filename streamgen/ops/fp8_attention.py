@@ -66,42 +66,119 @@ def available(device: torch.device | str) -> bool:
     return why_unavailable(device.type, cap) is None
 
 
-# ----------------------------------------------------------------------------- quantization (torch ops)
+# ----------------------------------------------------------------------------- quantization
+# Torch ops (the reference, and the CPU) and Triton kernels (what fp8_attention runs: one pass over Q, one over K
+# after its mean, one over V after its mean and extremes) compute the same bytes: amax is exact, the means come
+# from the same torch reduction, and both scale by one multiply with 448 / amax.
 
 
-def _pad_rows(x: torch.Tensor, block: int) -> torch.Tensor:
-    """(B, L, H, D) padded with zero rows to a multiple of ``block``."""
-    pad = -x.shape[1] % block
-    return F.pad(x, (0, 0, 0, 0, 0, pad)) if pad else x
+def _inv_scale(amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(448 / amax, amax / 448), both 1 where amax is 0."""
+    nz = amax > 0
+    return (torch.where(nz, FP8_MAX / amax, torch.ones_like(amax)),
+            torch.where(nz, amax / FP8_MAX, torch.ones_like(amax)))
 
 
-def quantize_blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, L, H, D) -> fp8 (B, L, H, D) and float32 scales (B, ceil(L / block), H): one scale per block of rows
-    and head, amax / 448 (zero blocks get scale 1)."""
+def channel_mean(x: torch.Tensor) -> torch.Tensor:
+    """(B, L, H, D) -> float32 (B, H, D): the mean over the rows."""
+    return x.mean(dim=1, dtype=torch.float32)
+
+
+def quantize_blocks(x: torch.Tensor, block: int, mean: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L, H, D), minus ``mean`` (B, H, D) if given -> fp8 (B, L, H, D) and float32 scales (B, ceil(L / block),
+    H): one scale per block of rows and head (amax / 448)."""
     b, n, h, d = x.shape
-    xp = _pad_rows(x, block)
+    xs = x.float() if mean is None else x.float() - mean[:, None]
+    pad = -n % block
+    xp = F.pad(xs, (0, 0, 0, 0, 0, pad)) if pad else xs
     nb = xp.shape[1] // block
-    amax = xp.view(b, nb, block, h, d).abs().amax(dim=(2, 4)).float()
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    q = (xp.view(b, nb, block, h, d).float() / scale[:, :, None, :, None]).to(torch.float8_e4m3fn)
+    amax = xp.view(b, nb, block, h, d).abs().amax(dim=(2, 4))
+    inv, scale = _inv_scale(amax)
+    q = (xp.view(b, nb, block, h, d) * inv[:, :, None, :, None]).to(torch.float8_e4m3fn)
     return q.view(b, nb * block, h, d)[:, :n], scale
+
+
+def _v_stats(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """V's mean, and the inverse scale and scale of V minus its mean, per (B, H, D). The amax of v - mean comes
+    from V's extremes (the rounding of a subtraction is monotonic, so it is the same value)."""
+    mean = channel_mean(v)
+    lo, hi = torch.aminmax(v, dim=1)
+    amax = torch.maximum(hi.float() - mean, mean - lo.float())
+    inv, scale = _inv_scale(amax)
+    return mean, inv, scale
 
 
 def quantize_v(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(B, L, H, D) -> fp8 (B, H, D, L) channel-major, float32 scales (B, H, D) and means (B, H, D)."""
-    vf = v.float()
-    mean = vf.mean(dim=1)  # (B, H, D)
-    vs = vf - mean[:, None]
-    amax = vs.abs().amax(dim=1)
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    q = (vs / scale[:, None]).to(torch.float8_e4m3fn).permute(0, 2, 3, 1).contiguous()
+    mean, inv, scale = _v_stats(v)
+    q = ((v.float() - mean[:, None]) * inv[:, None]).to(torch.float8_e4m3fn).permute(0, 2, 3, 1).contiguous()
     return q, scale, mean
 
 
-def smooth_k(k: torch.Tensor) -> torch.Tensor:
-    """K minus its mean over the keys (per batch row, head and channel), in float32."""
-    kf = k.float()
-    return kf - kf.mean(dim=1, keepdim=True)
+@functools.lru_cache(maxsize=1)
+def _quant_kernels():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def rows(X, M, Y, S, sxb, sxl, sxh, syb, syl, syh, H, L, nB,
+             D: tl.constexpr, BLOCK: tl.constexpr, HAS_MEAN: tl.constexpr):
+        pid = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        offs_n = pid * BLOCK + tl.arange(0, BLOCK)
+        offs_d = tl.arange(0, D)
+        valid = offs_n[:, None] < L
+        x = tl.load(X + b * sxb + h * sxh + offs_n[:, None] * sxl + offs_d[None, :], mask=valid, other=0.0)
+        x = x.to(tl.float32)
+        if HAS_MEAN:
+            x = tl.where(valid, x - tl.load(M + bh * D + offs_d)[None, :], 0.0)
+        amax = tl.max(tl.max(tl.abs(x), 1), 0)
+        inv = tl.where(amax > 0, 448.0 / amax, 1.0)
+        tl.store(Y + b * syb + h * syh + offs_n[:, None] * syl + offs_d[None, :], (x * inv).to(tl.float8e4nv),
+                 mask=valid)
+        tl.store(S + (b * nB + pid) * H + h, tl.where(amax > 0, amax / 448.0, 1.0))
+
+    @triton.jit
+    def vt(X, M, INV, Y, sxb, sxl, sxh, syb, syh, syd, H, L,
+           D: tl.constexpr, BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        offs_n = pid * BLOCK + tl.arange(0, BLOCK)
+        offs_d = tl.arange(0, D)
+        valid = offs_n[:, None] < L
+        x = tl.load(X + b * sxb + h * sxh + offs_n[:, None] * sxl + offs_d[None, :], mask=valid, other=0.0)
+        x = (x.to(tl.float32) - tl.load(M + bh * D + offs_d)[None, :]) * tl.load(INV + bh * D + offs_d)[None, :]
+        tl.store(Y + b * syb + h * syh + offs_d[None, :] * syd + offs_n[:, None], x.to(tl.float8e4nv), mask=valid)
+
+    return rows, vt
+
+
+def triton_quantize_blocks(x: torch.Tensor, block: int, mean: torch.Tensor | None = None):
+    """:func:`quantize_blocks` as one Triton kernel (one program per block of rows and head)."""
+    rows, _ = _quant_kernels()
+    b, n, h, d = x.shape
+    nb = -(-n // block)
+    y = torch.empty((b, n, h, d), device=x.device, dtype=torch.float8_e4m3fn)
+    s = torch.empty((b, nb, h), device=x.device, dtype=torch.float32)
+    m = mean if mean is not None else s  # unused without HAS_MEAN
+    rows[(nb, b * h)](x, m, y, s, x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2),
+                      h, n, nb, D=d, BLOCK=block, HAS_MEAN=mean is not None)
+    return y, s
+
+
+def triton_quantize_v(v: torch.Tensor, block: int = 64):
+    """:func:`quantize_v` with its write pass as one Triton kernel (the mean and extremes are torch reductions)."""
+    _, vt = _quant_kernels()
+    b, n, h, d = v.shape
+    mean, inv, scale = _v_stats(v)
+    y = torch.empty((b, h, d, n), device=v.device, dtype=torch.float8_e4m3fn)
+    vt[(-(-n // block), b * h)](v, mean, inv, y, v.stride(0), v.stride(1), v.stride(2), y.stride(0), y.stride(1),
+                                y.stride(2), h, n, D=d, BLOCK=block)
+    return y, scale, mean
 
 
 # ----------------------------------------------------------------------------- the kernel
@@ -173,9 +250,9 @@ def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     if config is None:
         config = INTERPRET_CONFIG if q.device.type == "cpu" else CUDA_CONFIG
     block_m, block_n, num_warps, num_stages = config
-    q8, qs = quantize_blocks(q, block_m)
-    k8, ks = quantize_blocks(smooth_k(k), block_n)
-    vt8, vs, vm = quantize_v(v)
+    q8, qs = triton_quantize_blocks(q, block_m)
+    k8, ks = triton_quantize_blocks(k, block_n, channel_mean(k))
+    vt8, vs, vm = triton_quantize_v(v, block_n)
     out = torch.empty_like(q)
     grid = (triton_cdiv(lq, block_m), b * h)
     _kernel()[grid](
@@ -197,7 +274,7 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     b, lq, h, d = q.shape
     bm, bn = INTERPRET_CONFIG[:2] if q.device.type == "cpu" else CUDA_CONFIG[:2]
     q8, qs = quantize_blocks(q, bm)
-    k8, ks = quantize_blocks(smooth_k(k), bn)
+    k8, ks = quantize_blocks(k, bn, channel_mean(k))
     vt8, vs, vm = quantize_v(v)
     qd = q8.float() * qs.repeat_interleave(bm, dim=1)[:, :lq, :, None]
     kd = k8.float() * ks.repeat_interleave(bn, dim=1)[:, : k.shape[1], :, None]
