@@ -66,6 +66,13 @@ def run(args: argparse.Namespace) -> int:
     rows.append(("flash-attn", f"{d.flash_attn} ({d.flash_attn_version})" if d.flash_attn else "not installed (SDPA used)"))
     fp8 = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
     rows.append(("fp8 matmul", "available" if fp8 else "not available"))
+    from streamgen.ops import fp8_attention, fused
+
+    cap = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+    why = fp8_attention.why_unavailable("cuda" if cap else "cpu", cap)
+    rows.append(("fp8 attention", "available (--attention fp8)" if why is None else f"not available: {why}"))
+    why = fused.probe("cuda", torch.bfloat16) if cap else "CUDA only"
+    rows.append(("FFN GELU epilogue", "on (bf16/fp16 on CUDA)" if why is None else f"off: {why}"))
     rows.append(("torch.compile", "available" if hasattr(torch, "compile") else "not available"))
     for mod in ("av", "aiohttp", "websockets", "msgpack", "safetensors", "huggingface_hub", "prometheus_client"):
         try:

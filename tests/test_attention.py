@@ -91,3 +91,15 @@ def test_fp8_backend_off_cuda_falls_back_to_auto_with_one_log_line(caplog):
     msgs = [r.getMessage() for r in caplog.records if "fp8" in r.getMessage()]
     assert msgs == ["the fp8 attention kernel runs on CUDA (device cpu); attention runs as --attention auto"]
     assert model.attention.keywords == {"backend": "auto"}
+
+
+def test_the_pipeline_builder_takes_the_attention_option_and_falls_back_on_the_cpu(caplog):
+    import logging
+
+    from streamgen.pipeline import build
+
+    with caplog.at_level(logging.INFO, logger="streamgen.ops.attention"):
+        pipe = build("tiny", attention="fp8")
+    assert pipe.model.attention.keywords == {"backend": "auto"}
+    assert any("attention runs as --attention auto" in r.getMessage() for r in caplog.records)
+    assert build("tiny", attention="sdpa").model.attention.keywords == {"backend": "sdpa"}

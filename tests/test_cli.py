@@ -8,6 +8,7 @@ def test_info_reports_backends(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert "torch" in out and "sdpa backends" in out and "flash-attn" in out
+    assert "fp8 attention" in out and "FFN GELU epilogue" in out
 
 
 def test_python_dash_m_entry_point():

@@ -76,6 +76,7 @@ CASES = {
     "generate --out missing folder": (G[:4] + ["{d}/nodir/a.mp4"], ["--out", "does not exist"]),
     "generate --image not an image": (G + ["--image", "{d}/text.txt"], ["--image", "text.txt", "PNG or JPEG"]),
     "generate --chunks huge": (G + ["--chunks", "1000000000"], ["--chunks 1000000000", "allowed 1.."]),
+    "generate --attention bogus": (G + ["--attention", "fa9"], ["--attention", "fa9", "fp8"]),
     "generate --chunks beyond memory, whole clip": (G + ["--model", "tiny-full", "--chunks", "1000000"],
                                                    ["--chunks 1000000", "GiB", "sampled at once", "at most --chunks"]),
     "generate --chunks beyond memory, no window": (G + ["--model", "tiny", "--local-frames", "0", "--chunks", "1000000"],

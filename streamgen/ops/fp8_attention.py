@@ -18,7 +18,9 @@ The quantization, after the ideas of SageAttention (Zhang et al., 2024-2025), wr
 * **P** (the unnormalised ``exp2(s - m)`` in [0, 1]) is multiplied by 448 and rounded to e4m3 for the P·V dot.
   The row sums are accumulated from the fp32 P.
 
-Both dots accumulate in fp32. ``fp8_attention(q, k, v)`` takes and returns (B, L, H, D) tensors in
+Q, K and V are quantized by three small Triton kernels (one pass each, after torch's reductions for the means
+and V's extremes); the torch functions of the same names without ``triton_`` are the reference. Both dots
+accumulate in fp32. ``fp8_attention(q, k, v)`` takes and returns (B, L, H, D) tensors in
 bf16/fp16, as ``ops.attention`` does. ``available(device)`` says whether Triton can run it (a CUDA device of
 compute capability >= 8.9, or Triton's interpreter: ``TRITON_INTERPRET=1``, which the CPU tests use).
 ``ops.attention.use_backend(model, "fp8")`` routes the long self-attention calls here, after a probe.
