@@ -35,9 +35,15 @@ import os
 import torch
 import torch.nn.functional as F
 
+try:  # optional: without Triton the kernels below are not defined and why_unavailable says so
+    import triton
+    import triton.language as tl
+except Exception:  # noqa: BLE001 - any import failure means "not available"
+    triton = None
+
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 # Tile sizes: (BLOCK_M, BLOCK_N, num_warps, num_stages). On CUDA, the default for head dim 128 (the Wan DiT's).
-# bench/attn_kernels.py --fp8-configs sweeps others.
+# bench/attn_kernels.py --backends fp8@BMxBNwWsS times others.
 CUDA_CONFIG = (128, 128, 8, 3)
 INTERPRET_CONFIG = (16, 16, 1, 1)
 
@@ -49,10 +55,8 @@ def _interpreting() -> bool:
 @functools.lru_cache(maxsize=None)
 def why_unavailable(device_type: str, capability: tuple[int, int] | None = None) -> str | None:
     """None when the kernel can run on this device type; else why not (one line)."""
-    try:
-        import triton  # noqa: F401
-    except Exception as e:  # noqa: BLE001 - any import failure means "not available"
-        return f"fp8 attention needs Triton ({type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''})"
+    if triton is None:
+        return "fp8 attention needs Triton, which is not installed"
     if device_type == "cpu":
         return None if _interpreting() else "fp8 attention is a GPU kernel (on the CPU only under TRITON_INTERPRET=1)"
     if device_type != "cuda":
@@ -117,14 +121,10 @@ def quantize_v(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return q, scale, mean
 
 
-@functools.lru_cache(maxsize=1)
-def _quant_kernels():
-    import triton
-    import triton.language as tl
-
+if triton is not None:
     @triton.jit
-    def rows(X, M, Y, S, sxb, sxl, sxh, syb, syl, syh, H, L, nB,
-             D: tl.constexpr, BLOCK: tl.constexpr, HAS_MEAN: tl.constexpr):
+    def _load_tile(X, sxb, sxl, sxh, H, L, D: tl.constexpr, BLOCK: tl.constexpr):
+        """This program's (BLOCK, D) tile of rows of a (B, L, H, D) tensor, in float32 (rows past L are 0)."""
         pid = tl.program_id(0)
         bh = tl.program_id(1)
         b = bh // H
@@ -133,7 +133,12 @@ def _quant_kernels():
         offs_d = tl.arange(0, D)
         valid = offs_n[:, None] < L
         x = tl.load(X + b * sxb + h * sxh + offs_n[:, None] * sxl + offs_d[None, :], mask=valid, other=0.0)
-        x = x.to(tl.float32)
+        return x.to(tl.float32), pid, bh, b, h, offs_n, offs_d, valid
+
+    @triton.jit
+    def _quant_rows(X, M, Y, S, sxb, sxl, sxh, syb, syl, syh, H, L, nB,
+                    D: tl.constexpr, BLOCK: tl.constexpr, HAS_MEAN: tl.constexpr):
+        x, pid, bh, b, h, offs_n, offs_d, valid = _load_tile(X, sxb, sxl, sxh, H, L, D, BLOCK)
         if HAS_MEAN:
             x = tl.where(valid, x - tl.load(M + bh * D + offs_d)[None, :], 0.0)
         amax = tl.max(tl.max(tl.abs(x), 1), 0)
@@ -143,42 +148,31 @@ def _quant_kernels():
         tl.store(S + (b * nB + pid) * H + h, tl.where(amax > 0, amax / 448.0, 1.0))
 
     @triton.jit
-    def vt(X, M, INV, Y, sxb, sxl, sxh, syb, syh, syd, H, L,
-           D: tl.constexpr, BLOCK: tl.constexpr):
-        pid = tl.program_id(0)
-        bh = tl.program_id(1)
-        b = bh // H
-        h = bh % H
-        offs_n = pid * BLOCK + tl.arange(0, BLOCK)
-        offs_d = tl.arange(0, D)
-        valid = offs_n[:, None] < L
-        x = tl.load(X + b * sxb + h * sxh + offs_n[:, None] * sxl + offs_d[None, :], mask=valid, other=0.0)
-        x = (x.to(tl.float32) - tl.load(M + bh * D + offs_d)[None, :]) * tl.load(INV + bh * D + offs_d)[None, :]
+    def _quant_vt(X, M, INV, Y, sxb, sxl, sxh, syb, syh, syd, H, L,
+                  D: tl.constexpr, BLOCK: tl.constexpr):
+        x, pid, bh, b, h, offs_n, offs_d, valid = _load_tile(X, sxb, sxl, sxh, H, L, D, BLOCK)
+        x = (x - tl.load(M + bh * D + offs_d)[None, :]) * tl.load(INV + bh * D + offs_d)[None, :]
         tl.store(Y + b * syb + h * syh + offs_d[None, :] * syd + offs_n[:, None], x.to(tl.float8e4nv), mask=valid)
-
-    return rows, vt
 
 
 def triton_quantize_blocks(x: torch.Tensor, block: int, mean: torch.Tensor | None = None):
     """:func:`quantize_blocks` as one Triton kernel (one program per block of rows and head)."""
-    rows, _ = _quant_kernels()
     b, n, h, d = x.shape
     nb = -(-n // block)
     y = torch.empty((b, n, h, d), device=x.device, dtype=torch.float8_e4m3fn)
     s = torch.empty((b, nb, h), device=x.device, dtype=torch.float32)
     m = mean if mean is not None else s  # unused without HAS_MEAN
-    rows[(nb, b * h)](x, m, y, s, x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2),
+    _quant_rows[(nb, b * h)](x, m, y, s, x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2),
                       h, n, nb, D=d, BLOCK=block, HAS_MEAN=mean is not None)
     return y, s
 
 
 def triton_quantize_v(v: torch.Tensor, block: int = 64):
     """:func:`quantize_v` with its write pass as one Triton kernel (the mean and extremes are torch reductions)."""
-    _, vt = _quant_kernels()
     b, n, h, d = v.shape
     mean, inv, scale = _v_stats(v)
     y = torch.empty((b, h, d, n), device=v.device, dtype=torch.float8_e4m3fn)
-    vt[(-(-n // block), b * h)](v, mean, inv, y, v.stride(0), v.stride(1), v.stride(2), y.stride(0), y.stride(1),
+    _quant_vt[(-(-n // block), b * h)](v, mean, inv, y, v.stride(0), v.stride(1), v.stride(2), y.stride(0), y.stride(1),
                                 y.stride(2), h, n, D=d, BLOCK=block)
     return y, scale, mean
 
@@ -186,16 +180,12 @@ def triton_quantize_v(v: torch.Tensor, block: int = 64):
 # ----------------------------------------------------------------------------- the kernel
 
 
-@functools.lru_cache(maxsize=1)
-def _kernel():
-    import triton
-    import triton.language as tl
-
+if triton is not None:
     @triton.jit
-    def fwd(Q, K, Vt, QS, KS, VS, VM, O,
-            sqb, sql, sqh, skb, skl, skh, svb, svh, svd, sob, sol, soh,
-            H, Lq, Lk, nM, nN, qk_scale,
-            D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    def _attn_fwd(Q, K, Vt, QS, KS, VS, VM, O,
+                  sqb, sql, sqh, skb, skl, skh, svb, svh, svd, sob, sol, soh,
+                  H, Lq, Lk, nM, nN, qk_scale,
+                  D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
         b = bh // H
@@ -231,8 +221,6 @@ def _kernel():
         tl.store(O + b * sob + h * soh + offs_m[:, None] * sol + offs_d[None, :], o.to(O.dtype.element_ty),
                  mask=offs_m[:, None] < Lq)
 
-    return fwd
-
 
 def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                   config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
@@ -257,7 +245,7 @@ def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     vt8, vs, vm = triton_quantize_v(v, block_n)
     out = torch.empty_like(q)
     grid = (triton_cdiv(lq, block_m), b * h)
-    _kernel()[grid](
+    _attn_fwd[grid](
         q8, k8, vt8, qs, ks, vs, vm, out,
         q8.stride(0), q8.stride(1), q8.stride(2), k8.stride(0), k8.stride(1), k8.stride(2),
         vt8.stride(0), vt8.stride(1), vt8.stride(2), out.stride(0), out.stride(1), out.stride(2),
