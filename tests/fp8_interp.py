@@ -83,6 +83,9 @@ def main() -> None:
     # one query tile row, one key
     q, k, v = qkv(b=1, lq=3, lk=1, h=1, d=16, seed=2)
     r["tiny_err"] = rel(fp8.fp8_attention(q, k, v), exact(q, k, v))
+    # keys a whole number of tiles (no partial block)
+    q, k, v = qkv(lq=32, lk=64, seed=5)
+    r["whole_tiles_err"] = rel(fp8.fp8_attention(q, k, v), exact(q, k, v))
     # fp16 in, fp16 out
     q, k, v = (t.to(torch.float16) for t in qkv(seed=3))
     out = fp8.fp8_attention(q, k, v)

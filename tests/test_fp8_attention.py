@@ -43,8 +43,9 @@ def test_keys_with_a_large_channel_offset_keep_their_precision_through_smoothing
     assert run["offset_err"] < 2e-2 and run["offset_err"] < run["offset_unsmoothed_err"] / 2, run
 
 
-def test_one_key_and_fp16(run):
-    assert run["tiny_err"] < 3e-2, run  # one key: the output is that value
+def test_one_key_whole_tiles_and_fp16(run):
+    assert run["tiny_err"] < 3e-2, run  # one key (only a partial tile): the output is that value
+    assert run["whole_tiles_err"] < 2e-2, run  # no partial tile
     assert run["fp16_ok"] and run["fp16_err"] < 2e-2, run
 
 

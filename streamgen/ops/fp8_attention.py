@@ -182,6 +182,29 @@ def triton_quantize_v(v: torch.Tensor, block: int = 64):
 
 if triton is not None:
     @triton.jit
+    def _attn_block(acc, l_i, m_i, q, s_q, K, Vt, KS, kbase, vbase, skl, svd, start, Lk, ks_index,
+                    D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+        """One key block of the online softmax: the updated (acc, l_i, m_i). MASKED: the block runs past Lk."""
+        offs_n = start + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, D)
+        if MASKED:
+            valid = offs_n < Lk
+            kt = tl.load(K + kbase + offs_n[None, :] * skl + offs_d[:, None], mask=valid[None, :], other=0.0)
+            vt = tl.load(Vt + vbase + offs_d[:, None] * svd + offs_n[None, :], mask=valid[None, :], other=0.0)
+        else:
+            kt = tl.load(K + kbase + offs_n[None, :] * skl + offs_d[:, None])  # (D, BLOCK_N): Kᵀ, D contiguous
+            vt = tl.load(Vt + vbase + offs_d[:, None] * svd + offs_n[None, :])  # (D, BLOCK_N), keys contiguous
+        s = tl.dot(q, kt) * (s_q * tl.load(KS + ks_index))
+        if MASKED:
+            s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot((p * 448.0).to(tl.float8e4nv), tl.trans(vt), acc * alpha[:, None])
+        return acc, l_i, m_new
+
+    @triton.jit
     def _attn_fwd(Q, K, Vt, QS, KS, VS, VM, O,
                   sqb, sql, sqh, skb, skl, skh, svb, svh, svd, sob, sol, soh,
                   H, Lq, Lk, nM, nN, qk_scale,
@@ -198,23 +221,15 @@ if triton is not None:
         m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         l_i = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, D), tl.float32)
-        for start in tl.range(0, Lk, BLOCK_N):
-            offs_n = start + tl.arange(0, BLOCK_N)
-            valid = offs_n < Lk
-            kt = tl.load(K + b * skb + h * skh + offs_n[None, :] * skl + offs_d[:, None], mask=valid[None, :],
-                         other=0.0)  # (D, BLOCK_N): Kᵀ, its K dimension (D) contiguous
-            s_k = tl.load(KS + (b * nN + start // BLOCK_N) * H + h)
-            s = tl.dot(q, kt) * (s_q * s_k)
-            s = tl.where(valid[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.math.exp2(s - m_new[:, None])
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-            vt = tl.load(Vt + b * svb + h * svh + offs_d[:, None] * svd + offs_n[None, :], mask=valid[None, :],
-                         other=0.0)  # (D, BLOCK_N), keys contiguous
-            acc = tl.dot((p * 448.0).to(tl.float8e4nv), tl.trans(vt), acc)
-            m_i = m_new
+        kbase = b * skb + h * skh
+        vbase = b * svb + h * svh
+        n_full = (Lk // BLOCK_N) * BLOCK_N
+        for start in tl.range(0, n_full, BLOCK_N):  # whole blocks: no masks
+            acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, s_q, K, Vt, KS, kbase, vbase, skl, svd, start, Lk,
+                                        (b * nN + start // BLOCK_N) * H + h, D, BLOCK_N, False)
+        if n_full < Lk:  # the last, partial block
+            acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, s_q, K, Vt, KS, kbase, vbase, skl, svd, n_full, Lk,
+                                        (b * nN + n_full // BLOCK_N) * H + h, D, BLOCK_N, True)
         v_s = tl.load(VS + bh * D + offs_d)
         v_m = tl.load(VM + bh * D + offs_d)
         o = acc * (1.0 / 448.0) / l_i[:, None] * v_s[None, :] + v_m[None, :]
