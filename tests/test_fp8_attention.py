@@ -94,3 +94,43 @@ def test_without_the_interpreter_the_cpu_is_not_a_device_for_it(monkeypatch):
         assert fp8.why_unavailable("cuda", (9, 0)) is None
     finally:
         fp8.why_unavailable.cache_clear()
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available() or not fp8.available("cuda"),
+                          reason="the compiled kernel needs a GPU with fp8 tensor cores")
+
+
+def wan_window(seed=0):
+    """The 1.3B window call at 832x480: 3 frames of queries over 12 frames of keys, 12 heads of 128."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(1, 4680, 12, 128, device="cuda", generator=g)
+    k = torch.randn(1, 18720, 12, 128, device="cuda", generator=g) + 3 * torch.randn(1, 1, 12, 128, device="cuda",
+                                                                                      generator=g)
+    v = torch.randn(1, 18720, 12, 128, device="cuda", generator=g)
+    return tuple(t.to(torch.bfloat16) for t in (q, k, v))
+
+
+@cuda
+def test_on_cuda_the_kernel_matches_attention_at_the_wan_window_shape():
+    q, k, v = wan_window()
+    ref = torch.nn.functional.scaled_dot_product_attention(*(t.float().transpose(1, 2) for t in (q, k, v)))
+    out = fp8.fp8_attention(q, k, v).float().transpose(1, 2)
+    assert ((out - ref).norm() / ref.norm()).item() < 3e-2
+    assert ((fp8.reference(q, k, v).float().transpose(1, 2) - ref).norm() / ref.norm()).item() < 3e-2
+
+
+@cuda
+def test_on_cuda_a_captured_graph_replays_the_eager_result():
+    q, k, v = wan_window(1)
+    eager = fp8.fp8_attention(q, k, v)
+    sq, sk, sv = (torch.zeros_like(t) for t in (q, k, v))
+    fp8.fp8_attention(sq, sk, sv)  # compiled before capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fp8.fp8_attention(sq, sk, sv)
+    for s, t in zip((sq, sk, sv), (q, k, v)):
+        s.copy_(t)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)
