@@ -76,6 +76,10 @@ def build(variant: str, dev: torch.device, model_name: str, smoke: bool,
         from streamgen.ops.fused import fuse_ffn_gelu
 
         fuse_ffn_gelu(model)
+    if "normrope" in opts:  # the q/k RMSNorm + RoPE as one kernel (streamgen.ops.fused)
+        from streamgen.ops.fused import fuse_norm_rope
+
+        fuse_norm_rope(model)
     if "compile" in opts:  # as `serve --compile`: each block's forward compiled, static shapes (one per batch size)
         from streamgen.ops.compile import compile_blocks
 
@@ -273,10 +277,10 @@ def main() -> int:
     variants = args.variants.split(",")
     args.unbatched_variants = args.unbatched_variants.split(",") if args.unbatched_variants else variants[:1]
     bad = [v for v in variants + args.unbatched_variants
-           if v.split("+")[0] not in VARIANTS or not set(v.split("+")[1:]) <= {"compile", "gelu", "fp8attn"}]
+           if v.split("+")[0] not in VARIANTS or not set(v.split("+")[1:]) <= {"compile", "gelu", "fp8attn", "normrope"}]
     if bad:
         ap.error(f"--variants: unknown {bad}; choose from {', '.join(VARIANTS)}, each optionally +compile, +gelu, "
-                 "+fp8attn")
+                 "+fp8attn, +normrope")
     if args.rounds < 1:
         ap.error("--rounds must be >= 1")
     if not 1 <= args.warmup < args.chunks:

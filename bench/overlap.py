@@ -39,7 +39,7 @@ from streamgen.models.wan import WanConfig, WanModel  # noqa: E402
 from streamgen.models.wan_vae import WanVAE, WanVAEConfig  # noqa: E402
 from streamgen.ops.attention import use_backend  # noqa: E402
 from streamgen.ops.compile import compile_blocks  # noqa: E402
-from streamgen.ops.fused import fuse_ffn_gelu  # noqa: E402
+from streamgen.ops.fused import fuse_ffn_gelu, fuse_norm_rope  # noqa: E402
 from streamgen.ops.graphs import ChunkGraphs  # noqa: E402
 from streamgen.sampling.stream import SessionState, StreamConfig  # noqa: E402
 
@@ -67,6 +67,8 @@ class Bench:
         use_backend(self.model, args.attention)  # auto: flash-attn where installed, as streamgen.pipeline.build
         if args.gelu_epilogue:
             fuse_ffn_gelu(self.model)
+        if args.norm_rope:
+            fuse_norm_rope(self.model)
         if "compile" in args.dit:
             compile_blocks(self.model)
         if "graphs" in args.dit and self.cuda:
@@ -180,6 +182,7 @@ def main(argv=None) -> int:
     p.add_argument("--dit", choices=("eager", "compile", "compile+graphs"), default="compile+graphs")
     p.add_argument("--gelu-epilogue", action="store_true", help="the FFN GELU in its GEMM's epilogue (ops.fused)")
     p.add_argument("--attention", choices=("auto", "sdpa", "fp8"), default="auto", help="as serve --attention")
+    p.add_argument("--norm-rope", action="store_true", help="the q/k RMSNorm + RoPE as one kernel (ops.fused)")
     p.add_argument("--chunks", type=int, default=8)
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--reps", type=int, default=3)

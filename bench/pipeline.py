@@ -52,13 +52,14 @@ from streamgen.sampling.stream import SessionState  # noqa: E402
 
 def build(decoder: str, compile_dit: bool, dev: torch.device, smoke: bool = False, ref: bool = False,
           bf16_decoder: bool = False, graphs: bool = False, quant: str | None = None, gelu: bool = False,
-          attention: str = "auto"):
+          attention: str = "auto", norm_rope: bool = False):
     """smoke: tiny configs in float32, to check the script on a CPU; ref: the Wan VAE's reference decode path;
     bf16_decoder: the decoder in bf16 (as `streamgen serve` loads it: the model dtype) instead of fp16;
     graphs: each session's chunk step replayed as CUDA graphs (``serve --cuda-graphs``); quant: "fp8" or
     "int8-weight" linears (``serve --quant``), applied before compiling, as streamgen.pipeline.build does;
     gelu: the FFN's GELU in its first GEMM's epilogue (streamgen.ops.fused). attention: ``use_backend``'s
-    (auto: flash-attn where installed, else SDPA, as streamgen.pipeline.build; fp8: ops.fp8_attention)."""
+    (auto: flash-attn where installed, else SDPA, as streamgen.pipeline.build; fp8: ops.fp8_attention);
+    norm_rope: the q/k RMSNorm + RoPE as one kernel (ops.fused.fuse_norm_rope)."""
     torch.manual_seed(0)
     dt, ht = (torch.float32, torch.float32) if smoke else (torch.bfloat16, torch.float16)
     if smoke:
@@ -72,6 +73,10 @@ def build(decoder: str, compile_dit: bool, dev: torch.device, smoke: bool = Fals
     model = use_backend(model, attention)
     if gelu:
         fuse_ffn_gelu(model)
+    if norm_rope:
+        from streamgen.ops.fused import fuse_norm_rope
+
+        fuse_norm_rope(model)
     compiled = compile_blocks(model) if compile_dit else False
     chunk_graphs = None
     if graphs:
@@ -93,11 +98,11 @@ def build(decoder: str, compile_dit: bool, dev: torch.device, smoke: bool = Fals
 
 
 def build_variant(variant: str, dev: torch.device, smoke: bool = False):
-    """``DECODER[+compile][+graphs][+fp8][+ref][+bf16][+gelu][+fp8attn]`` -> (pipeline, the options)."""
+    """``DECODER[+compile][+graphs][+fp8][+ref][+bf16][+gelu][+fp8attn][+normrope]`` -> (pipeline, the options)."""
     decoder, *opts = variant.split("+")
     return build(decoder, "compile" in opts, dev, smoke, ref="ref" in opts, bf16_decoder="bf16" in opts,
                  graphs="graphs" in opts, quant="fp8" if "fp8" in opts else None, gelu="gelu" in opts,
-                 attention="fp8" if "fp8attn" in opts else "auto"), opts
+                 attention="fp8" if "fp8attn" in opts else "auto", norm_rope="normrope" in opts), opts
 
 
 async def run_stream(pipeline: Pipeline, args) -> dict:

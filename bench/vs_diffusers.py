@@ -99,7 +99,7 @@ from streamgen.models.checkpoints import diffusers_to_native  # noqa: E402
 from streamgen.models.wan import WanCache, WanConfig, WanModel  # noqa: E402
 from streamgen.ops.attention import use_backend  # noqa: E402
 from streamgen.ops.compile import compile_blocks, uncompile_blocks  # noqa: E402
-from streamgen.ops.fused import fuse_ffn_gelu  # noqa: E402
+from streamgen.ops.fused import fuse_ffn_gelu, fuse_norm_rope  # noqa: E402
 from streamgen.ops.quant import fp8_support, quantize, weight_bytes  # noqa: E402
 
 T0 = time.perf_counter()
@@ -409,6 +409,8 @@ def run(args, device: torch.device, dtype: torch.dtype, info: dict) -> list[dict
         use_backend(ours, "fp8")
     if args.gelu_epilogue:
         info["gelu_epilogue_blocks"] = fuse_ffn_gelu(ours)
+    if args.norm_rope:
+        info["norm_rope_blocks"] = fuse_norm_rope(ours)
     info["build_s"] = round(time.perf_counter() - t_build, 2)
     info["params_b"] = round(sum(p.numel() for p in ours.parameters()) / 1e9, 4)
     info["rope_dtype"] = str(dm.rope.freqs_cos.dtype)
@@ -552,6 +554,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--attn", choices=("sdpa", "cudnn", "fa4", "fp8"), default="sdpa",
                    help="cudnn: SDPA's cuDNN kernel first, both; fa4: ours on flash-attn-4, diffusers on its default; "
                         "fp8: ours with the self-attention on streamgen.ops.fp8_attention (rows checked at --fp8-tol)")
+    p.add_argument("--norm-rope", action="store_true", help="ours with the q/k RMSNorm + RoPE as one kernel (ops.fused)")
     p.add_argument("--gelu-epilogue", action="store_true",
                    help="ours with the FFN GELU in its first GEMM's epilogue (streamgen.ops.fused; bf16 rows)")
     p.add_argument("--profile", default="", help="comma list of rows to profile one full call of (kernel shares)")

@@ -1,6 +1,6 @@
 """streamgen.ops.fp8_attention: the fp8 attention kernel, run by Triton's interpreter on the CPU
 (TRITON_INTERPRET=1; the same kernel source the GPU compiles), against exact attention and against the same
-quantization in torch ops. The kernel runs in a child process (tests/fp8_interp.py): the interpreter must be on
+quantization in torch ops. The kernel runs in a child process (tests/triton_interp.py): the interpreter must be on
 before anything imports Triton."""
 
 import json
@@ -22,8 +22,8 @@ def run():
     import triton  # noqa: F401 - the test extra installs it (pip install -e '.[test]'); without it these must fail
 
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    p = subprocess.run([sys.executable, str(ROOT / "tests" / "fp8_interp.py")], env=env, capture_output=True,
-                       text=True, timeout=600)
+    p = subprocess.run([sys.executable, str(ROOT / "tests" / "triton_interp.py"), "fp8"], env=env,
+                       capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     return json.loads(p.stdout)
 

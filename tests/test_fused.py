@@ -113,3 +113,67 @@ def test_on_cuda_compiled_fused_equals_eager_fused():
     assert compile_blocks(model)
     comp = chunks(model, "cuda", torch.bfloat16)
     assert ((comp - eager).abs().max() / eager.abs().max()).item() < 2e-2
+
+
+# ----------------------------------------------------------------------------- q/k RMSNorm + RoPE in one kernel
+
+
+@pytest.fixture(scope="module")
+def norm_rope_run():
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import triton  # noqa: F401 - the test extra installs it; without it these must fail
+
+    root = Path(__file__).resolve().parents[1]
+    p = subprocess.run([sys.executable, str(root / "tests" / "triton_interp.py"), "norm_rope"], capture_output=True,
+                       text=True, timeout=600, env=dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(root)))
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(p.stdout)
+
+
+def test_the_norm_rope_kernel_equals_the_model_ops_in_the_interpreter(norm_rope_run):
+    """Shared and per-row RoPE tables, bf16 and fp16, 48 channel pairs (not a power of two)."""
+    for dtype in ("bfloat16", "float16"):
+        for rope in ("shared", "per_row"):
+            c = norm_rope_run[f"{dtype}_{rope}"]
+            assert c["shape_ok"] and c["within_one_step"] and c["frac_differ"] < 0.01, (dtype, rope, c)
+        assert norm_rope_run[f"{dtype}_swapped_rel"] > 0.5  # cos and sin swapped: far off, the check has teeth
+
+
+def test_fuse_norm_rope_on_the_cpu_changes_nothing_and_says_why(caplog):
+    model = tiny()
+    ref = chunks(model, "cpu", torch.float32)
+    with caplog.at_level(logging.INFO, logger="streamgen.ops.fused"):
+        assert fused.fuse_norm_rope(model) == 0
+    assert [r.getMessage() for r in caplog.records] == [
+        "the fused RMSNorm + RoPE kernel runs on CUDA (device cpu); q/k RMSNorm and RoPE run as torch ops"]
+    assert torch.equal(chunks(model, "cpu", torch.float32), ref)
+
+
+def test_the_fused_norm_rope_falls_back_to_the_model_ops_off_cuda():
+    from streamgen.models.wan import norm_rope
+
+    model = tiny()
+    ref = chunks(model, "cpu", torch.float32)
+    for b in model.blocks:  # as fuse_norm_rope does where the probe passes
+        b.norm_rope = fused.fused_norm_rope
+    assert torch.equal(chunks(model, "cpu", torch.float32), ref)
+    assert model.blocks[0].norm_rope is not norm_rope
+
+
+@cuda
+def test_on_cuda_fused_norm_rope_model_matches_within_rounding_eager_and_compiled():
+    from streamgen.ops.compile import compile_blocks
+
+    plain = chunks(tiny("cuda", torch.bfloat16), "cuda", torch.bfloat16)
+    model = tiny("cuda", torch.bfloat16)
+    assert fused.fuse_norm_rope(model) == len(model.blocks)
+    out = chunks(model, "cuda", torch.bfloat16)
+    assert ((out - plain).abs().max() / plain.abs().max()).item() < 2e-2
+    assert compile_blocks(model)
+    comp = chunks(model, "cuda", torch.bfloat16)
+    assert ((comp - out).abs().max() / out.abs().max()).item() < 2e-2

@@ -203,6 +203,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.flatten(-2).to(x.dtype)
 
 
+def norm_rope(x: torch.Tensor, norm: nn.Module, heads: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """A q or k projection ``x`` (B, L, dim) normed (``WanRMSNorm`` over all heads, or Identity), split into
+    ``heads`` and rotated (``apply_rope``): (B, L, heads, dim / heads). ``WanBlock.norm_rope`` is this function
+    unless ``streamgen.ops.fused.fuse_norm_rope`` gave the block its one-kernel version."""
+    return apply_rope(norm(x).unflatten(-1, (heads, -1)), cos, sin)
+
+
 def sinusoidal_embedding(dim: int, t: torch.Tensor) -> torch.Tensor:
     """Wan's timestep embedding: [cos, sin] of t * 10000^(-i/half), computed in float64 -> float32."""
     half = dim // 2
@@ -307,6 +314,7 @@ class WanBlock(nn.Module):
         self.cross_attn = WanAttention(dim, cfg.num_heads, cfg.qk_norm, cfg.eps)
         self.ffn = nn.Sequential(nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+        self.norm_rope = norm_rope  # the q/k RMSNorm + RoPE (ops.fused.fuse_norm_rope: one kernel on CUDA)
 
     def forward(
         self,
@@ -326,9 +334,10 @@ class WanBlock(nn.Module):
 
         # 1. self-attention
         y = _modulate(_layer_norm(x, self.eps), shift1, scale1).to(dt)
-        q = apply_rope(self.self_attn.query(y), *rope)
-        k, v = self.self_attn.key_value(y)
-        k = apply_rope(k, *rope)
+        sa = self.self_attn
+        q = self.norm_rope(sa.q(y), sa.norm_q, sa.num_heads, *rope)
+        k = self.norm_rope(sa.k(y), sa.norm_k, sa.num_heads, *rope)
+        v = sa.v(y).unflatten(-1, (sa.num_heads, -1))
         x = _gated_add(x, self.self_attn.out(self_attn_fn(q, k, v)), gate1)
 
         # 2. cross-attention (text K/V given)

@@ -1,6 +1,7 @@
-"""Run by tests/test_fp8_attention.py in a fresh process with TRITON_INTERPRET=1 (Triton decides at import whether
-its own jit helpers are interpreted, so the interpreter has to be on before anything imports triton). Prints one
-JSON object: the errors of the fp8 kernel on the cases the tests assert on."""
+"""The project's Triton kernels in Triton's interpreter on the CPU: ``python tests/triton_interp.py fp8|norm_rope``,
+with TRITON_INTERPRET=1, run by tests/test_fp8_attention.py and tests/test_fused.py in a fresh process (Triton
+decides at import whether its own jit helpers are interpreted, so the interpreter has to be on before anything
+imports triton). Prints one JSON object: the errors on the cases the tests assert on."""
 
 import json
 import math
@@ -27,7 +28,8 @@ def _patched(tensor, scope):
 interpreter._patch_lang_tensor = _patched
 
 # Its float32 -> e4m3 conversion rounds by adding the cut-off bit to the 3-bit mantissa without carrying into the
-# exponent, so 31.8 becomes 16, not 32 (the GPU's cvt.rn.satfinite rounds to nearest even). Convert as torch does.
+# exponent, so 31.8 becomes 16, not 32, and its float32 -> bfloat16 truncates (the GPU rounds to nearest even).
+# Convert as torch does.
 _orig_convert = interpreter._convert_float
 
 
@@ -35,9 +37,11 @@ def _convert(data, input_dtype, output_dtype, rounding_mode):
     import numpy as np
     import triton.language as tl
 
-    if input_dtype == tl.float32 and output_dtype == tl.float8e4nv:
+    to = {tl.float8e4nv: (torch.float8_e4m3fn, torch.uint8), tl.bfloat16: (torch.bfloat16, torch.uint16),
+          tl.float16: (torch.float16, torch.uint16)}.get(output_dtype)
+    if input_dtype == tl.float32 and to is not None:  # the same holds for bf16: it truncates instead of rounding
         x = torch.from_numpy(np.ascontiguousarray(data).view(np.float32).copy())
-        return x.to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+        return x.to(to[0]).view(to[1]).numpy()
     return _orig_convert(data, input_dtype, output_dtype, rounding_mode)
 
 
@@ -63,7 +67,7 @@ def qkv(b=2, lq=40, lk=70, h=2, d=32, k_offset=2.0, v_offset=1.0, seed=0):
     return tuple(t.to(torch.bfloat16) for t in (q, k, v))
 
 
-def main() -> None:
+def fp8_cases() -> dict:
     r = {}
     q, k, v = qkv()
     out = fp8.fp8_attention(q, k, v)
@@ -110,8 +114,42 @@ def main() -> None:
     vb, vsb, vmb = fp8.triton_quantize_v(v, 16)
     quant.append({**compare(va, vb, vsa, vsb), "means": torch.equal(vma, vmb)})
     r["quant"] = quant
-    json.dump(r, sys.stdout)
+    return r
+
+
+def norm_rope_cases() -> dict:
+    """streamgen.ops.fused's RMSNorm + RoPE kernel against models.wan.norm_rope, in bf16 and fp16, with one RoPE
+    table for all rows and one per row (forward_rows), at a width whose pair count is not a power of two."""
+    from streamgen.models.wan import WanRMSNorm, norm_rope, rope_cos_sin
+    from streamgen.ops import fused
+
+    r = {}
+    g = torch.Generator().manual_seed(0)
+    heads, head_dim, grid = 4, 24, (2, 3, 4)
+    dim, n = heads * head_dim, 24
+    for dtype in (torch.bfloat16, torch.float16):
+        norm = WanRMSNorm(dim, 1e-6)
+        with torch.no_grad():
+            norm.weight.copy_(1 + 0.1 * torch.randn(dim, generator=g))
+        norm = norm.to(dtype)
+        x = (3 * torch.randn(2, n, dim, generator=g)).to(dtype)
+        shared = rope_cos_sin(head_dim, grid, 5, torch.device("cpu"))
+        rows = [rope_cos_sin(head_dim, grid, s, torch.device("cpu")) for s in (0, 9)]
+        per_row = (torch.stack([c for c, _ in rows]), torch.stack([s_ for _, s_ in rows]))
+        for name, (cos, sin) in (("shared", shared), ("per_row", per_row)):
+            ref = norm_rope(x, norm, heads, cos, sin)
+            out = fused.rms_norm_rope(x, norm.weight, norm.eps, cos, sin, heads)
+            diff = (out.float() - ref.float()).abs()
+            key = f"{str(dtype).replace('torch.', '')}_{name}"
+            r[key] = {"shape_ok": out.shape == ref.shape and out.dtype == dtype,
+                      "frac_differ": (diff > 0).float().mean().item(),
+                      "within_one_step": bool((diff <= ref.float().abs() * 2.0**-7 + 1e-3).all()),
+                      "rel": rel(out, ref)}
+        wrong = fused.rms_norm_rope(x, norm.weight, norm.eps, sin, cos, heads)  # cos and sin swapped
+        r[f"{str(dtype).replace('torch.', '')}_swapped_rel"] = rel(wrong, norm_rope(x, norm, heads, *shared))
+    return r
 
 
 if __name__ == "__main__":
-    main()
+    case = sys.argv[1] if len(sys.argv) > 1 else "fp8"
+    json.dump({"fp8": fp8_cases, "norm_rope": norm_rope_cases}[case](), sys.stdout)
