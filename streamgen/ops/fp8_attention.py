@@ -124,7 +124,7 @@ def quantize_v(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 if triton is not None:
     @triton.jit
     def _load_tile(X, sxb, sxl, sxh, H, L, D: tl.constexpr, BLOCK: tl.constexpr):
-        """This program's (BLOCK, D) tile of rows of a (B, L, H, D) tensor, in float32 (rows past L are 0)."""
+        """This program's (BLOCK, D) tile of rows of a (B, L, H, D) tensor (rows past L are 0), its indices and mask."""
         pid = tl.program_id(0)
         bh = tl.program_id(1)
         b = bh // H
@@ -133,12 +133,13 @@ if triton is not None:
         offs_d = tl.arange(0, D)
         valid = offs_n[:, None] < L
         x = tl.load(X + b * sxb + h * sxh + offs_n[:, None] * sxl + offs_d[None, :], mask=valid, other=0.0)
-        return x.to(tl.float32), pid, bh, b, h, offs_n, offs_d, valid
+        return x, pid, bh, b, h, offs_n, offs_d, valid
 
     @triton.jit
     def _quant_rows(X, M, Y, S, sxb, sxl, sxh, syb, syl, syh, H, L, nB,
                     D: tl.constexpr, BLOCK: tl.constexpr, HAS_MEAN: tl.constexpr):
         x, pid, bh, b, h, offs_n, offs_d, valid = _load_tile(X, sxb, sxl, sxh, H, L, D, BLOCK)
+        x = x.to(tl.float32)
         if HAS_MEAN:
             x = tl.where(valid, x - tl.load(M + bh * D + offs_d)[None, :], 0.0)
         amax = tl.max(tl.max(tl.abs(x), 1), 0)
@@ -151,7 +152,7 @@ if triton is not None:
     def _quant_vt(X, M, INV, Y, sxb, sxl, sxh, syb, syh, syd, H, L,
                   D: tl.constexpr, BLOCK: tl.constexpr):
         x, pid, bh, b, h, offs_n, offs_d, valid = _load_tile(X, sxb, sxl, sxh, H, L, D, BLOCK)
-        x = (x - tl.load(M + bh * D + offs_d)[None, :]) * tl.load(INV + bh * D + offs_d)[None, :]
+        x = (x.to(tl.float32) - tl.load(M + bh * D + offs_d)[None, :]) * tl.load(INV + bh * D + offs_d)[None, :]
         tl.store(Y + b * syb + h * syh + offs_d[None, :] * syd + offs_n[:, None], x.to(tl.float8e4nv), mask=valid)
 
 
@@ -209,14 +210,7 @@ if triton is not None:
                   sqb, sql, sqh, skb, skl, skh, svb, svh, svd, sob, sol, soh,
                   H, Lq, Lk, nM, nN, qk_scale,
                   D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        pid_m = tl.program_id(0)
-        bh = tl.program_id(1)
-        b = bh // H
-        h = bh % H
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, D)
-        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :], mask=offs_m[:, None] < Lq,
-                    other=0.0)
+        q, pid_m, bh, b, h, offs_m, offs_d, valid_m = _load_tile(Q, sqb, sql, sqh, H, Lq, D, BLOCK_M)
         s_q = tl.load(QS + (b * nM + pid_m) * H + h) * qk_scale
         m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         l_i = tl.zeros((BLOCK_M,), tl.float32)
@@ -234,7 +228,7 @@ if triton is not None:
         v_m = tl.load(VM + bh * D + offs_d)
         o = acc * (1.0 / 448.0) / l_i[:, None] * v_s[None, :] + v_m[None, :]
         tl.store(O + b * sob + h * soh + offs_m[:, None] * sol + offs_d[None, :], o.to(O.dtype.element_ty),
-                 mask=offs_m[:, None] < Lq)
+                 mask=valid_m)
 
 
 def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
