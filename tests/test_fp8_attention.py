@@ -55,6 +55,27 @@ def test_the_triton_quantization_matches_the_torch_reference(run):
         assert c["scales"] and c["one_step"] and c["frac"] < 0.01 and c.get("means", True), run["quant"]
 
 
+@pytest.fixture(scope="module")
+def model_run():
+    import triton  # noqa: F401
+
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    p = subprocess.run([sys.executable, str(ROOT / "tests" / "triton_interp.py"), "model"], env=env,
+                       capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(p.stdout)
+
+
+def test_a_streaming_model_on_the_fp8_kernel_stays_close_to_sdpa_alone_and_batched(model_run):
+    """The cache's own views (window slots, sink, the chunk's rows) through the kernel, in forward_chunk and
+    forward_rows: the fp8 model is within 1e-2 of the SDPA model and is not it."""
+    for key in ("chunk", "rows"):
+        r = model_run[key]
+        assert r["fp8_calls"] > 0 and 96 in r["keys_seen"], r  # the window's self-attention went to the kernel
+        assert r["rel"] < 1e-2 and not r["equal"], r
+    assert model_run["chunk"]["fp8_calls"] == model_run["rows"]["fp8_calls"]  # batched rows attend per cache
+
+
 def test_block_quantization_round_trips_within_e4m3_steps():
     x = torch.randn(2, 37, 3, 16) * torch.linspace(0.1, 10, 37)[None, :, None, None]
     x[:, 16:32] = 0  # an all-zero block keeps a usable scale

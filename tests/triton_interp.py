@@ -150,6 +150,63 @@ def norm_rope_cases() -> dict:
     return r
 
 
+def model_cases() -> dict:
+    """A tiny bf16 WanModel streaming through its window cache with ``attention(backend="fp8")``: the
+    self-attention calls over >= 64 keys (here on the CPU, which ops.attention never sends there itself) take the
+    fp8 kernel on the cache's own views and slices, alone (forward_chunk) and batched (forward_rows), against the
+    same model on SDPA."""
+    import functools
+
+    from streamgen.models.wan import WanConfig, WanModel
+    from streamgen.ops import attention as attn_ops
+
+    attn_ops.wants_fp8 = lambda backend, is_cuda, dtype, n_keys, masked: (
+        backend == "fp8" and not masked and dtype in (torch.float16, torch.bfloat16) and n_keys >= 64)
+    calls = []
+    kernel = fp8.fp8_attention
+
+    def counted(q, k, v, **kw):
+        calls.append(k.shape[1])
+        return kernel(q, k, v, **kw)
+
+    fp8.fp8_attention = counted
+    torch.manual_seed(0)
+    model = WanModel(WanConfig.preset("tiny")).to(torch.bfloat16).eval().requires_grad_(False)
+    g = torch.Generator().manual_seed(1)
+    ctx = torch.randn(2, 7, model.cfg.text_dim, generator=g).to(torch.bfloat16)
+    xs = [torch.randn(2, 16, 3, 8, 8, generator=g).to(torch.bfloat16) for _ in range(4)]
+
+    def stream(backend: str, batched: bool) -> torch.Tensor:
+        model.attention = functools.partial(attn_ops.attention, backend=backend)
+        caches = [model.new_cache(1, (8, 8), local_frames=6, sink_frames=3) for _ in range(2)]
+        for i, c in enumerate(caches):
+            model.set_prompt(c, ctx[i : i + 1])
+        outs = []
+        with torch.no_grad():
+            for n, x in enumerate(xs):
+                start = 3 * n
+                for t, commit in ((700.0, False), (0.0, True)):
+                    tt = torch.full((2,), t)
+                    if batched:
+                        y = model.forward_rows(x, tt, caches, start_frames=[start] * 2, update_cache=[commit] * 2)
+                    else:
+                        y = torch.cat([model.forward_chunk(x[i : i + 1], tt[i : i + 1], c, start_frame=start,
+                                                           update_cache=commit) for i, c in enumerate(caches)])
+                    if not commit:
+                        outs.append(y)
+        return torch.cat(outs, dim=2)
+
+    r = {}
+    for batched in (False, True):
+        ref = stream("sdpa", batched)
+        before = len(calls)
+        out = stream("fp8", batched)
+        key = "rows" if batched else "chunk"
+        r[key] = {"rel": rel(out, ref), "equal": torch.equal(out, ref), "fp8_calls": len(calls) - before,
+                  "keys_seen": sorted(set(calls[before:]))}
+    return r
+
+
 if __name__ == "__main__":
     case = sys.argv[1] if len(sys.argv) > 1 else "fp8"
-    json.dump({"fp8": fp8_cases, "norm_rope": norm_rope_cases}[case](), sys.stdout)
+    json.dump({"fp8": fp8_cases, "norm_rope": norm_rope_cases, "model": model_cases}[case](), sys.stdout)
