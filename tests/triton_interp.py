@@ -152,7 +152,7 @@ def norm_rope_cases() -> dict:
 
 def model_cases() -> dict:
     """A tiny bf16 WanModel streaming through its window cache with ``attention(backend="fp8")``: the
-    self-attention calls over >= 64 keys (here on the CPU, which ops.attention never sends there itself) take the
+    self-attention calls over 64-511 keys (here on the CPU, which ops.attention never sends there itself) take the
     fp8 kernel on the cache's own views and slices, alone (forward_chunk) and batched (forward_rows), against the
     same model on SDPA."""
     import functools
@@ -161,7 +161,7 @@ def model_cases() -> dict:
     from streamgen.ops import attention as attn_ops
 
     attn_ops.wants_fp8 = lambda backend, is_cuda, dtype, n_keys, masked: (
-        backend == "fp8" and not masked and dtype in (torch.float16, torch.bfloat16) and n_keys >= 64)
+        backend == "fp8" and not masked and dtype in (torch.float16, torch.bfloat16) and 64 <= n_keys < 512)
     calls = []
     kernel = fp8.fp8_attention
 
