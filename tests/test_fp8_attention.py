@@ -3,29 +3,16 @@
 quantization in torch ops. The kernel runs in a child process (tests/triton_interp.py): the interpreter must be on
 before anything imports Triton."""
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from triton_run import interpreted
 
 from streamgen.ops import fp8_attention as fp8
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def run():
-    import triton  # noqa: F401 - the test extra installs it (pip install -e '.[test]'); without it these must fail
-
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    p = subprocess.run([sys.executable, str(ROOT / "tests" / "triton_interp.py"), "fp8"], env=env,
-                       capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
-    return json.loads(p.stdout)
+    return interpreted("fp8")
 
 
 def test_the_kernel_is_within_fp8_rounding_of_exact_attention(run):
@@ -57,13 +44,7 @@ def test_the_triton_quantization_matches_the_torch_reference(run):
 
 @pytest.fixture(scope="module")
 def model_run():
-    import triton  # noqa: F401
-
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    p = subprocess.run([sys.executable, str(ROOT / "tests" / "triton_interp.py"), "model"], env=env,
-                       capture_output=True, text=True, timeout=900)
-    assert p.returncode == 0, p.stderr[-3000:]
-    return json.loads(p.stdout)
+    return interpreted("model")
 
 
 def test_a_streaming_model_on_the_fp8_kernel_stays_close_to_sdpa_alone_and_batched(model_run):

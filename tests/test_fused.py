@@ -120,19 +120,9 @@ def test_on_cuda_compiled_fused_equals_eager_fused():
 
 @pytest.fixture(scope="module")
 def norm_rope_run():
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+    from triton_run import interpreted
 
-    import triton  # noqa: F401 - the test extra installs it; without it these must fail
-
-    root = Path(__file__).resolve().parents[1]
-    p = subprocess.run([sys.executable, str(root / "tests" / "triton_interp.py"), "norm_rope"], capture_output=True,
-                       text=True, timeout=600, env=dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(root)))
-    assert p.returncode == 0, p.stderr[-3000:]
-    return json.loads(p.stdout)
+    return interpreted("norm_rope")
 
 
 def test_the_norm_rope_kernel_equals_the_model_ops_in_the_interpreter(norm_rope_run):
