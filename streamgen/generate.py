@@ -236,7 +236,7 @@ def _join_launch(args: argparse.Namespace, preset) -> int:
     if preset.mode == "full":
         raise UsageError(f"--parallel needs a streaming model; {args.model} samples the whole clip at once")
     for flag, on in (("--compile", args.compile), ("--cuda-graphs", args.cuda_graphs),
-                     ("--offload", args.offload is not None), ("--attention fp8", getattr(args, "attention", "auto") == "fp8")):
+                     ("--offload", args.offload is not None), ("--attention fp8", args.attention == "fp8")):
         if on:
             raise UsageError(f"--parallel and {flag} cannot be combined (the split model runs its blocks its own way)")
     try:

@@ -510,7 +510,7 @@ def build_pipeline(args: argparse.Namespace, *, rife_required: bool = False) -> 
     return build(preset, device=device, dtype=dtype, decoder=args.decoder, checkpoint=args.checkpoint,
                  vae=args.vae, text_encoder=args.text_encoder, offload=args.offload, quant=args.quant,
                  compile=args.compile, rife=rife, cuda_graphs=args.cuda_graphs, decoder_dtype=decoder_dtype,
-                 attention=getattr(args, "attention", "auto"))
+                 attention=args.attention)
 
 
 def build(preset: ModelPreset | str, *, device=None, dtype=None, decoder: str | None = None,

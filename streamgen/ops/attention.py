@@ -145,7 +145,8 @@ def use_backend(model, backend: str = "auto"):
         raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "fp8":
         param = next(iter(model.parameters()), None)
-        why = fp8_probe(param.device if param is not None else torch.device("cpu"))
+        head_dim = getattr(getattr(model, "cfg", None), "head_dim", 128)
+        why = fp8_probe(param.device if param is not None else torch.device("cpu"), head_dim)
         if why is not None:
             log.info("%s; attention runs as --attention auto", why)
             backend = "auto"
@@ -161,9 +162,9 @@ FP8_PROBE_TOL = 0.05  # relative L2 error against float32 attention (the kernel 
 
 
 @functools.lru_cache(maxsize=None)
-def fp8_probe(device: torch.device) -> str | None:
+def fp8_probe(device: torch.device, head_dim: int = 128) -> str | None:
     """None when the fp8 kernel runs on ``device`` and is within ``FP8_PROBE_TOL`` of float32 attention on a
-    random call of the Wan shape (head dim 128); else why it is not used."""
+    random call with the model's ``head_dim`` (Wan: 128); else why it is not used."""
     from streamgen.ops import fp8_attention as fp8
 
     device = torch.device(device)
@@ -173,9 +174,11 @@ def fp8_probe(device: torch.device) -> str | None:
     if why is not None:
         return why
     g = torch.Generator(device=device).manual_seed(0)
-    q, k, v = (torch.randn(1, n, 2, 128, device=device, generator=g).to(torch.bfloat16) for n in (300, 700, 700))
+    q, k, v = (torch.randn(1, n, 2, head_dim, device=device, generator=g).to(torch.bfloat16) for n in (300, 700, 700))
     try:
         out = fp8.fp8_attention(q, k, v).float()
+    except ValueError as e:  # a head dim the kernel does not take
+        return str(e)
     except Exception as e:  # noqa: BLE001 - a kernel that cannot compile or run is "not available"
         return f"the fp8 attention kernel failed ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
     ref = F.scaled_dot_product_attention(*(t.float().transpose(1, 2) for t in (q, k, v))).transpose(1, 2)

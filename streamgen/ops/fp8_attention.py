@@ -66,10 +66,14 @@ def why_unavailable(device_type: str, capability: tuple[int, int] | None = None)
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def _capability(device: torch.device) -> tuple[int, int] | None:
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+
+
 def available(device: torch.device | str) -> bool:
     device = torch.device(device)
-    cap = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-    return why_unavailable(device.type, cap) is None
+    return why_unavailable(device.type, _capability(device)) is None
 
 
 # ----------------------------------------------------------------------------- quantization
@@ -159,7 +163,7 @@ if triton is not None:
 def triton_quantize_blocks(x: torch.Tensor, block: int, mean: torch.Tensor | None = None):
     """:func:`quantize_blocks` as one Triton kernel (one program per block of rows and head)."""
     b, n, h, d = x.shape
-    nb = -(-n // block)
+    nb = triton.cdiv(n, block)
     y = torch.empty((b, n, h, d), device=x.device, dtype=torch.float8_e4m3fn)
     s = torch.empty((b, nb, h), device=x.device, dtype=torch.float32)
     m = mean if mean is not None else s  # unused without HAS_MEAN
@@ -173,7 +177,7 @@ def triton_quantize_v(v: torch.Tensor, block: int = 64):
     b, n, h, d = v.shape
     mean, inv, scale = _v_stats(v)
     y = torch.empty((b, h, d, n), device=v.device, dtype=torch.float8_e4m3fn)
-    _quant_vt[(-(-n // block), b * h)](v, mean, inv, y, v.stride(0), v.stride(1), v.stride(2), y.stride(0), y.stride(1),
+    _quant_vt[(triton.cdiv(n, block), b * h)](v, mean, inv, y, v.stride(0), v.stride(1), v.stride(2), y.stride(0), y.stride(1),
                                 y.stride(2), h, n, D=d, BLOCK=block)
     return y, scale, mean
 
@@ -242,8 +246,7 @@ def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     lk = k.shape[1]
     if d % 16 or d > 256 or d & (d - 1):
         raise ValueError(f"fp8_attention: head dim must be a power of two from 16 to 256, got {d}")
-    cap = torch.cuda.get_device_capability(q.device) if q.device.type == "cuda" else None
-    why = why_unavailable(q.device.type, cap)
+    why = why_unavailable(q.device.type, _capability(q.device))
     if why is not None:
         raise RuntimeError(why)
     if config is None:
@@ -253,7 +256,7 @@ def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     k8, ks = triton_quantize_blocks(k, block_n, channel_mean(k))
     vt8, vs, vm = triton_quantize_v(v, block_n)
     out = torch.empty_like(q)
-    grid = (triton_cdiv(lq, block_m), b * h)
+    grid = (triton.cdiv(lq, block_m), b * h)
     _attn_fwd[grid](
         q8, k8, vt8, qs, ks, vs, vm, out,
         q8.stride(0), q8.stride(1), q8.stride(2), k8.stride(0), k8.stride(1), k8.stride(2),
@@ -261,10 +264,6 @@ def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         h, lq, lk, qs.shape[1], ks.shape[1], (1.0 / math.sqrt(d)) * math.log2(math.e),
         D=d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
     return out
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

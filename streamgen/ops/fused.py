@@ -138,7 +138,7 @@ if triton is not None:
         tl.store(Y + row * syr + offs, out.to(dt), mask=m[:, None])
 
 
-def _rope_strides(cos: torch.Tensor, rows: int, length: int) -> tuple[int, int]:
+def _rope_strides(cos: torch.Tensor) -> tuple[int, int]:
     """(batch stride, token stride) of a cos/sin table (L, 1, D/2) shared by all rows or (B, L, 1, D/2) per row."""
     if cos.dim() == 3:
         return 0, cos.stride(0)
@@ -154,7 +154,7 @@ def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.
     x = x.contiguous()
     cos, sin = cos.contiguous(), sin.contiguous()
     y = torch.empty((b, n, heads, dim // heads), device=x.device, dtype=x.dtype)
-    scb, scl = _rope_strides(cos, b, n)
+    scb, scl = _rope_strides(cos)
     n_pairs = dim // 2
     block = triton.next_power_of_2(n_pairs)
     _rms_norm_rope_kernel[(b * n,)](x, weight.to(x.dtype).contiguous(), cos, sin, y, dim, dim, scb, scl, n,
