@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 import traceback
@@ -42,7 +41,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import Clock  # noqa: E402
+from bench.common import Clock, median_ms  # noqa: E402
 
 FRAME = 1560  # tokens of one latent frame at 832x480 (60 x 104 / 2 / 2)
 SHAPES = {  # name: (batch, q tokens, k tokens, heads, head dim)
@@ -116,18 +115,7 @@ def reference(q, k, v) -> torch.Tensor:
 
 
 def time_backend(fn, q, k, v, clock: Clock, warmup: int, reps: int) -> tuple[float, torch.Tensor]:
-    out = None
-    for _ in range(max(1, warmup)):
-        out = fn(q, k, v)
-    clock.sync()
-    ms = []
-    for _ in range(reps):
-        a = clock.mark()
-        out = fn(q, k, v)
-        b = clock.mark()
-        clock.sync()
-        ms.append(clock.ms(a, b))
-    return statistics.median(ms), out
+    return median_ms(lambda: fn(q, k, v), clock, warmup, reps)
 
 
 def run_shape(name: str, shape: tuple, backends: list[str], args, device, dtype, clock: Clock) -> list[dict]:

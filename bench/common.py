@@ -101,3 +101,22 @@ def kernel_times(prof) -> tuple[dict[str, float], dict[str, list]]:
         slot[0] += ms
         slot[1] += 1
     return kinds, per_name
+
+
+def median_ms(fn, clock: Clock, warmup: int, reps: int):
+    """``fn()`` ``warmup`` times (at least once), then ``reps`` times each between two marks of ``clock``:
+    (median ms, the last result)."""
+    import statistics
+
+    out = None
+    for _ in range(max(1, warmup)):
+        out = fn()
+    clock.sync()
+    ms = []
+    for _ in range(reps):
+        a = clock.mark()
+        out = fn()
+        b = clock.mark()
+        clock.sync()
+        ms.append(clock.ms(a, b))
+    return statistics.median(ms), out

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -26,7 +25,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from bench.common import Clock  # noqa: E402
+from bench.common import Clock, median_ms  # noqa: E402
 from streamgen.ops.fused import GeluEpilogueFFN, probe  # noqa: E402
 
 # name: (tokens M, dim K, ffn_dim N): one 832x480 chunk of 3 latent frames = 4680 tokens; 81 frames = 32760
@@ -37,20 +36,6 @@ SHAPES = {
     "14b": (32760, 5120, 13824),
     "tiny": (96, 64, 128),
 }
-
-
-def timed(fn, clock: Clock, reps: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    clock.sync()
-    ts = []
-    for _ in range(reps):
-        a = clock.mark()
-        fn()
-        b = clock.mark()
-        clock.sync()
-        ts.append(clock.ms(a, b))
-    return statistics.median(ts)
 
 
 def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -94,7 +79,7 @@ def run_shape(name: str, dev: torch.device, dtype: torch.dtype, reps: int, compi
         for label, fn, ref in cases:
             try:
                 err = rel(fn(), ref)
-                ms = timed(fn, clock, reps)
+                ms = median_ms(fn, clock, 3, reps)[0]
             except Exception as e:  # noqa: BLE001 - a row that cannot run says why
                 rows.append({"shape": name, "case": label, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"})
                 continue
